@@ -1,0 +1,56 @@
+"""Attention masks and target mappings for XLNet's two-stream attention, batched.
+
+Conventions (those of ``transformers.XLNetLMHeadModel``):
+``perm_mask[b, i, j] = 1`` means position ``i`` may NOT see position ``j``;
+``target_mapping[b, t, j] = 1`` makes query row ``t`` predict position ``j``.
+
+One rule gives both inference masks. With ``v`` = the number of visible ranks,
+position ``i`` sees ``j`` iff ``rank(j) < min(rank(i), v)``, or both are prompt positions
+(the prompt is bidirectional among itself).
+
+* Oracle (joint) mask: ``v = L``. A query on rank ``r`` gives ``p(x_r | x_{<r})``; with drafts written
+  in at ranks ``n..n+k-1``, one pass gives the chained conditionals of all of them.
+* Draft (parallel) mask at step ``n``: ``v = n``. Ranks ``< n`` keep the oracle pattern, every other
+  position sees exactly ranks ``< n``, so queries on ranks ``n..n+k-1`` give the independent marginals
+  ``p(x_{n+i} | x_{<n})``.
+
+In both masks no output depends on a position of rank ``>= v`` or above the query, so undecoded
+inputs are pure placeholders. XLNet itself opens the diagonal of the content stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["perm_mask", "oracle_perm_mask", "draft_perm_mask", "target_mapping"]
+
+
+def perm_mask(sigma: torch.Tensor, n_prompt: torch.Tensor, n_visible: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B, L, L)`` perm_mask; ``n_visible=None`` gives the oracle mask, a ``(B,)`` tensor the draft mask."""
+    if sigma.dim() != 2:
+        raise ValueError(f"sigma must have shape (B, L), got {tuple(sigma.shape)}")
+    n_prompt = torch.as_tensor(n_prompt, device=sigma.device).reshape(-1, 1, 1)
+    rank_i = sigma[:, :, None]
+    rank_j = sigma[:, None, :]
+    if n_visible is not None:
+        n_visible = torch.as_tensor(n_visible, device=sigma.device).reshape(-1, 1, 1)
+        rank_i = torch.minimum(rank_i, n_visible)
+    sees = (rank_j < rank_i) | ((sigma[:, :, None] < n_prompt) & (rank_j < n_prompt))
+    return (~sees).to(dtype)
+
+
+def oracle_perm_mask(sigma: torch.Tensor, n_prompt: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return perm_mask(sigma, n_prompt, None, dtype)
+
+
+def draft_perm_mask(sigma: torch.Tensor, n_prompt: torch.Tensor, n_fixed: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return perm_mask(sigma, n_prompt, n_fixed, dtype)
+
+
+def target_mapping(query_positions: torch.Tensor, seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B, k, L)`` one-hot rows selecting ``query_positions (B, k)``."""
+    if query_positions.dim() != 2:
+        raise ValueError(f"query_positions must have shape (B, k), got {tuple(query_positions.shape)}")
+    return torch.nn.functional.one_hot(query_positions, seq_len).to(dtype)

@@ -1,0 +1,214 @@
+"""The AS-ARM model: ``transformers.XLNetLMHeadModel`` plus its tokenizer, with any-order scoring.
+
+Load a released checkpoint from the Hugging Face Hub (``ASARM.from_pretrained("therealgabeguo/ASARM",
+revision="nlp")``), a local directory, or build a small random model from a config (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import XLNetConfig, XLNetLMHeadModel
+
+from . import masks
+
+__all__ = ["ASARM", "ModelLoadError", "pick_device", "HUB_REPO", "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID"]
+
+HUB_REPO = "therealgabeguo/ASARM"
+# Branches of HUB_REPO (spec section 1); "xlnet-base-cased" is the off-the-shelf baseline.
+HUB_REVISIONS = ("nlp", "nlp_210k_plus_75k", "code", "xlnet-base-cased")
+XLNET_MASK_TOKEN_ID = 6
+FALLBACK_TOKENIZER = "xlnet/xlnet-base-cased"
+_ASARM_FILE = "asarm.json"
+
+
+class ModelLoadError(OSError):
+    """A checkpoint could not be loaded (missing path, offline, unknown repository or revision)."""
+
+
+def pick_device(device=None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_tokenizer(name_or_path: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError):
+        return None
+
+
+class ASARM(nn.Module):
+    """An any-subset autoregressive model on an XLNet backbone.
+
+    Args:
+        model: the ``XLNetLMHeadModel``.
+        tokenizer: its tokenizer (optional; needed only to encode or decode text).
+        mask_token_id: the placeholder id, never sampled (XLNet's ``<mask>`` = 6 by default).
+    """
+
+    def __init__(self, model: XLNetLMHeadModel, tokenizer=None, mask_token_id: int | None = None):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if mask_token_id is None:
+            mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_token_id is None:
+            mask_token_id = XLNET_MASK_TOKEN_ID
+        if not 0 <= mask_token_id < model.config.vocab_size:
+            raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary of size {model.config.vocab_size}")
+        self.mask_token_id = int(mask_token_id)
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, device=None,
+                        dtype: torch.dtype | None = None, tokenizer=None) -> "ASARM":
+        """Load from a local directory or a Hub repository (``name`` + optional ``revision``).
+
+        ``tokenizer`` overrides the tokenizer (an object or a name/path); by default it is loaded
+        from the same place, falling back to ``xlnet/xlnet-base-cased`` for Hub checkpoints.
+        Raises ModelLoadError with the reason when the path, repository or revision is missing or
+        the Hub cannot be reached.
+        """
+        source = str(name_or_path)
+        local = Path(source).expanduser()
+        is_local = local.exists()
+        if not is_local and (source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]):
+            raise ModelLoadError(f"model directory {source!r} does not exist")
+        if is_local and not (local / "config.json").exists():
+            raise ModelLoadError(f"{source!r} is not a model directory: it has no config.json")
+        try:
+            model = XLNetLMHeadModel.from_pretrained(str(local) if is_local else source, revision=revision,
+                                                     dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(_explain_load_failure(source, revision, err)) from err
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = _load_tokenizer(str(tokenizer), None)
+        elif tokenizer is None:
+            tokenizer = _load_tokenizer(str(local) if is_local else source, None if is_local else revision)
+            if tokenizer is None and not is_local:
+                tokenizer = _load_tokenizer(FALLBACK_TOKENIZER, None)
+        extra = {}
+        if is_local and (local / _ASARM_FILE).exists():
+            extra = json.loads((local / _ASARM_FILE).read_text())
+        out = cls(model, tokenizer, extra.get("mask_token_id"))
+        return out.to(pick_device(device))
+
+    @classmethod
+    def from_config(cls, config: XLNetConfig | dict | None = None, tokenizer=None, mask_token_id: int | None = None,
+                    seed: int | None = None, init_std: float | None = None, device=None,
+                    dtype: torch.dtype | None = None, **overrides) -> "ASARM":
+        """A randomly initialised model. ``config`` is an ``XLNetConfig``, a dict of its fields, or
+        None (xlnet-base sizes); keyword overrides are applied on top. ``init_std`` rescales the
+        initial weights (large values give peaked, strongly dependent conditionals: useful in tests)."""
+        if isinstance(config, XLNetConfig):
+            config = config.to_dict()
+        fields = dict(config or {})
+        fields.update(overrides)
+        fields.setdefault("dropout", 0.0)
+        if init_std is not None:
+            fields["initializer_range"] = init_std
+        if tokenizer is not None:
+            fields.setdefault("vocab_size", len(tokenizer))
+        cfg = XLNetConfig(**fields)
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = XLNetLMHeadModel(cfg)
+        else:
+            model = XLNetLMHeadModel(cfg)
+        if dtype is not None:
+            model = model.to(dtype)
+        return cls(model, tokenizer, mask_token_id).to(pick_device(device))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write safetensors weights, config, tokenizer and asarm.json into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        (directory / _ASARM_FILE).write_text(json.dumps({"mask_token_id": self.mask_token_id}, indent=2) + "\n")
+
+    # -------------------------------------------------------------------------------- properties
+    @property
+    def config(self) -> XLNetConfig:
+        return self.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # --------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
+               query_positions: torch.Tensor, n_visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits ``(B, k, V)`` of ``query_positions (B, k)`` in one full forward pass.
+
+        ``n_visible=None`` uses the oracle mask (a query on rank r sees ranks < r); a ``(B,)``
+        tensor uses the draft mask (every query sees only ranks < n_visible).
+        """
+        tokens = tokens.to(self.device)
+        sigma = sigma.to(self.device)
+        pm = masks.perm_mask(sigma, n_prompt.to(self.device),
+                             None if n_visible is None else n_visible.to(self.device), dtype=self.dtype)
+        tm = masks.target_mapping(query_positions.to(self.device), tokens.shape[1], dtype=self.dtype)
+        return self.model(input_ids=tokens, perm_mask=pm, target_mapping=tm, use_mems=False).logits
+
+    def log_probs(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
+                  query_positions: torch.Tensor, n_visible: torch.Tensor | None = None,
+                  temperature: float = 1.0) -> torch.Tensor:
+        """Float64 log-probabilities ``(B, k, V)`` with ``<mask>`` excluded and the rest renormalised."""
+        return self.normalize(self.logits(tokens, sigma, n_prompt, query_positions, n_visible), temperature)
+
+    def normalize(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Float64 log-softmax of ``logits / temperature`` with the ``<mask>`` logit removed."""
+        logits = logits.double() / temperature
+        logits[..., self.mask_token_id] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
+
+    def score(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact ``log p(x_{sigma >= m} | x_{sigma < m})`` per row ``(B,)`` in one oracle pass
+        (teacher forcing: every non-prompt position is a query row)."""
+        batch_size, seq_len = tokens.shape
+        if lengths is None:
+            lengths = torch.full((batch_size,), seq_len, dtype=torch.long, device=tokens.device)
+        n_prompt = torch.as_tensor(n_prompt, device=tokens.device)
+        num_targets = int((lengths - n_prompt).max())
+        ranks = n_prompt[:, None] + torch.arange(num_targets, device=tokens.device)
+        valid = ranks < lengths[:, None]
+        positions = torch.argsort(sigma, dim=1).gather(1, ranks.clamp(max=seq_len - 1))
+        logp = self.log_probs(tokens, sigma, n_prompt, positions)
+        picked = logp.gather(2, tokens.to(logp.device).gather(1, positions)[..., None]).squeeze(-1)
+        return torch.where(valid.to(picked.device), picked, 0.0).sum(dim=1)
+
+
+def _explain_load_failure(source: str, revision: str | None, err: Exception) -> str:
+    text = str(err)
+    lowered = text.lower()
+    if "offline" in lowered or "connect" in lowered or "resolve" in lowered or "couldn't" in lowered \
+            or "local_files_only" in lowered or "cannot find" in lowered:
+        return (f"could not load {source!r} (revision {revision!r}): the Hugging Face Hub is not reachable and the "
+                f"model is not in the local cache. Download it on a connected machine or pass a local directory. "
+                f"Cause: {text.splitlines()[0] if text else type(err).__name__}")
+    if "revision" in lowered or "git identifier" in lowered:
+        hint = f" Known revisions of {HUB_REPO}: {', '.join(HUB_REVISIONS)}." if source == HUB_REPO else ""
+        return f"revision {revision!r} does not exist for {source!r}.{hint}"
+    return f"could not load {source!r} (revision {revision!r}): {text.splitlines()[0] if text else type(err).__name__}"
