@@ -50,7 +50,11 @@ def draft_perm_mask(sigma: torch.Tensor, n_prompt: torch.Tensor, n_fixed: torch.
 
 
 def target_mapping(query_positions: torch.Tensor, seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(B, k, L)`` one-hot rows selecting ``query_positions (B, k)``."""
+    """``(B, k, L)`` one-hot rows selecting ``query_positions (B, k)``; a position of -1 gives an
+    all-zero row (an unused slot). Positions must be distinct within a row: XLNet sums the query
+    heads of rows that share a position, which would corrupt both."""
     if query_positions.dim() != 2:
         raise ValueError(f"query_positions must have shape (B, k), got {tuple(query_positions.shape)}")
-    return torch.nn.functional.one_hot(query_positions, seq_len).to(dtype)
+    used = query_positions >= 0
+    one_hot = torch.nn.functional.one_hot(query_positions.clamp(min=0), seq_len)
+    return (one_hot * used[..., None]).to(dtype)

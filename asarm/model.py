@@ -195,8 +195,10 @@ class ASARM(nn.Module):
         ranks = n_prompt[:, None] + torch.arange(num_targets, device=tokens.device)
         valid = ranks < lengths[:, None]
         positions = torch.argsort(sigma, dim=1).gather(1, ranks.clamp(max=seq_len - 1))
+        positions = torch.where(valid, positions, -1)  # rows with fewer targets leave slots unused
         logp = self.log_probs(tokens, sigma, n_prompt, positions)
-        picked = logp.gather(2, tokens.to(logp.device).gather(1, positions)[..., None]).squeeze(-1)
+        targets = tokens.gather(1, positions.clamp(min=0)).to(logp.device)
+        picked = logp.gather(2, targets[..., None]).squeeze(-1)
         return torch.where(valid.to(picked.device), picked, 0.0).sum(dim=1)
 
 

@@ -140,9 +140,12 @@ def positions_by_rank(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def validate_order(tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
-                   lengths: torch.Tensor | None = None, mask_token_id: int | None = None,
-                   min_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                   lengths: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                   mask_token_id: int | None = None, min_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Check a batch handed to a sampler; return ``(n_prompt, lengths)`` as long tensors.
+
+    Rows of different length are given either by ``lengths (B,)`` (padding on the right) or by
+    ``padding_mask (B, L)`` (True at padding, on any side); padding must hold the highest ranks.
 
     Raises ValueError naming the problem: wrong shapes, a row of sigma that is not a permutation,
     padding that is not ranked last, a prompt smaller than ``min_prompt`` (XLNet's query stream
@@ -155,13 +158,22 @@ def validate_order(tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Te
     if tokens.dtype not in (torch.long, torch.int) or sigma.dtype not in (torch.long, torch.int):
         raise ValueError(f"tokens and sigma must be integer tensors, got {tokens.dtype} and {sigma.dtype}")
     batch_size, seq_len = tokens.shape
-    lengths = _as_lengths(lengths, batch_size, seq_len, tokens.device)
-    n_prompt = _as_n_prompt(n_prompt, batch_size, lengths)
     arange = torch.arange(seq_len, device=tokens.device)
+    if padding_mask is not None:
+        if lengths is not None:
+            raise ValueError("pass either lengths or padding_mask, not both")
+        if padding_mask.shape != tokens.shape or padding_mask.dtype != torch.bool:
+            raise ValueError(f"padding_mask must be a bool tensor of shape {tuple(tokens.shape)}, "
+                             f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        padded = padding_mask.to(tokens.device)
+        lengths = (~padded).sum(dim=1)
+    lengths = _as_lengths(lengths, batch_size, seq_len, tokens.device)
+    if padding_mask is None:
+        padded = arange[None, :] >= lengths[:, None]
+    n_prompt = _as_n_prompt(n_prompt, batch_size, lengths)
     bad = (torch.sort(sigma, dim=1).values != arange).any(dim=1)
     if bad.any():
         raise ValueError(f"sigma rows {bad.nonzero().flatten().tolist()} are not permutations of 0..{seq_len - 1}")
-    padded = arange[None, :] >= lengths[:, None]
     bad = (padded & (sigma < lengths[:, None])).any(dim=1)
     if bad.any():
         raise ValueError(f"rows {bad.nonzero().flatten().tolist()}: padding positions must hold the ranks "

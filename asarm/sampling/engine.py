@@ -6,7 +6,8 @@ A sampler opens one session per batch (``engine.start(tokens, sigma, n_prompt)``
 * ``rows (b,)``: which batch rows take part (finished rows drop out);
 * ``tokens (b, L)``: those rows' current tokens; ranks ``< n_fixed`` are committed and never change
   afterwards (``n_fixed`` only grows per row), so an engine may cache whatever depends on them;
-* ``query_ranks (b, k)``: ranks to predict, all ``>= n_fixed``;
+* ``query_ranks (b, k)``: ranks to predict, distinct and ``>= n_fixed``; ``-1`` marks an unused slot
+  (rows needing fewer queries than others), whose logits are unspecified;
 * ``draft=True``: draft mask, every query sees ranks ``< n_fixed`` only (inputs of higher rank are
   placeholders); ``draft=False``: oracle mask, a query on rank r sees ranks ``< r``, i.e. also the
   uncommitted drafts written at ranks ``n_fixed .. r-1``.
@@ -33,7 +34,8 @@ class _FullSession:
 
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
                draft: bool) -> torch.Tensor:
-        query_positions = self.positions[rows].gather(1, query_ranks)
+        query_positions = self.positions[rows].gather(1, query_ranks.clamp(min=0))
+        query_positions = torch.where(query_ranks >= 0, query_positions, -1)
         return self.model.logits(tokens, self.sigma[rows], self.n_prompt[rows], query_positions,
                                  n_visible=n_fixed if draft else None)
 
@@ -62,3 +64,4 @@ def make_engine(engine, model: ASARM):
     if not hasattr(engine, "start"):
         raise TypeError(f"engine must be a name or an object with start(), got {type(engine).__name__}")
     return engine
+ENGINES["cached"] = __import__(f"{__package__}.cached_engine", fromlist=["CachedEngine"]).CachedEngine

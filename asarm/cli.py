@@ -1,0 +1,134 @@
+"""The ``asarm`` command. Each subcommand is a plain function; ``main`` only parses arguments.
+
+    asarm sample --model DIR_OR_HUB_NAME --text "The <mask:4> sat on the mat." --k 5 --batch-size 4
+    asarm sample --model DIR_OR_HUB_NAME --text "A whole sentence to mask." --masking-rate 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import torch
+
+from . import orders
+from .model import ASARM
+from .sampling import assd_decode, sequential_decode
+from .sampling.decode import TEMPERATURE_MODES
+from .sampling.engine import ENGINES
+
+__all__ = ["main", "sample", "encode_template"]
+
+_BLANK = re.compile(r"<mask(?::(\d+))?>")
+
+
+def encode_template(tokenizer, text: str, mask_token_id: int) -> list[int]:
+    """Token ids of ``text`` where ``<mask>`` is one blank and ``<mask:N>`` is N blanks."""
+    ids: list[int] = []
+    cursor = 0
+    for match in _BLANK.finditer(text):
+        segment = text[cursor:match.start()]
+        if segment.strip():
+            ids += tokenizer(segment, add_special_tokens=False)["input_ids"]
+        count = int(match.group(1) or 1)
+        if count < 1:
+            raise ValueError(f"blank {match.group(0)!r} must have a length >= 1")
+        ids += [mask_token_id] * count
+        cursor = match.end()
+    if text[cursor:].strip():
+        ids += tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def sample(model: str, text: str, revision: str | None = None, masking_rate: float | None = None,
+           sampler: str = "assd", drafter: str = "self", k: int = 5, temperature: float = 1.0,
+           temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
+           engine: str = "full", device: str | None = None, progress: bool = True) -> list[dict]:
+    """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
+
+    Returns one dict per completion (text, nfe, rounds, tokens_per_round) and prints them.
+    """
+    asarm = ASARM.from_pretrained(model, revision=revision, device=device)
+    if asarm.tokenizer is None:
+        raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")
+    ids = torch.tensor(encode_template(asarm.tokenizer, text, asarm.mask_token_id))
+    if len(ids) == 0:
+        raise ValueError("text is empty")
+    gen = torch.Generator().manual_seed(seed)
+    blanks = ids == asarm.mask_token_id
+    if masking_rate is not None:
+        if blanks.any():
+            raise ValueError("give either blanks in the text or --masking-rate, not both")
+        n_prompt = orders.num_prompt_for_rate(masking_rate, torch.full((batch_size,), len(ids)))
+        sigma = orders.any_subset(n_prompt, len(ids), generator=gen)
+    else:
+        if not blanks.any():
+            raise ValueError("text has no blanks: write <mask> or <mask:N>, or pass --masking-rate")
+        sigma, n_prompt = orders.infilling(~blanks.expand(batch_size, -1))
+    tokens = ids.expand(batch_size, -1).clone()
+    seeds = torch.tensor([seed * 1_000_003 + b for b in range(batch_size)])
+    if sampler == "sequential":
+        out = sequential_decode(asarm, tokens, sigma, n_prompt, temperature=temperature, seed=seeds, engine=engine,
+                                progress=progress)
+    elif sampler == "assd":
+        out = assd_decode(asarm, tokens, sigma, n_prompt, k=k, drafter=drafter, temperature=temperature,
+                          temperature_mode=temperature_mode, r_atol=r_atol, seed=seeds, engine=engine,
+                          progress=progress)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'assd' or 'sequential'")
+    shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
+    print(f"prompt: {asarm.tokenizer.decode(shown.tolist())}")
+    if not out.exact:
+        print(f"WARNING: r_atol={r_atol} > 0: lossy sampling, not the model's distribution")
+    results = []
+    for b in range(batch_size):
+        result = {"text": asarm.tokenizer.decode(out.tokens[b].tolist()), "nfe": int(out.nfe[b]),
+                  "rounds": int(out.rounds[b]), "tokens_per_round": float(out.tokens_per_round[b])}
+        results.append(result)
+        print(f"[{b}] nfe={result['nfe']} rounds={result['rounds']} "
+              f"tokens/round={result['tokens_per_round']:.2f}\n    {result['text']}")
+    return results
+
+
+def _add_sample_parser(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="fill blanks in a text with an AS-ARM",
+                              description="Fill the blanks of a text (or a random subset of its tokens).")
+    p.add_argument("--model", required=True, help="local model directory or Hub repository name")
+    p.add_argument("--revision", default=None, help="Hub revision (e.g. nlp, code) when --model is a Hub name")
+    p.add_argument("--text", required=True, help="text; <mask> is one blank token, <mask:N> is N blank tokens")
+    p.add_argument("--masking-rate", type=float, default=None,
+                   help="mask this fraction of the text's tokens at random instead of using blanks")
+    p.add_argument("--sampler", choices=["assd", "sequential"], default="assd", help="decoding algorithm")
+    p.add_argument("--drafter", choices=["self", "ngram"], default="self", help="ASSD draft proposer")
+    p.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="target",
+                   help="target: sample the tempered joint; no_temp_oracle: temper drafts 2..k only (T=1 joint)")
+    p.add_argument("--r-atol", type=float, default=0.0,
+                   help="LOSSY: slack added to the ASSD acceptance ratio (0 = exact)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--batch-size", type=int, default=1, help="number of completions")
+    p.add_argument("--engine", choices=sorted(ENGINES), default="full", help="inference engine")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=lambda a: sample(
+        a.model, a.text, a.revision, a.masking_rate, a.sampler, a.drafter, a.k, a.temperature, a.temperature_mode,
+        a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_sample_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as err:
+        print(f"asarm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

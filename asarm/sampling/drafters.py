@@ -1,0 +1,104 @@
+"""Draft proposers for Any-Subset Speculative Decoding.
+
+A drafter proposes ``K`` tokens for the ranks ``n .. n+K-1`` of each active row, together with the
+full proposal distributions it drew them from (needed for the acceptance ratio and the residual).
+Any proposal keeps ASSD exact, because the verify pass corrects it; better proposals are accepted
+more often.
+
+* ``SelfDrafter``: one model pass with the draft mask; the K tokens are drawn independently from
+  ``p(x_{n+i} | x_{<n})``. Its first proposal is the exact conditional, so it is always accepted.
+* ``NGramDrafter``: no model call; a per-row bigram table over the committed adjacent pairs, drafting
+  each token from its left neighbour (backing off to the row's unigram counts, then to uniform).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .random import sample_categorical
+
+__all__ = ["DraftRequest", "SelfDrafter", "NGramDrafter", "make_drafter"]
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter gets for one round of the active rows."""
+
+    session: object  # the engine session (SelfDrafter calls it)
+    rows: torch.Tensor  # (b,) batch indices
+    tokens: torch.Tensor  # (b, L) current tokens; ranks >= n_fixed are placeholders
+    sigma: torch.Tensor  # (b, L)
+    n_fixed: torch.Tensor  # (b,)
+    query_ranks: torch.Tensor  # (b, K); -1 marks an unused slot
+    query_positions: torch.Tensor  # (b, K); -1 marks an unused slot
+    uniforms: torch.Tensor  # (b, K) float64, one per draft
+    to_probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (b,K,V), temperature (K,)) -> probs
+    draft_temperatures: torch.Tensor  # (K,) temperature of each draft index
+    mask_token_id: int
+    vocab_size: int
+
+
+class SelfDrafter:
+    """The model drafts for itself with the draft (parallel) mask: 1 NFE per round."""
+
+    name = "self"
+    model_calls_per_round = 1
+    first_draft_exact = True
+
+    def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = req.session.logits(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
+        probs = req.to_probs(logits, req.draft_temperatures)
+        return sample_categorical(probs, req.uniforms), probs
+
+
+class NGramDrafter:
+    """Context n-gram drafts from each row's own committed tokens: no model call."""
+
+    name = "ngram"
+    model_calls_per_round = 0
+    first_draft_exact = False
+
+    def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = req.tokens.clone()
+        b, num_drafts = req.query_ranks.shape
+        committed = req.sigma < req.n_fixed[:, None]
+        pair_committed = committed[:, :-1] & committed[:, 1:]
+        unigram = torch.zeros(b, req.vocab_size, dtype=torch.float64, device=tokens.device)
+        unigram.scatter_add_(1, tokens, committed.double())
+        unigram[:, req.mask_token_id] = 0.0
+        uniform = torch.ones(req.vocab_size, dtype=torch.float64, device=tokens.device)
+        uniform[req.mask_token_id] = 0.0
+        fallback = torch.where(unigram.sum(1, keepdim=True) > 0, unigram, uniform.expand(b, -1))
+        drafts = torch.empty(b, num_drafts, dtype=torch.long, device=tokens.device)
+        probs = torch.empty(b, num_drafts, req.vocab_size, dtype=torch.float64, device=tokens.device)
+        row_idx = torch.arange(b, device=tokens.device)
+        for i in range(num_drafts):
+            used = req.query_positions[:, i] >= 0
+            pos = req.query_positions[:, i].clamp(min=0)
+            left = (pos - 1).clamp(min=0)
+            # The left neighbour is known if it precedes this draft in the order (committed or drafted).
+            left_known = (pos > 0) & (req.sigma[row_idx, left] < req.query_ranks[:, i])
+            left_token = tokens[row_idx, left]
+            follows = (tokens[:, :-1] == left_token[:, None]) & pair_committed
+            bigram = torch.zeros(b, req.vocab_size, dtype=torch.float64, device=tokens.device)
+            bigram.scatter_add_(1, tokens[:, 1:], follows.double())
+            bigram[:, req.mask_token_id] = 0.0
+            use_bigram = left_known[:, None] & (bigram.sum(1, keepdim=True) > 0)
+            counts = torch.where(use_bigram, bigram, fallback)
+            probs[:, i] = counts / counts.sum(1, keepdim=True)
+            drafts[:, i] = sample_categorical(probs[:, i], req.uniforms[:, i])
+            tokens[row_idx, pos] = torch.where(used, drafts[:, i], tokens[row_idx, pos])
+        return drafts, probs
+
+
+def make_drafter(drafter) -> SelfDrafter | NGramDrafter:
+    if drafter == "self":
+        return SelfDrafter()
+    if drafter == "ngram":
+        return NGramDrafter()
+    if isinstance(drafter, str) or not hasattr(drafter, "propose"):
+        raise ValueError(f"unknown drafter {drafter!r}; choose 'self', 'ngram' or pass an object with propose()")
+    return drafter

@@ -1,0 +1,76 @@
+"""Shared test utilities: tiny models, brute-force joints, distribution tests."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+from scipy import stats
+
+from asarm.model import ASARM
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 10, init_std: float = 1.0, dtype=torch.float32, **overrides) -> ASARM:
+    """A small random XLNet; a large ``init_std`` gives peaked, strongly dependent conditionals."""
+    cfg = dict(vocab_size=vocab_size, d_model=32, n_layer=2, n_head=4, d_inner=64)
+    cfg.update(overrides)
+    return ASARM.from_config(seed=seed, init_std=init_std, dtype=dtype, device="cpu", **cfg)
+
+
+def exact_joint(model: ASARM, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: int,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every completion of one row and its exact probability, as a product of oracle conditionals
+    enumerated rank by rank. Returns ``(completions (N, L), probs (N,))`` in float64."""
+    seq_len = tokens.shape[0]
+    positions = torch.argsort(sigma)
+    real = [v for v in range(model.vocab_size) if v != model.mask_token_id]
+    partial = tokens.clone()
+    partial[sigma >= n_prompt] = model.mask_token_id
+    partial = partial[None]
+    logp = torch.zeros(1, dtype=torch.float64)
+    for rank in range(n_prompt, seq_len):
+        pos = positions[rank]
+        rows = partial.shape[0]
+        cond = model.log_probs(partial, sigma.expand(rows, -1), torch.full((rows,), n_prompt),
+                               torch.full((rows, 1), int(pos)), temperature=temperature)[:, 0, real]
+        partial = partial.repeat_interleave(len(real), dim=0)
+        partial[:, pos] = torch.tensor(real).repeat(rows)
+        logp = (logp[:, None] + cond).reshape(-1)
+    return partial, logp.exp()
+
+
+def outcome_index(samples: torch.Tensor, completions: torch.Tensor) -> np.ndarray:
+    """Index of each sampled row in ``completions`` (raises if a sample is not a completion)."""
+    lookup = {tuple(row): i for i, row in enumerate(completions.tolist())}
+    return np.array([lookup[tuple(row)] for row in samples.tolist()])
+
+
+def chi_square_pvalue(samples: torch.Tensor, completions: torch.Tensor, probs: torch.Tensor,
+                      min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit; outcomes with expected count < ``min_expected`` are pooled."""
+    n = samples.shape[0]
+    counts = np.bincount(outcome_index(samples, completions), minlength=len(probs)).astype(float)
+    expected = probs.numpy() * n
+    big = expected >= min_expected
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] < min_expected:  # pool too small to stand alone: merge it into the smallest cell
+        obs[-2] += obs[-1]
+        exp[-2] += exp[-1]
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+def total_variation(samples: torch.Tensor, completions: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = np.bincount(outcome_index(samples, completions), minlength=len(probs))
+    return 0.5 * float(np.abs(counts / counts.sum() - probs.numpy()).sum())
+
+
+def tv_threshold(probs: torch.Tensor, n: int, quantile: float = 0.999, trials: int = 300, seed: int = 0) -> float:
+    """The ``quantile`` of the TV distance between ``n`` exact draws and ``probs`` (Monte Carlo)."""
+    rng = np.random.default_rng(seed)
+    p = probs.numpy() / probs.numpy().sum()
+    tvs = [0.5 * np.abs(rng.multinomial(n, p) / n - p).sum() for _ in range(trials)]
+    return float(np.quantile(tvs, quantile))
+
+

@@ -1,0 +1,156 @@
+"""Sampler behaviour beyond exactness: NFE accounting, batching, seeding, bad input."""
+
+import warnings
+
+import pytest
+import torch
+
+from asarm import orders
+from asarm.sampling import LossySamplingWarning, assd_decode, sequential_decode
+
+from helpers import tiny_model
+
+SAMPLERS = {
+    "sequential": lambda m, *a, **kw: sequential_decode(m, *a, **kw),
+    "assd-self": lambda m, *a, **kw: assd_decode(m, *a, k=3, **kw),
+    "assd-ngram": lambda m, *a, **kw: assd_decode(m, *a, k=3, drafter="ngram", **kw),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0, init_std=0.5)
+
+
+def _batch(batch_size=8, seq_len=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, seq_len + 1, (batch_size,), generator=gen)
+    n_prompt = torch.stack([torch.randint(1, int(n), (1,), generator=gen)[0] for n in lengths])
+    half = batch_size // 2
+    sigma = torch.cat([
+        orders.any_subset(n_prompt[:half], seq_len, lengths=lengths[:half], generator=gen),
+        orders.any_permutation(n_prompt[half:], seq_len, lengths=lengths[half:], generator=gen)])
+    tokens = torch.randint(7, 10, (batch_size, seq_len), generator=gen)
+    return tokens, sigma, n_prompt, lengths
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_row_output_does_not_depend_on_the_batch(model, name):
+    tokens, sigma, n_prompt, lengths = _batch()
+    seeds = torch.arange(100, 108)
+    together = SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, seed=seeds)
+    for b in [0, 5, 7]:
+        alone = SAMPLERS[name](model, tokens[b:b + 1], sigma[b:b + 1], n_prompt[b:b + 1], lengths[b:b + 1],
+                               seed=seeds[b:b + 1])
+        assert torch.equal(alone.tokens[0], together.tokens[b])
+        assert alone.nfe[0] == together.nfe[b] and alone.rounds[0] == together.rounds[b]
+    again = SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, seed=seeds)
+    assert torch.equal(again.tokens, together.tokens)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_prompt_and_padding_kept_and_no_mask_sampled(model, name):
+    tokens, sigma, n_prompt, lengths = _batch(seed=1)
+    out = SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, seed=0)
+    pos = torch.arange(tokens.shape[1])
+    keep = (sigma < n_prompt[:, None]) | (pos >= lengths[:, None])
+    assert torch.equal(out.tokens[keep], tokens[keep])
+    assert not (out.tokens[~keep] == model.mask_token_id).any()
+
+
+def test_sequential_nfe_is_exactly_tokens_to_generate(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=2)
+    out = sequential_decode(model, tokens, sigma, n_prompt, lengths, seed=0)
+    assert torch.equal(out.nfe, lengths - n_prompt)
+    assert torch.equal(out.rounds, out.nfe)
+
+
+def test_assd_self_nfe_never_exceeds_sequential():
+    """Property over random models, orders, prompt sizes and k >= 2: NFE <= L - m on every row, and the
+    first self-draft token is accepted in every round."""
+    for trial in range(6):
+        model = tiny_model(seed=trial, init_std=[0.02, 0.5, 2.0][trial % 3])
+        tokens, sigma, n_prompt, lengths = _batch(batch_size=10, seq_len=14, seed=10 + trial)
+        for k in (2, 3, 5, 8):
+            out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, seed=trial)
+            generated = lengths - n_prompt
+            assert (out.nfe <= generated).all(), (trial, k, out.nfe, generated)
+            assert torch.equal(out.accepted_by_index[:, 0], out.rounds)
+            assert torch.equal(out.accepted_by_index.sum(1), out.accepted)
+            assert (out.accepted_by_index <= out.drafted_by_index).all()
+            # Each round fixes its accepted drafts plus one resampled token when one was rejected.
+            rejected_rounds = out.drafted_by_index.sum(1) - out.accepted
+            assert torch.equal(out.accepted + rejected_rounds, generated)
+
+
+def test_assd_k1_is_one_exact_draft_per_token(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=3)
+    out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=1, seed=0)
+    assert torch.equal(out.nfe, lengths - n_prompt)
+
+
+def test_ngram_counts_one_model_call_and_one_ngram_call_per_round(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=4)
+    out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=4, drafter="ngram", seed=0)
+    assert torch.equal(out.nfe, out.rounds) and torch.equal(out.ngram_calls, out.rounds)
+    assert (out.nfe <= lengths - n_prompt).all()
+
+
+def test_ngram_drafter_copies_a_repeated_context():
+    """On a sequence that repeats one bigram pattern, the context n-gram proposal is that pattern."""
+    from asarm.sampling.drafters import DraftRequest, NGramDrafter
+
+    tokens = torch.tensor([[7, 8, 7, 8, 7, 6, 6, 6]])
+    sigma = torch.arange(8)[None]
+    req = DraftRequest(session=None, rows=torch.tensor([0]), tokens=tokens, sigma=sigma, n_fixed=torch.tensor([5]),
+                       query_ranks=torch.tensor([[5, 6, 7]]), query_positions=torch.tensor([[5, 6, 7]]),
+                       uniforms=torch.tensor([[0.5, 0.5, 0.5]], dtype=torch.float64), to_probs=None,
+                       draft_temperatures=torch.ones(3), mask_token_id=6, vocab_size=10)
+    drafts, probs = NGramDrafter().propose(req)
+    assert drafts.tolist() == [[8, 7, 8]]
+    assert probs[0, 0, 8] == 1.0 and probs[0, 1, 7] == 1.0
+
+
+def test_r_atol_is_flagged_lossy(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=5)
+    with pytest.warns(LossySamplingWarning, match="lossy"):
+        out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, r_atol=0.1, seed=0)
+    assert not out.exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, seed=0).exact
+
+
+def test_generator_and_int_seed(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=6)
+    a = sequential_decode(model, tokens, sigma, n_prompt, lengths, generator=torch.Generator().manual_seed(1))
+    b = sequential_decode(model, tokens, sigma, n_prompt, lengths, generator=torch.Generator().manual_seed(1))
+    c = sequential_decode(model, tokens, sigma, n_prompt, lengths, seed=7)
+    d = sequential_decode(model, tokens, sigma, n_prompt, lengths, seed=7)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(c.tokens, d.tokens)
+    with pytest.raises(ValueError, match="either seed or generator"):
+        sequential_decode(model, tokens, sigma, n_prompt, lengths, seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="per-row seeds"):
+        sequential_decode(model, tokens, sigma, n_prompt, lengths, seed=torch.arange(3))
+
+
+def test_bad_input_is_rejected_with_clear_errors(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=7)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, k=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sequential_decode(model, tokens, sigma, n_prompt, lengths, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature_mode"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, temperature_mode="cold")
+    with pytest.raises(ValueError, match="unknown drafter"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, drafter="oracle")
+    with pytest.raises(ValueError, match="unknown engine"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, engine="warp")
+    with pytest.raises(ValueError, match="shape"):
+        sequential_decode(model, tokens, sigma[:, :-1], n_prompt, lengths)
+    bad = tokens.clone()
+    bad[0, torch.argsort(sigma[0])[0]] = model.mask_token_id
+    with pytest.raises(ValueError, match="<mask>"):
+        sequential_decode(model, bad, sigma, n_prompt, lengths)
+    with pytest.raises(ValueError, match="n_prompt must be >= 1"):
+        sequential_decode(model, tokens, sigma, torch.zeros_like(n_prompt), lengths)

@@ -1,0 +1,292 @@
+"""The cached engine returns the full Hugging Face forward's logits, call for call, under the call
+patterns of the samplers (draft and verify calls, lazy commits, rejections, rows dropping out),
+and it computes only the new rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asarm import orders
+from asarm.model import ASARM
+from asarm.sampling.cached_engine import CachedEngine
+from asarm.sampling.engine import ENGINES, FullEngine, make_engine
+
+TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine two spinning OpenMP
+    threads make these tests 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(dtype=torch.float32, seed=0, **overrides) -> ASARM:
+    cfg = dict(vocab_size=16, d_model=32, n_layer=2, n_head=4, d_inner=64)
+    cfg.update(overrides)
+    model = ASARM.from_config(seed=seed, init_std=0.5, device="cpu", **cfg).to(dtype)
+    if dtype != torch.float32:
+        # Hugging Face builds the sinusoids in float32 whatever the weights' dtype, and its two-stream
+        # einsum then refuses float64 weights; cast them so the reference runs (the cached engine
+        # itself needs no patch: it casts the same float32 sinusoids).
+        xl = model.model.transformer
+        original = xl.relative_positional_encoding
+        xl.relative_positional_encoding = lambda *args, **kwargs: original(*args, **kwargs).to(model.dtype)
+    return model
+
+
+class Pair:
+    """Runs a full session and a cached session side by side and compares every call."""
+
+    def __init__(self, model, tokens, sigma, n_prompt, **engine_kwargs):
+        self.full = FullEngine(model).start(tokens, sigma, n_prompt)
+        self.cached = CachedEngine(model, **engine_kwargs).start(tokens, sigma, n_prompt)
+        self.tol = TOL[model.dtype]
+        self.calls = 0
+        self.worst = 0.0
+
+    def __call__(self, rows, tokens, n_fixed, query_ranks, draft):
+        want = self.full.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft)
+        got = self.cached.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.isfinite(got).all()
+        used = query_ranks >= 0  # -1: an unused slot, logits unspecified
+        diff = (got - want).abs()[used].max().item()
+        self.worst = max(self.worst, diff)
+        assert diff <= self.tol, f"call {self.calls} (draft={draft}): max abs diff {diff:.3g} > {self.tol:g}"
+        self.calls += 1
+        return got
+
+
+def simulate_assd(model, *, batch, seq_len, lengths, n_prompt, order, seed, k_max=4, skip_prob=0.0,
+                  garbage=True, **engine_kwargs):
+    """ASSD's call pattern with random tokens: per round a draft call on ranks n..n+k-1, drafts written
+    in, a verify call (k >= 2), a random accepted prefix (the first draft always), a different token
+    at the rejection rank. Undecoded ranks above the drafts hold fresh garbage at every call."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.vocab_size
+    lengths = torch.as_tensor(lengths)
+    n_prompt = torch.as_tensor(n_prompt)
+    sigma = order(n_prompt, seq_len, lengths=lengths, generator=g)
+    positions = torch.argsort(sigma, dim=1)
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    tokens[sigma >= n_prompt[:, None]] = model.mask_token_id
+    n_fixed = n_prompt.clone()
+    pair = Pair(model, tokens, sigma, n_prompt, **engine_kwargs)
+    verify_drafts = 0
+
+    def call_tokens(rows, upto):
+        tok = tokens[rows].clone()
+        if garbage:
+            junk = sigma[rows] >= upto[:, None]
+            tok[junk] = torch.randint(0, vocab, (int(junk.sum()),), generator=g)
+        return tok
+
+    while True:
+        rows = (n_fixed < lengths).nonzero().flatten()
+        if rows.numel() == 0:
+            break
+        if skip_prob:
+            keep = torch.rand(rows.numel(), generator=g) >= skip_prob
+            if keep.any():
+                rows = rows[keep]
+        nf = n_fixed[rows]
+        k = int(torch.randint(1, k_max + 1, (1,), generator=g))
+        k_row = torch.minimum(lengths[rows] - nf, torch.tensor(k))  # rows near their end use fewer slots
+        ranks = nf[:, None] + torch.arange(k)
+        ranks = torch.where(torch.arange(k) < k_row[:, None], ranks, -1)
+        pair(rows, call_tokens(rows, nf + k), nf, ranks, True)
+        qpos = positions[rows].gather(1, ranks.clamp(min=0))
+        drafts = torch.randint(0, vocab, (rows.numel(), k), generator=g)
+        for i, row in enumerate(rows.tolist()):
+            kr = int(k_row[i])
+            tokens[row, qpos[i, :kr]] = drafts[i, :kr]
+        verify = k_row >= 2  # a row with one open slot is done after the draft call
+        if verify.any():
+            vrows = rows[verify]
+            pair(vrows, call_tokens(vrows, nf[verify] + k), nf[verify], ranks[verify], False)
+            verify_drafts += int((k_row[verify] - 1).sum())
+        for i, row in enumerate(rows.tolist()):
+            kr = int(k_row[i])
+            a = int(torch.randint(1, kr + 1, (1,), generator=g))
+            if a < kr:
+                shift = int(torch.randint(1, vocab, (1,), generator=g))
+                tokens[row, qpos[i, a]] = (drafts[i, a] + shift) % vocab
+                n_fixed[row] += a + 1
+            else:
+                n_fixed[row] += kr
+    return pair, int(lengths.sum()), verify_drafts
+
+
+CONFIGS = [
+    pytest.param(torch.float32, {}, id="f32-4heads"),
+    pytest.param(torch.float64, {}, id="f64-4heads"),
+    pytest.param(torch.float64, {"n_head": 2}, id="f64-2heads"),
+    pytest.param(torch.float64, {"n_layer": 3, "ff_activation": "relu", "clamp_len": 5}, id="f64-clamp-relu"),
+]
+
+
+@pytest.mark.parametrize("dtype,overrides", CONFIGS)
+@pytest.mark.parametrize("order", [orders.any_subset, orders.any_permutation], ids=["subset", "perm"])
+def test_assd_pattern_matches_full_forward(dtype, overrides, order):
+    model = make_model(dtype, seed=1, **overrides)
+    lengths = [14, 9, 12, 5]
+    pair, total_len, verify_drafts = simulate_assd(
+        model, batch=4, seq_len=14, lengths=lengths, n_prompt=[3, 1, 5, 2], order=order, seed=2, chunk_size=4)
+    stats = pair.cached.stats
+    assert pair.calls >= 8 and stats["calls"] == pair.calls
+    # each rank's content stream is computed once when committed (or reused from its verify pass),
+    # plus the drafts of the verify passes: never the L x calls rows of a full forward
+    assert stats["content_rows"] <= total_len + verify_drafts
+    assert stats["content_rows"] < 0.5 * pair.calls * len(lengths) * 14
+    assert stats["reused_rows"] > 0
+
+
+@pytest.mark.parametrize("drop_after", [1, 2])
+def test_rows_dropping_out_and_coming_back(drop_after):
+    model = make_model(torch.float64, seed=3)
+    pair, _, _ = simulate_assd(model, batch=5, seq_len=12, lengths=[12, 7, 10, 12, 4], n_prompt=[2, 3, 1, 4, 1],
+                               order=orders.any_permutation, seed=4, skip_prob=0.35, drop_after=drop_after)
+    assert pair.calls >= 6
+    assert pair.cached.slot_rows.numel() <= 5
+
+
+def test_float32_default_engine_settings():
+    model = make_model(torch.float32, seed=5, n_head=2, d_model=24, d_inner=40)
+    pair, _, _ = simulate_assd(model, batch=3, seq_len=16, lengths=[16, 16, 11], n_prompt=[1, 4, 2],
+                               order=orders.any_subset, seed=6, k_max=3)
+    assert pair.worst <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_call_with_many_committed(dtype):
+    """Prompt plus many committed tokens at once: lazily computed in several rank-causal chunks."""
+    model = make_model(dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    B, L = 3, 16
+    lengths = torch.tensor([16, 13, 15])
+    n_prompt = torch.tensor([2, 5, 1])
+    sigma = orders.any_permutation(n_prompt, L, lengths=lengths, generator=g)
+    tokens = torch.randint(0, 16, (B, L), generator=g)
+    n_fixed = lengths - 3
+    ranks = n_fixed[:, None] + torch.arange(3)
+    pair = Pair(model, tokens, sigma, n_prompt, chunk_size=3)
+    pair(torch.arange(B), tokens, n_fixed, ranks, True)
+    last = pair.cached.last
+    assert last["passes"] >= 4 and last["content_rows"] == int(n_fixed.sum())
+    pair(torch.arange(B), tokens, n_fixed, ranks, False)
+    assert pair.cached.last["content_rows"] == 2 * B  # the two drafts below the last query
+    # a whole-prompt-only first call (n_fixed = n_prompt) in oracle mode with queries far above
+    pair2 = Pair(model, tokens, sigma, n_prompt, chunk_size=2)
+    rows = torch.tensor([0, 2])
+    pair2(rows, tokens[rows], n_prompt[rows], torch.stack([n_prompt[rows] + 6, n_prompt[rows] + 9], 1), False)
+
+
+def test_sequential_pattern_computes_one_row_per_call():
+    model = make_model(torch.float64, seed=9)
+    g = torch.Generator().manual_seed(10)
+    B, L = 2, 10
+    n_prompt = torch.tensor([3, 2])
+    sigma = orders.any_subset(n_prompt, L, generator=g)
+    tokens = torch.randint(0, 16, (B, L), generator=g)
+    pair = Pair(model, tokens, sigma, n_prompt)
+    rows = torch.arange(B)
+    for step in range(L - 3):
+        n_fixed = n_prompt + step
+        pair(rows, tokens, n_fixed, n_fixed[:, None], False)
+        if step == 0:
+            assert pair.cached.last["content_rows"] == int(n_prompt.sum())
+        else:
+            assert pair.cached.last["content_rows"] == B
+    # a draft call with the same n_fixed needs nothing new
+    ranks = n_fixed[:, None] + torch.arange(2)
+    pair(rows, tokens, n_fixed, torch.where(ranks < L, ranks, -1), True)
+    assert pair.cached.last["content_rows"] == 0
+
+
+def test_verify_states_are_reused_and_rejections_recomputed():
+    model = make_model(torch.float64, seed=11)
+    g = torch.Generator().manual_seed(12)
+    B, L, k = 2, 12, 4
+    n_prompt = torch.tensor([2, 3])
+    sigma = orders.any_permutation(n_prompt, L, generator=g)
+    positions = torch.argsort(sigma, dim=1)
+    tokens = torch.randint(0, 16, (B, L), generator=g)
+    pair = Pair(model, tokens, sigma, n_prompt)
+    rows = torch.arange(B)
+    n_fixed = n_prompt.clone()
+    ranks = n_fixed[:, None] + torch.arange(k)
+    pair(rows, tokens, n_fixed, ranks, True)
+    pair(rows, tokens, n_fixed, ranks, False)
+    assert pair.cached.last["content_rows"] == B * (k - 1)
+    # row 0 accepts everything, row 1 accepts one draft and gets a different token at rank n + 1
+    pos = positions[1, n_fixed[1] + 1]
+    tokens[1, pos] = (tokens[1, pos] + 1) % 16
+    n_fixed = n_fixed + torch.tensor([k, 2])
+    ranks = n_fixed[:, None] + torch.arange(k)
+    pair(rows, tokens, n_fixed, ranks, True)
+    last = pair.cached.last
+    # row 0: ranks n..n+2 reused from the verify pass, rank n+3 new; row 1: rank n reused, n+1 recomputed
+    assert last["reused_rows"] == (k - 1) + 1
+    assert last["content_rows"] == 1 + 1
+
+
+def test_changed_committed_token_is_detected():
+    """Outside the contract (a committed token changes), the engine still returns exact logits."""
+    model = make_model(torch.float64, seed=13)
+    g = torch.Generator().manual_seed(14)
+    B, L = 2, 10
+    n_prompt = torch.tensor([2, 2])
+    sigma = orders.any_permutation(n_prompt, L, generator=g)
+    positions = torch.argsort(sigma, dim=1)
+    tokens = torch.randint(0, 16, (B, L), generator=g)
+    pair = Pair(model, tokens, sigma, n_prompt)
+    rows = torch.arange(B)
+    n_fixed = torch.tensor([6, 7])
+    pair(rows, tokens, n_fixed, n_fixed[:, None], False)
+    tokens[0, positions[0, 4]] = (tokens[0, positions[0, 4]] + 3) % 16  # committed, not prompt
+    tokens[1, positions[1, 0]] = (tokens[1, positions[1, 0]] + 3) % 16  # a prompt token
+    pair(rows, tokens, n_fixed, n_fixed[:, None], False)
+    assert pair.cached.last["content_rows"] == (6 - 4) + 7
+
+
+def test_cached_engine_never_runs_the_full_forward():
+    model = make_model(torch.float32, seed=15)
+    g = torch.Generator().manual_seed(16)
+    n_prompt = torch.tensor([3])
+    sigma = orders.any_subset(n_prompt, 12, generator=g)
+    tokens = torch.randint(0, 16, (1, 12), generator=g)
+    rows, n_fixed, ranks = torch.tensor([0]), torch.tensor([5]), torch.tensor([[5, 6, 7]])
+    want = FullEngine(model).start(tokens, sigma, n_prompt).logits(rows, tokens, n_fixed, ranks, False)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Hugging Face forward was called")
+
+    model.model.forward = boom
+    try:
+        got = CachedEngine(model).start(tokens, sigma, n_prompt).logits(rows, tokens, n_fixed, ranks, False)
+    finally:
+        del model.model.forward
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_registration_and_argument_checks():
+    model = make_model(torch.float32)
+    assert ENGINES["cached"] is CachedEngine
+    engine = make_engine("cached", model)
+    assert isinstance(engine, CachedEngine) and engine.name == "cached"
+    n_prompt = torch.tensor([2])
+    sigma = orders.any_subset(n_prompt, 8)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    session = engine.start(tokens, sigma, n_prompt)
+    with pytest.raises(ValueError):
+        session.logits(torch.tensor([0]), tokens, torch.tensor([3]), torch.tensor([[2]]), True)
+    with pytest.raises(ValueError):
+        session.logits(torch.tensor([0]), tokens, torch.tensor([1]), torch.tensor([[2]]), True)
+    out = session.logits(torch.tensor([], dtype=torch.long), tokens[:0], torch.tensor([], dtype=torch.long),
+                         torch.zeros(0, 2, dtype=torch.long), True)
+    assert out.shape == (0, 2, 16)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from asarm import orders
+from asarm.model import ASARM, ModelLoadError, pick_device
+
+from helpers import tiny_model
+
+
+def test_from_config_and_save_round_trip(tmp_path, xlnet_tokenizer):
+    model = ASARM.from_config(tokenizer=xlnet_tokenizer, d_model=16, n_layer=1, n_head=2, d_inner=32, seed=0,
+                              device="cpu")
+    assert model.vocab_size == 32000 and model.mask_token_id == 6
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    loaded = ASARM.from_pretrained(tmp_path / "m", device="cpu")
+    assert loaded.mask_token_id == 6 and loaded.tokenizer is not None
+    assert loaded.tokenizer("Hello world")["input_ids"] == xlnet_tokenizer("Hello world")["input_ids"]
+    tokens = torch.tensor([[17, 11368, 185, 9, 4, 3]])
+    sigma = orders.any_subset(torch.tensor([2]), 6, generator=torch.Generator().manual_seed(0))
+    queries = torch.argsort(sigma)[:, 2:]
+    assert torch.equal(model.logits(tokens, sigma, torch.tensor([2]), queries),
+                       loaded.logits(tokens, sigma, torch.tensor([2]), queries))
+
+
+def test_from_config_seed_is_reproducible_and_dtype():
+    a, b = tiny_model(seed=3), tiny_model(seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert tiny_model(seed=3, dtype=torch.float64).dtype == torch.float64
+
+
+def test_load_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ASARM.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        ASARM.from_pretrained(tmp_path / "empty")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="therealgabeguo/ASARM"):
+        ASARM.from_pretrained("therealgabeguo/ASARM", revision="nlp")
+
+
+def test_unknown_revision_message(monkeypatch):
+    """The Hub's answer for a missing branch becomes a message listing the known revisions."""
+    from transformers import XLNetLMHeadModel
+
+    def fake_from_pretrained(*args, **kwargs):
+        raise OSError("nlq is not a valid git identifier (branch name, tag name or commit id) that exists for "
+                      "this model name.")
+
+    monkeypatch.setattr(XLNetLMHeadModel, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(ModelLoadError, match="revision 'nlq' does not exist.*nlp_210k_plus_75k"):
+        ASARM.from_pretrained("therealgabeguo/ASARM", revision="nlq")
+
+
+def test_log_probs_exclude_mask_and_normalise():
+    model = tiny_model(seed=0)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    sigma = torch.tensor([[0, 1, 2, 3, 4]])
+    logp = model.log_probs(tokens, sigma, torch.tensor([2]), torch.tensor([[2, 3, -1]]))
+    assert logp.dtype == torch.float64
+    assert torch.isneginf(logp[..., model.mask_token_id]).all()
+    assert torch.allclose(logp[:, :2].exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
+
+
+def test_score_is_the_chain_of_oracle_conditionals():
+    """One teacher-forced pass equals the product of one-query passes, rank by rank, per row."""
+    model = tiny_model(seed=1, init_std=0.5)
+    gen = torch.Generator().manual_seed(2)
+    n_prompt, lengths = torch.tensor([2, 3, 1]), torch.tensor([7, 5, 6])
+    sigma = orders.any_permutation(n_prompt, 7, lengths=lengths, generator=gen)
+    tokens = torch.randint(7, 10, (3, 7), generator=gen)
+    score = model.score(tokens, sigma, n_prompt, lengths)
+    positions = torch.argsort(sigma, dim=1)
+    for b in range(3):
+        total = 0.0
+        for rank in range(int(n_prompt[b]), int(lengths[b])):
+            pos = positions[b, rank]
+            logp = model.log_probs(tokens[b:b + 1], sigma[b:b + 1], n_prompt[b:b + 1], pos.view(1, 1))
+            total += float(logp[0, 0, tokens[b, pos]])
+        assert score[b].item() == pytest.approx(total, abs=1e-5)
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device().type in ("cpu", "cuda")
