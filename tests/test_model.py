@@ -29,13 +29,12 @@ def test_from_config_seed_is_reproducible_and_dtype():
     assert tiny_model(seed=3, dtype=torch.float64).dtype == torch.float64
 
 
-def test_load_errors_are_clear(tmp_path, monkeypatch):
+def test_load_errors_are_clear(tmp_path, hub_offline):
     with pytest.raises(ModelLoadError, match="does not exist"):
         ASARM.from_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         ASARM.from_pretrained(tmp_path / "empty")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="therealgabeguo/ASARM"):
         ASARM.from_pretrained("therealgabeguo/ASARM", revision="nlp")
 
