@@ -53,14 +53,14 @@ class DecodeOutput:
 
     @property
     def tokens_per_round(self) -> torch.Tensor:
-        generated = self.settings["lengths"] - self.settings["n_prompt"]
+        generated = self.settings["stop"] - self.settings["n_prompt"]
         return generated.double() / self.rounds.clamp(min=1).double()
 
 
 class _Batch:
     """Validated inputs moved to the model's device, plus the bookkeeping every sampler needs."""
 
-    def __init__(self, model: ASARM, tokens, sigma, n_prompt, lengths, padding_mask):
+    def __init__(self, model: ASARM, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens):
         device = model.device
         tokens = torch.as_tensor(tokens).to(device=device, dtype=torch.long)
         sigma = torch.as_tensor(sigma).to(device=device, dtype=torch.long)
@@ -75,6 +75,10 @@ class _Batch:
         self.tokens = tokens.masked_fill(to_decode, model.mask_token_id)
         self.positions = torch.argsort(sigma, dim=1)  # position holding each rank
         self.n_fixed = n_prompt.clone()
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be None or an integer >= 1, got {max_new_tokens!r}")
+        # Ranks >= stop stay placeholders (partial decoding); stop = length unless max_new_tokens says less.
+        self.stop = lengths if max_new_tokens is None else torch.minimum(lengths, n_prompt + max_new_tokens)
         batch_size = tokens.shape[0]
         self.nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rounds = torch.zeros_like(self.nfe)
@@ -82,11 +86,11 @@ class _Batch:
         self.ngram_calls = torch.zeros_like(self.nfe)
 
     def active_rows(self) -> torch.Tensor:
-        return (self.n_fixed < self.lengths).nonzero().flatten()
+        return (self.n_fixed < self.stop).nonzero().flatten()
 
     def output(self, **kwargs) -> DecodeOutput:
         settings = kwargs.pop("settings", {})
-        settings.update(n_prompt=self.n_prompt.cpu(), lengths=self.lengths.cpu())
+        settings.update(n_prompt=self.n_prompt.cpu(), lengths=self.lengths.cpu(), stop=self.stop.cpu())
         return DecodeOutput(tokens=self.tokens, nfe=self.nfe.cpu(), rounds=self.rounds.cpu(),
                             accepted=self.accepted.cpu(), ngram_calls=self.ngram_calls.cpu(), settings=settings,
                             **kwargs)
@@ -98,7 +102,7 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _progress(batch: _Batch, enabled: bool, desc: str):
-    total = int((batch.lengths - batch.n_prompt).sum())
+    total = int((batch.stop - batch.n_prompt).sum())
     return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, leave=False)
 
 
@@ -124,10 +128,12 @@ def _num_accepted(accept: torch.Tensor, valid: torch.Tensor, k_eff: torch.Tensor
 @torch.no_grad()
 def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None,
                       temperature: float = 1.0, seed=None, generator: torch.Generator | None = None,
-                      engine="full", progress: bool = False) -> DecodeOutput:
-    """One oracle pass per token, in each row's order: NFE = length - n_prompt exactly."""
+                      engine="full", max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
+    """One oracle pass per token, in each row's order: NFE = length - n_prompt exactly.
+
+    ``max_new_tokens`` stops each row after that many tokens (the rest stay ``<mask>``)."""
     _check_temperature(temperature)
-    batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask)
+    batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     to_probs = _to_probs(model)
@@ -151,7 +157,7 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
 def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None, k: int = 5,
                 drafter="self", temperature: float = 1.0, temperature_mode: str = "target", r_atol: float = 0.0,
                 seed=None, generator: torch.Generator | None = None, engine="full",
-                progress: bool = False) -> DecodeOutput:
+                max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
     """Any-Subset Speculative Decoding.
 
     Per round (n tokens fixed): the drafter proposes ``k_eff = min(k, length - n)`` tokens for ranks
@@ -173,6 +179,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         seed: int, or ``(B,)`` per-row seeds (a row then decodes identically alone or in any batch);
             or pass ``generator``.
         engine: ``"full"`` or another name in ``asarm.sampling.engine.ENGINES``, or an engine object.
+        max_new_tokens: stop each row after that many tokens (the rest stay ``<mask>``).
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -185,7 +192,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         warnings.warn(f"r_atol={r_atol} > 0 makes ASSD lossy: samples no longer follow the model's distribution",
                       LossySamplingWarning, stacklevel=2)
     drafter = make_drafter(drafter)
-    batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask)
+    batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
     batch_size = batch.tokens.shape[0]
     device = batch.tokens.device
     streams = RowStreams(batch_size, seed, generator)
@@ -204,7 +211,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
 
     while len(rows := batch.active_rows()):
         n = batch.n_fixed[rows]
-        k_eff = torch.clamp(batch.lengths[rows] - n, max=k)
+        k_eff = torch.clamp(batch.stop[rows] - n, max=k)
         num = int(k_eff.max())
         idx = torch.arange(num, device=device)
         valid = idx[None, :] < k_eff[:, None]

@@ -154,3 +154,22 @@ def test_bad_input_is_rejected_with_clear_errors(model):
         sequential_decode(model, bad, sigma, n_prompt, lengths)
     with pytest.raises(ValueError, match="n_prompt must be >= 1"):
         sequential_decode(model, tokens, sigma, torch.zeros_like(n_prompt), lengths)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_max_new_tokens_stops_early_and_matches_the_full_decode_prefix(model, name):
+    """Partial decoding fills exactly the first ranks and leaves the rest masked; for the sequential
+    sampler those tokens equal a full decode's with the same seed."""
+    tokens, sigma, n_prompt, lengths = _batch(seed=8)
+    partial = SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, seed=3, max_new_tokens=2)
+    stop = torch.minimum(lengths, n_prompt + 2)
+    decoded = (sigma >= n_prompt[:, None]) & (sigma < stop[:, None])
+    later = (sigma >= stop[:, None]) & (sigma < lengths[:, None])
+    assert not (partial.tokens[decoded] == model.mask_token_id).any()
+    assert (partial.tokens[later] == model.mask_token_id).all()
+    if name == "sequential":
+        full = SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, seed=3)
+        assert torch.equal(partial.tokens[decoded], full.tokens[decoded])
+        assert torch.equal(partial.nfe, stop - n_prompt)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, max_new_tokens=0)
