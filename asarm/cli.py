@@ -16,7 +16,7 @@ from . import orders
 from .model import ASARM
 from .sampling import assd_decode, sequential_decode
 from .sampling.decode import TEMPERATURE_MODES
-from .sampling.engine import ENGINES
+from .sampling.engine import DEFAULT_ENGINE, ENGINES
 
 __all__ = ["main", "sample", "encode_template"]
 
@@ -44,7 +44,7 @@ def encode_template(tokenizer, text: str, mask_token_id: int) -> list[int]:
 def sample(model: str, text: str, revision: str | None = None, masking_rate: float | None = None,
            sampler: str = "assd", drafter: str = "self", k: int = 5, temperature: float = 1.0,
            temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
-           engine: str = "full", device: str | None = None, progress: bool = True) -> list[dict]:
+           engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
     Returns one dict per completion (text, nfe, rounds, tokens_per_round) and prints them.
@@ -109,7 +109,8 @@ def _add_sample_parser(subparsers) -> None:
                    help="LOSSY: slack added to the ASSD acceptance ratio (0 = exact)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=1, help="number of completions")
-    p.add_argument("--engine", choices=sorted(ENGINES), default="full", help="inference engine")
+    p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+                   help="cached: each fixed token computed once (fast); full: a whole-sequence pass per NFE")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=lambda a: sample(

@@ -16,12 +16,14 @@ from transformers import XLNetConfig, XLNetLMHeadModel
 
 from . import masks
 
-__all__ = ["ASARM", "ModelLoadError", "pick_device", "HUB_REPO", "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID"]
+__all__ = ["ASARM", "ModelLoadError", "pick_device", "HUB_REPO", "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID",
+           "XLNET_BASE_SIZES"]
 
 HUB_REPO = "therealgabeguo/ASARM"
 # Branches of HUB_REPO (spec section 1); "xlnet-base-cased" is the off-the-shelf baseline.
 HUB_REVISIONS = ("nlp", "nlp_210k_plus_75k", "code", "xlnet-base-cased")
 XLNET_MASK_TOKEN_ID = 6
+XLNET_BASE_SIZES = {"vocab_size": 32000, "d_model": 768, "n_layer": 12, "n_head": 12, "d_inner": 3072}
 FALLBACK_TOKENIZER = "xlnet/xlnet-base-cased"
 _ASARM_FILE = "asarm.json"
 
@@ -57,6 +59,7 @@ class ASARM(nn.Module):
 
     def __init__(self, model: XLNetLMHeadModel, tokenizer=None, mask_token_id: int | None = None):
         super().__init__()
+        _cast_positional_encoding(model.transformer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         if mask_token_id is None:
@@ -107,11 +110,12 @@ class ASARM(nn.Module):
                     seed: int | None = None, init_std: float | None = None, device=None,
                     dtype: torch.dtype | None = None, **overrides) -> "ASARM":
         """A randomly initialised model. ``config`` is an ``XLNetConfig``, a dict of its fields, or
-        None (xlnet-base sizes); keyword overrides are applied on top. ``init_std`` rescales the
+        None (xlnet-base-cased sizes; ``XLNetConfig``'s own defaults are xlnet-large); keyword
+        overrides are applied on top. ``init_std`` rescales the
         initial weights (large values give peaked, strongly dependent conditionals: useful in tests)."""
         if isinstance(config, XLNetConfig):
             config = config.to_dict()
-        fields = dict(config or {})
+        fields = dict(XLNET_BASE_SIZES) if config is None else dict(config)
         fields.update(overrides)
         fields.setdefault("dropout", 0.0)
         if init_std is not None:
@@ -200,6 +204,17 @@ class ASARM(nn.Module):
         targets = tokens.gather(1, positions.clamp(min=0)).to(logp.device)
         picked = logp.gather(2, targets[..., None]).squeeze(-1)
         return torch.where(valid.to(picked.device), picked, 0.0).sum(dim=1)
+
+
+def _cast_positional_encoding(transformer) -> None:
+    """Hugging Face builds XLNet's sinusoids in float32 whatever the weights' dtype, and its two-stream
+    attention does not cast them, so float64 (or half) weights fail. Cast them at call time."""
+    original = transformer.relative_positional_encoding
+
+    def relative_positional_encoding(*args, **kwargs):
+        return original(*args, **kwargs).to(transformer.word_embedding.weight.dtype)
+
+    transformer.relative_positional_encoding = relative_positional_encoding
 
 
 def _explain_load_failure(source: str, revision: str | None, err: Exception) -> str:

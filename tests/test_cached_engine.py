@@ -15,27 +15,10 @@ from asarm.sampling.engine import ENGINES, FullEngine, make_engine
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two spinning OpenMP
-    threads make these tests 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(dtype=torch.float32, seed=0, **overrides) -> ASARM:
     cfg = dict(vocab_size=16, d_model=32, n_layer=2, n_head=4, d_inner=64)
     cfg.update(overrides)
     model = ASARM.from_config(seed=seed, init_std=0.5, device="cpu", **cfg).to(dtype)
-    if dtype != torch.float32:
-        # Hugging Face builds the sinusoids in float32 whatever the weights' dtype, and its two-stream
-        # einsum then refuses float64 weights; cast them so the reference runs (the cached engine
-        # itself needs no patch: it casts the same float32 sinusoids).
-        xl = model.model.transformer
-        original = xl.relative_positional_encoding
-        xl.relative_positional_encoding = lambda *args, **kwargs: original(*args, **kwargs).to(model.dtype)
     return model
 
 
@@ -63,7 +46,7 @@ class Pair:
 
 
 def simulate_assd(model, *, batch, seq_len, lengths, n_prompt, order, seed, k_max=4, skip_prob=0.0,
-                  garbage=True, draft_vocab=3, **engine_kwargs):
+                  garbage=True, draft_vocab=3, on_start=None, **engine_kwargs):
     """ASSD's call pattern with random tokens: per round a draft call on ranks n..n+k-1, drafts written
     in, a verify call (k >= 2), a random accepted prefix (the first draft always), a different token
     at the rejection rank. Undecoded ranks above the drafts hold fresh garbage at every call."""
@@ -77,6 +60,8 @@ def simulate_assd(model, *, batch, seq_len, lengths, n_prompt, order, seed, k_ma
     tokens[sigma >= n_prompt[:, None]] = model.mask_token_id
     n_fixed = n_prompt.clone()
     pair = Pair(model, tokens, sigma, n_prompt, **engine_kwargs)
+    if on_start is not None:
+        on_start(pair)
     verify_drafts = 0
 
     def call_tokens(rows, upto):
@@ -152,10 +137,33 @@ def test_assd_pattern_matches_full_forward(dtype, overrides, order):
 @pytest.mark.parametrize("drop_after", [1, 2])
 def test_rows_dropping_out_and_coming_back(drop_after):
     model = make_model(torch.float64, seed=3)
-    pair, _, _ = simulate_assd(model, batch=5, seq_len=12, lengths=[12, 7, 10, 12, 4], n_prompt=[2, 3, 1, 4, 1],
-                               order=orders.any_permutation, seed=4, skip_prob=0.35, drop_after=drop_after)
+    events = {"subset": 0, "dropped": 0, "returned": 0}
+
+    def spy(pair):
+        session = pair.cached
+        slots = session._slots
+
+        def watched(rows):
+            events["returned"] += int((session.slot_of[rows] < 0).sum())
+            before = session.slot_rows.numel()
+            out = slots(rows)
+            events["dropped"] += before + int((out >= before).sum()) - session.slot_rows.numel()
+            events["subset"] += int(rows.numel() < session.slot_rows.numel())
+            return out
+
+        session._slots = watched
+
+    pair, _, _ = simulate_assd(model, batch=5, seq_len=16, lengths=[16, 9, 13, 16, 5], n_prompt=[2, 3, 1, 4, 1],
+                               order=orders.any_permutation, seed=4, skip_prob=0.35, drop_after=drop_after,
+                               on_start=spy)
     assert pair.calls >= 6
     assert pair.cached.slot_rows.numel() <= 5
+    # the gathered-subset, compaction and recompute-on-return paths all ran
+    assert events["dropped"] > 0
+    if drop_after == 1:  # absent rows are dropped at once: skipped rows come back and are recomputed
+        assert events["returned"] > 0
+    else:  # a row skipped once keeps its cache: the call runs on a gathered subset of slots
+        assert events["subset"] > 0
 
 
 def test_float32_default_engine_settings():
@@ -318,3 +326,20 @@ def test_registration_and_argument_checks():
     out = session.logits(torch.tensor([], dtype=torch.long), tokens[:0], torch.tensor([], dtype=torch.long),
                          torch.zeros(0, 2, dtype=torch.long), True)
     assert out.shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("sampler,kwargs", [("assd", {"k": 4}), ("assd", {"k": 3, "drafter": "ngram"}),
+                                            ("sequential", {})], ids=["assd-self", "assd-ngram", "sequential"])
+def test_samplers_give_the_same_samples_with_either_engine(sampler, kwargs):
+    from asarm.sampling import assd_decode, sequential_decode
+
+    decode = assd_decode if sampler == "assd" else sequential_decode
+    model = make_model(torch.float64, seed=19)
+    n_prompt, lengths = torch.tensor([2, 5, 3, 1]), torch.tensor([20, 15, 18, 9])
+    sigma = orders.any_subset(n_prompt, 20, lengths=lengths, generator=torch.Generator().manual_seed(20))
+    tokens = torch.randint(0, 16, (4, 20), generator=torch.Generator().manual_seed(21))
+    tokens[tokens == model.mask_token_id] = 7
+    full = decode(model, tokens, sigma, n_prompt, lengths, seed=22, engine="full", **kwargs)
+    cached = decode(model, tokens, sigma, n_prompt, lengths, seed=22, engine="cached", **kwargs)
+    assert torch.equal(full.tokens, cached.tokens)
+    assert torch.equal(full.nfe, cached.nfe)

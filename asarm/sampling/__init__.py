@@ -2,7 +2,7 @@
 
 from .decode import DecodeOutput, LossySamplingWarning, assd_decode, sequential_decode
 from .drafters import NGramDrafter, SelfDrafter
-from .engine import ENGINES, FullEngine
+from .engine import ENGINES, CachedEngine, FullEngine
 
 __all__ = ["DecodeOutput", "LossySamplingWarning", "assd_decode", "sequential_decode", "NGramDrafter",
-           "SelfDrafter", "ENGINES", "FullEngine"]
+           "SelfDrafter", "ENGINES", "CachedEngine", "FullEngine"]

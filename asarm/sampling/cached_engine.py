@@ -8,9 +8,11 @@ relative positions are true token positions, so the positional score between a q
 key depends only on their two positions, not on when the key was computed.
 
 What the session keeps, per batch row and layer: the content-stream key and value heads of every
-position whose state is known, in a buffer indexed by POSITION, ``(S, heads, L + 1, d_head)`` (slot
-``L`` is a scratch slot that padding rows of a batched pass write to; it is never visible). The set
-of keys a row may attend to is then just "slots whose rank is below a limit": a mask, no gathers.
+rank whose state is known, in a buffer indexed by RANK, ``(n_layer, S, heads, L + 1, d_head)`` for
+keys and values (slot ``L`` is a scratch slot that padding rows of a batched pass write to; it is
+never visible). The keys a row may attend to are then "slots below a limit" (plus its own slot in
+the content stream): a mask over a prefix of the buffer, no ragged gathers, and a pass only reads
+the prefix up to its largest limit. Memory: ``2 * n_layer * B * (L + 1) * d_model`` numbers.
 
 Per call it computes only
   * the content stream of positions that became committed since they were last computed (lazy
@@ -31,12 +33,16 @@ projects the sinusoid table of every distance ``d in [-L, L]`` once per (length,
 per pass computes the ``(n_rows, heads, 2L + 1)`` table of dot products, then gathers each key's
 entry; the ``(L x L x d)`` tensor Hugging Face builds is never formed. The sinusoids themselves are
 taken from the model's own ``relative_positional_encoding`` so that they are bit-identical to the
-full forward's (Hugging Face computes them in float32 whatever the model's dtype).
+full forward's. Hugging Face computes them in float32 whatever the model's dtype (and its two-stream
+attention then fails for float64 weights); this engine casts those float32 sinusoids to the model's
+dtype, which is what a float64 Hugging Face forward gives once that cast is patched in.
+
+Rows of the batch may drop out (``rows`` shrinks): a row absent from ``drop_after`` consecutive
+calls loses its cache slots (the buffers are compacted); a row that comes back later is recomputed
+from its tokens. A call on a strict subset of the held rows gathers their buffers for that call.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -92,6 +98,8 @@ class CachedEngine:
         table = self._rel_cache.get(seq_len)
         if table is not None and table[0] == key:
             return table[1]
+        if len(self._rel_cache) >= 4:  # keep a few lengths only
+            self._rel_cache.pop(next(iter(self._rel_cache)))
         # Hugging Face's own sinusoids for qlen = klen = L: rows are distances L, L-1, ..., -L+1
         # (float32 whatever the model dtype), with clamp_len applied inside.
         try:
@@ -104,7 +112,7 @@ class CachedEngine:
         n_head, d_head = layers[0].n_head, layers[0].d_head
         out = torch.stack([(pe @ a.r.reshape(a.r.shape[0], n_head * d_head)).reshape(-1, n_head, d_head)
                            .permute(1, 2, 0).contiguous() for a in layers])
-        self._rel_cache = {seq_len: (key, out)}  # keep one length only
+        self._rel_cache[seq_len] = (key, out)
         return out
 
 
@@ -125,6 +133,8 @@ class CachedSession:
         B, L = self.batch_size, self.seq_len
         self.sigma = sigma.to(device=device, dtype=torch.long)
         self.n_prompt = torch.as_tensor(n_prompt, device=device, dtype=torch.long).reshape(B)
+        if (self.n_prompt < 1).any():
+            raise ValueError("n_prompt must be >= 1 on every row (XLNet's query stream needs a visible token)")
         self.positions = torch.argsort(self.sigma, dim=1)
         self.computed = torch.zeros(B, dtype=torch.long, device=device)  # ranks < computed hold valid states
         self.state_tokens = torch.full((B, L), -1, dtype=torch.long, device=device)
@@ -231,7 +241,10 @@ class CachedSession:
             c_rank = torch.where(real, cur[:, None] + t, L)  # rank L = the scratch slot
             c_tok = tokens.gather(1, positions.gather(1, c_rank.clamp(max=L - 1)))
             if final:
-                q_limit = torch.minimum(q_rank, n_fixed[:, None]) if draft else torch.where(used, q_rank, n_fixed[:, None])
+                if draft:
+                    q_limit = torch.minimum(q_rank, n_fixed[:, None])
+                else:
+                    q_limit = torch.where(used, q_rank, n_fixed[:, None])
                 out = self._pass(slots, positions, n_prompt, c_rank, c_tok, q_rank, q_limit)
             else:
                 self._pass(slots, positions, n_prompt, c_rank, c_tok, None, None)
@@ -289,10 +302,12 @@ class CachedSession:
         for layer_id, layer in enumerate(xl.layer):
             attn = layer.rel_attn
             q = (x @ attn.q.reshape(d_model, H * dh)).reshape(b, n, H, dh)
-            if nc:
+            if nc:  # the new content rows' keys and values go into the cache first: rows see each other
                 xc = x[:, :nc]
-                self.k_cache[layer_id][write_slot, :, c_rank] = (xc @ attn.k.reshape(d_model, H * dh)).reshape(b, nc, H, dh)
-                self.v_cache[layer_id][write_slot, :, c_rank] = (xc @ attn.v.reshape(d_model, H * dh)).reshape(b, nc, H, dh)
+                k_new = (xc @ attn.k.reshape(d_model, H * dh)).reshape(b, nc, H, dh)
+                v_new = (xc @ attn.v.reshape(d_model, H * dh)).reshape(b, nc, H, dh)
+                self.k_cache[layer_id][write_slot, :, c_rank] = k_new
+                self.v_cache[layer_id][write_slot, :, c_rank] = v_new
             keys = self.k_cache[layer_id][:, :, :n_keys]
             values = self.v_cache[layer_id][:, :, :n_keys]
             if not full_batch:

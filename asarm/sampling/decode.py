@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..model import ASARM
 from ..orders import validate_order
 from .drafters import DraftRequest, make_drafter
-from .engine import make_engine
+from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
 
 __all__ = ["DecodeOutput", "LossySamplingWarning", "sequential_decode", "assd_decode", "TEMPERATURE_MODES"]
@@ -128,7 +128,7 @@ def _num_accepted(accept: torch.Tensor, valid: torch.Tensor, k_eff: torch.Tensor
 @torch.no_grad()
 def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None,
                       temperature: float = 1.0, seed=None, generator: torch.Generator | None = None,
-                      engine="full", max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
+                      engine=DEFAULT_ENGINE, max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
     """One oracle pass per token, in each row's order: NFE = length - n_prompt exactly.
 
     ``max_new_tokens`` stops each row after that many tokens (the rest stay ``<mask>``)."""
@@ -156,7 +156,7 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
 @torch.no_grad()
 def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None, k: int = 5,
                 drafter="self", temperature: float = 1.0, temperature_mode: str = "target", r_atol: float = 0.0,
-                seed=None, generator: torch.Generator | None = None, engine="full",
+                seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
                 max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
     """Any-Subset Speculative Decoding.
 
@@ -178,7 +178,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
             The output is marked ``exact=False`` and a LossySamplingWarning is emitted.
         seed: int, or ``(B,)`` per-row seeds (a row then decodes identically alone or in any batch);
             or pass ``generator``.
-        engine: ``"full"`` or another name in ``asarm.sampling.engine.ENGINES``, or an engine object.
+        engine: ``"cached"`` (default), ``"full"`` (a plain Hugging Face forward per NFE, the reference's
+            cost model; same outputs up to floating-point tolerance), or an engine object.
         max_new_tokens: stop each row after that many tokens (the rest stay ``<mask>``).
     """
     if not isinstance(k, int) or k < 1:

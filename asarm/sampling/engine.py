@@ -13,7 +13,8 @@ A sampler opens one session per batch (``engine.start(tokens, sigma, n_prompt)``
   uncommitted drafts written at ranks ``n_fixed .. r-1``.
 
 Returns raw logits ``(b, k, V)``. ``FullEngine`` runs the plain full-sequence Hugging Face forward
-every call (the reference implementation's cost model).
+every call (the reference implementation's cost model); ``CachedEngine`` (the default) computes each
+committed token's content stream once and only the new rows per call, with the same logits.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..model import ASARM
+from .cached_engine import CachedEngine
 
-__all__ = ["FullEngine", "make_engine", "ENGINES"]
+__all__ = ["FullEngine", "CachedEngine", "make_engine", "ENGINES", "DEFAULT_ENGINE"]
 
 
 class _FullSession:
@@ -52,7 +54,8 @@ class FullEngine:
         return _FullSession(self.model, sigma, n_prompt)
 
 
-ENGINES = {"full": FullEngine}
+ENGINES = {"full": FullEngine, "cached": CachedEngine}
+DEFAULT_ENGINE = "cached"
 
 
 def make_engine(engine, model: ASARM):
@@ -64,4 +67,3 @@ def make_engine(engine, model: ASARM):
     if not hasattr(engine, "start"):
         raise TypeError(f"engine must be a name or an object with start(), got {type(engine).__name__}")
     return engine
-ENGINES["cached"] = __import__(f"{__package__}.cached_engine", fromlist=["CachedEngine"]).CachedEngine

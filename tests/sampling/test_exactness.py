@@ -64,11 +64,12 @@ SAMPLERS = {
 }
 
 
+@pytest.mark.parametrize("engine", ["full", "cached"])
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_sampler_matches_exact_joint(setup, name):
+def test_sampler_matches_exact_joint(setup, name, engine):
     model, tokens, sigma, n_prompt, joints = setup
     sampler, kwargs, target_temperature = SAMPLERS[name]
-    out = sampler(model, tokens, sigma, n_prompt, seed=12345, **kwargs)
+    out = sampler(model, tokens, sigma, n_prompt, seed=12345, engine=engine, **kwargs)
     assert out.exact
     _check(out.tokens, joints[target_temperature])
 
@@ -79,7 +80,7 @@ def test_negative_control_unverified_drafts_are_rejected(setup):
     model, tokens, sigma, n_prompt, joints = setup
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LossySamplingWarning)
-        out = assd_decode(model, tokens, sigma, n_prompt, k=5, r_atol=1e9, seed=12345)
+        out = assd_decode(model, tokens, sigma, n_prompt, k=5, r_atol=1e9, seed=12345, engine="full")
     assert not out.exact
     assert (out.rounds == 1).all()  # everything accepted in one round
     for i, (completions, probs) in enumerate(joints[1.0]):
