@@ -1,0 +1,202 @@
+"""Sampling speed: full vs cached engine, sequential vs ASSD, batch 1 vs 16, side by side in one run.
+
+Every configuration decodes the same prompts and orders (95% masked by default) for a fixed number of
+generated tokens per row, after a warm-up decode, with device synchronisation. Prints tokens/s, the
+cached/full ratio and the batch-16/batch-1 ratio, and appends a table to benchmarks/RESULTS.md with
+the machine it ran on. A second process measures the peak memory of one base-size 512-token decode.
+
+    python benchmarks/bench_sampling.py                       # xlnet-base sizes, random weights
+    python benchmarks/bench_sampling.py --model-dir DIR       # also a trained model (e.g. the shipped one)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from asarm import orders
+from asarm.model import ASARM, XLNET_BASE_SIZES, pick_device
+from asarm.sampling import assd_decode, sequential_decode
+from asarm.sampling.engine import CachedEngine, FullEngine
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_batch(model: ASARM, seq_len: int, batch_size: int, masking_rate: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(10, model.vocab_size, (batch_size, seq_len), generator=gen)
+    n_prompt = orders.num_prompt_for_rate(masking_rate, torch.full((batch_size,), seq_len))
+    sigma = orders.any_subset(n_prompt, seq_len, generator=gen)
+    return tokens, sigma, n_prompt
+
+
+def decode(model, engine, sampler: str, batch, tokens_per_row: int, k: int):
+    tokens, sigma, n_prompt = batch
+    if sampler == "sequential":
+        return sequential_decode(model, tokens, sigma, n_prompt, engine=engine, seed=0, max_new_tokens=tokens_per_row)
+    return assd_decode(model, tokens, sigma, n_prompt, k=k, engine=engine, seed=0, max_new_tokens=tokens_per_row)
+
+
+def measure(model, engine, sampler, batch, tokens_per_row, k) -> dict:
+    device = model.device
+    decode(model, engine, sampler, batch, min(tokens_per_row, 2), k)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    out = decode(model, engine, sampler, batch, tokens_per_row, k)
+    sync(device)
+    seconds = time.perf_counter() - start
+    generated = int((out.settings["stop"] - out.settings["n_prompt"]).sum())
+    return {"seconds": seconds, "tokens": generated, "tokens_per_s": generated / seconds,
+            "nfe_per_row": float(out.nfe.double().mean()), "tokens_per_round": float(out.tokens_per_round.mean())}
+
+
+def memory_probe(seq_len: int, device: str | None) -> dict:
+    """Peak memory of one base-size cached ASSD decode of ``seq_len`` tokens (run in a fresh process)."""
+    model = ASARM.from_config(None, seed=0, device=device)
+    dev = model.device
+    batch = make_batch(model, seq_len, 1, 0.95, 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = decode(model, "cached", "assd", batch, seq_len, 5)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = 2 * model.config.n_layer * (seq_len + 1) * model.config.d_model * 4
+    result = {"weights_mb": weights / 2**20, "cache_mb_per_sequence": cache / 2**20,
+              "peak_rss_mb": peak / 1024, "rss_growth_during_decode_mb": (peak - before) / 1024,
+              "generated": int(out.settings["stop"][0] - out.settings["n_prompt"][0])}
+    if dev.type == "cuda":
+        result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--masking-rate", type=float, default=0.95)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=12, help="generated tokens per row")
+    parser.add_argument("--full-batch-tokens", type=int, default=2,
+                        help="generated tokens per row for the full engine at batch > 1 (one ASSD round; "
+                             "its cached/full ratio is then not reported, the budgets differ)")
+    parser.add_argument("--full-batch-max-length", type=int, default=256,
+                        help="skip the full engine at batch > 1 above this length (minutes per NFE on 2 CPU cores)")
+    parser.add_argument("--model-dir", default=None, help="also benchmark this trained model directory")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.device)))
+        return
+
+    models = {"base (random weights)": ASARM.from_config(None, seed=0, device=pick_device(args.device))}
+    if args.model_dir:
+        models[f"trained: {args.model_dir}"] = ASARM.from_pretrained(args.model_dir, device=args.device)
+    rows = []
+    for model_name, model in models.items():
+        engines = {"full": FullEngine(model), "cached": CachedEngine(model)}
+        for seq_len in args.lengths:
+            for batch_size in args.batch_sizes:
+                batch = make_batch(model, seq_len, batch_size, args.masking_rate, seed=seq_len)
+                for engine_name, engine in engines.items():
+                    if engine_name == "full" and batch_size > 1 and seq_len > args.full_batch_max_length:
+                        continue
+                    budget = args.full_batch_tokens if engine_name == "full" and batch_size > 1 else args.tokens
+                    for sampler in ("sequential", "assd"):
+                        result = measure(model, engine, sampler, batch, budget, args.k)
+                        result.update(model=model_name, L=seq_len, B=batch_size, engine=engine_name, sampler=sampler)
+                        rows.append(result)
+                        print(f"{model_name:24s} L={seq_len:4d} B={batch_size:2d} {engine_name:6s} {sampler:10s} "
+                              f"{result['tokens_per_s']:9.2f} tok/s  ({result['tokens']} tokens, "
+                              f"{result['seconds']:.1f} s, {result['tokens_per_round']:.2f} tok/round)", flush=True)
+
+    def find(**key):
+        return next((r for r in rows if all(r[k] == v for k, v in key.items())), None)
+
+    ratios = []
+    for r in rows:
+        if r["engine"] == "cached":
+            full = find(model=r["model"], L=r["L"], B=r["B"], sampler=r["sampler"], engine="full", tokens=r["tokens"])
+            b1 = find(model=r["model"], L=r["L"], B=1, sampler=r["sampler"], engine="cached")
+            ratios.append({**{k: r[k] for k in ("model", "L", "B", "sampler")},
+                           "full_tokens_per_s": full["tokens_per_s"] if full else None,
+                           "full_other_budget": next((f["tokens_per_s"] for f in rows if f["engine"] == "full" and
+                                                      all(f[k] == r[k] for k in ("model", "L", "B", "sampler"))
+                                                      and f["tokens"] != r["tokens"]), None),
+                           "cached_tokens_per_s": r["tokens_per_s"],
+                           "cached_over_full": r["tokens_per_s"] / full["tokens_per_s"] if full else None,
+                           "batch_over_b1": r["tokens_per_s"] / b1["tokens_per_s"] if r["B"] > 1 else None})
+    print("\nratios (tokens/s): cached / full at the same batch; batch B / batch 1 for the cached engine")
+    for q in ratios:
+        c = f"{q['cached_over_full']:6.1f}x" if q["cached_over_full"] else "     -"
+        b = f"{q['batch_over_b1']:6.1f}x" if q["batch_over_b1"] else "     -"
+        print(f"{q['model']:24s} L={q['L']:4d} B={q['B']:2d} {q['sampler']:10s} cached/full {c}  B/B1 {b}")
+
+    probe = subprocess.run([sys.executable, __file__, "--memory-probe", str(max(args.lengths))]
+                           + (["--device", args.device] if args.device else [])
+                           + (["--threads", str(args.threads)] if args.threads else []),
+                           capture_output=True, text=True, check=True)
+    memory = json.loads(probe.stdout.strip().splitlines()[-1])
+    print(f"\nmemory of one base-size {max(args.lengths)}-token cached ASSD decode: {memory}")
+    if not args.no_write:
+        write_results(args, ratios, memory)
+
+
+def write_results(args, ratios, memory) -> None:
+    def cell(value, fmt):
+        return fmt % value if value is not None else "-"
+
+    lines = [f"\n## bench_sampling.py, {time.strftime('%Y-%m-%d %H:%M')}",
+             f"Machine: {machine()}. Masking rate {args.masking_rate}, k={args.k}, self-draft ASSD, "
+             f"any-subset orders; tokens/s over {args.tokens} generated tokens per row after a warm-up. Full engine "
+             f"at batch > 1: {args.full_batch_tokens} tokens per row, shown in brackets (no ratio: other budget), "
+             f"skipped above L={args.full_batch_max_length} ('-').",
+             "", "| model | L | B | sampler | full tok/s | cached tok/s | cached/full | cached B/B1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for q in ratios:
+        full = cell(q["full_tokens_per_s"], "%.2f") if q["full_other_budget"] is None else \
+            f"({q['full_other_budget']:.2f})"
+        lines.append(f"| {q['model']} | {q['L']} | {q['B']} | {q['sampler']} | {full} "
+                     f"| {q['cached_tokens_per_s']:.2f} | {cell(q['cached_over_full'], '%.1fx')} "
+                     f"| {cell(q['batch_over_b1'], '%.1fx')} |")
+    lines += ["", f"Peak memory, one base-size {max(args.lengths)}-token cached ASSD decode (batch 1): "
+              f"weights {memory['weights_mb']:.0f} MB, KV cache {memory['cache_mb_per_sequence']:.1f} MB per "
+              f"sequence (2 x layers x (L+1) x d_model float32), peak process RSS {memory['peak_rss_mb']:.0f} MB"
+              + (f", CUDA peak {memory['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in memory
+                 else "") + "."]
+    with RESULTS.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
