@@ -58,7 +58,6 @@ import io
 import json
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 

@@ -98,8 +98,9 @@ class ObjectiveBatch:
 
     ``perm_mask (B, L, L)`` and ``target_mapping (B, K, L)`` in the HF convention; ``targets (B, K)``
     the token ids to predict; ``valid (B, K)`` which rows are real targets (rows past a sequence's
-    ``num_predict`` are padding that repeats its last target); ``weights (B, K)`` = ``valid`` times
-    the sequence's loss scale. ``query_positions (B, K)``: target positions in rank order.
+    ``num_predict`` are unused: all-zero ``target_mapping`` rows, position -1, target 0);
+    ``weights (B, K)`` = ``valid`` times the sequence's loss scale. ``query_positions (B, K)``: target
+    positions in rank order.
     ``n_visible (B,)``: ranks every target sees (parallel) or ``None`` (joint: the oracle mask).
     """
 
@@ -193,8 +194,12 @@ def build_objective_batch(tokens: torch.Tensor, cfg: ObjectiveConfig, generator:
     valid = steps[None, :] < num_predict[:, None]
     ranks = first_target[:, None] + torch.minimum(steps[None, :], (num_predict - 1)[:, None])
     positions = orders.positions_by_rank(sigma).gather(1, ranks.to(device))
+    # Unused slots get position -1 = an all-zero target_mapping row. They must not repeat a real
+    # position: XLNet sums the query heads of rows that share a position, corrupting both.
+    valid_d = valid.to(device)
+    positions = torch.where(valid_d, positions, -1)
     tm = masks.target_mapping(positions, seq_len, dtype=dtype)
-    targets = tokens.gather(1, positions)
+    targets = torch.where(valid_d, tokens.gather(1, positions.clamp(min=0)), 0)
 
     if cfg.loss_scale == "none":
         scale = torch.ones_like(rates)
@@ -202,7 +207,6 @@ def build_objective_batch(tokens: torch.Tensor, cfg: ObjectiveConfig, generator:
         scale = rates.clone()
     else:  # divide by the signal-to-noise ratio (1 - r) / r
         scale = rates / (1.0 - rates)
-    valid_d = valid.to(device)
     weights = valid_d.to(torch.float32) * scale.to(device=device, dtype=torch.float32)[:, None]
     return ObjectiveBatch(perm_mask=pm, target_mapping=tm, targets=targets, weights=weights, valid=valid_d,
                           query_positions=positions, sigma=sigma, n_prompt=n_prompt_d,

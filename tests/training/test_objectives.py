@@ -81,8 +81,10 @@ def check_row(batch, b, tokens, cfg, rate):
             assert batch.target_mapping[b, t].tolist() == row
             scale = {"none": 1.0, "masking_rate": rate, "snr": rate / (1 - rate)}[cfg.loss_scale]
             assert float(batch.weights[b, t]) == pytest.approx(scale, rel=1e-6)
-        else:
+        else:  # an unused slot: no query at all (a repeated position would corrupt XLNet's query stream)
             assert not batch.valid[b, t] and float(batch.weights[b, t]) == 0.0
+            assert int(batch.query_positions[b, t]) == -1
+            assert batch.target_mapping[b, t].abs().sum() == 0
 
 
 CASES = list(itertools.product(["joint", "parallel"], ["any_subset", "any_permutation"],
@@ -114,7 +116,7 @@ def test_drawn_rates_orders_and_prompts_vary_per_sequence():
     batch = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(0))
     assert ((batch.rates >= 0.3) & (batch.rates <= 0.9)).all()
     assert len(set(batch.rates.tolist())) == 64
-    assert len({tuple(s) for s in batch.sigma.tolist()}) > 60
+    assert len({tuple(s) for s in batch.sigma.tolist()}) > 40  # small 2^N prompts can repeat
     assert len(set(batch.n_prompt.tolist())) > 3
     for b in range(64):
         check_row(batch, b, tokens, cfg, batch.rates[b].item())
@@ -143,6 +145,10 @@ def test_joint_sum_loss_is_minus_score(tiny, order):
     torch.testing.assert_close(stats["nll_per_sequence"].double(), -score, rtol=0, atol=1e-5)
     torch.testing.assert_close(loss.double() * tokens.shape[0], -score.sum(), rtol=0, atol=1e-5)
     assert int(stats["num_targets"]) == int(batch.num_predict.sum())
+    # unused query slots of short rows change nothing: each row alone gives the same value
+    for b in range(tokens.shape[0]):
+        alone = tiny.score(tokens[b:b + 1], batch.sigma[b:b + 1], batch.n_prompt[b:b + 1])
+        torch.testing.assert_close(stats["nll_per_sequence"][b:b + 1].double(), -alone, rtol=0, atol=1e-5)
 
 
 def test_reductions_and_scales(tiny):
