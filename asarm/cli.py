@@ -2,6 +2,7 @@
 
     asarm sample --model DIR_OR_HUB_NAME --text "The <mask:4> sat on the mat." --k 5 --batch-size 4
     asarm sample --model DIR_OR_HUB_NAME --text "A whole sentence to mask." --masking-rate 0.7
+    asarm train --config configs/tiny_cpu.yaml train.max_steps=100
 """
 
 from __future__ import annotations
@@ -118,10 +119,27 @@ def _add_sample_parser(subparsers) -> None:
         a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress))
 
 
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train or fine-tune an AS-ARM (masking-distribution objective)",
+                              description="Train from a YAML config (configs/*.yaml) with dotted overrides, e.g. "
+                                          "optim.lr=3e-4 train.max_steps=100. Several processes: torchrun "
+                                          "--nproc_per_node N -m asarm.training.trainer --config ...")
+    p.add_argument("--config", required=True, help="YAML config (configs/tiny_cpu.yaml, paper_nlp.yaml, paper_code.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.run_dir=runs/x optim.lr=3e-4")
+
+    def run(args):
+        from .training.trainer import train  # lazy: keeps accelerate out of `asarm sample` start-up
+
+        return train(args.config, args.overrides)
+
+    p.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(subparsers)
+    _add_train_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -56,3 +56,12 @@ def test_help_lists_every_option():
                    "--temperature", "--temperature-mode", "--r-atol", "--seed", "--batch-size", "--engine",
                    "--device"]:
         assert option in out
+
+
+def test_train_subcommand_reports_config_errors(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 1\n")
+    assert main(["train", "--config", str(bad), "optim.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err

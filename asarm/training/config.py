@@ -1,0 +1,267 @@
+"""Trainer configuration: nested dataclasses loaded from YAML, with dotted CLI overrides.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["optim.lr=3e-4", "train.max_steps=100"])
+    save_config(cfg, run_dir / "config.yaml")     # the resolved config, written atomically
+
+Override values are parsed as YAML (``true``, ``null``, ``[1, 2]``) and then coerced to the field's
+declared type, so ``optim.lr=3e-4`` gives a float even though YAML 1.1 reads ``3e-4`` as a string.
+Unknown keys raise ``ValueError`` (a typo must not silently train with the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+__all__ = ["ModelSection", "DataSection", "OptimSection", "MaskingSection", "EvalSection", "LogSection",
+           "RunSection", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
+           "save_config"]
+
+
+@dataclass
+class ModelSection:
+    """``init``: a Hub name or local directory to start from (``ASARM.from_pretrained``, e.g.
+    ``xlnet/xlnet-base-cased``); None builds a random model of the sizes below."""
+
+    init: str | None = None
+    revision: str | None = None
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    d_inner: int = 3072
+    dropout: float = 0.1
+    init_std: float | None = None
+    # tokenizer: a path / Hub name (None: the data directory's xlnet-base-cased, else the Hub);
+    # tokenizer_vocab_size > 0 trains a SentencePiece vocabulary on the training text into run_dir/tokenizer
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 0
+    tokenizer_max_documents: int | None = None
+
+
+@dataclass
+class DataSection:
+    """``source``: ``text`` (files cut by ``unit``), ``jsonl`` (``field``), ``code_dir`` (``root`` +
+    ``patterns``) or ``hub`` (``hub_preset`` of ``asarm.training.data.HUB_PRESETS``). Local paths are
+    resolved with ``asarm.paths.data_file``."""
+
+    source: str = "text"
+    paths: list[str] = dataclasses.field(default_factory=list)
+    unit: str = "line"
+    field: str = "text"
+    root: str | None = None
+    patterns: list[str] = dataclasses.field(default_factory=lambda: ["**/*.py"])
+    hub_preset: str | None = None
+    code: bool = False
+    heldout_fraction: float = 0.05
+    heldout_mode: str = "tail"
+    max_length: int = 512
+    batch_size: int = 8  # per device micro-batch
+    num_workers: int = 0
+    epochs: int | None = None  # None: loop over the data forever
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5
+    lr_scale_by_batch: bool = True  # lr x effective_batch / lr_reference_batch (the reference's rule)
+    lr_reference_batch: int = 32
+    weight_decay: float = 0.01
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 5000
+    decay: str = "linear"  # linear decay to 0 at train.max_steps, or "constant"
+    grad_clip: float = 1.0  # <= 0: no clipping
+
+
+@dataclass
+class MaskingSection:
+    """Masking-rate schedule (``asarm.training.schedule.MaskingRateSchedule``) and objective
+    (``asarm.training.objectives.ObjectiveConfig``) settings."""
+
+    start_masking_rate: float = 0.90
+    final_min_masking_rate: float = 0.90
+    final_max_masking_rate: float = 0.99
+    masking_warmup_steps: int = 0
+    objective: str = "joint"
+    order: str = "any_subset"
+    prompt_attn: str = "prompt_only"
+    loss_scale: str = "none"
+    reduction: str = "mean"
+    per_sequence: bool = True
+    min_prompt: int = 1
+
+
+@dataclass
+class EvalSection:
+    every: int = 500  # 0: only at the end
+    batches: int = 4  # held-out micro-batches scored
+    batch_size: int | None = None  # default: data.batch_size
+    masking_rate: float = 0.95
+    seed: int = 1234
+    samples: int = 2  # ASSD samples (0: none)
+    sample_k: int = 5
+    at_end: bool = True
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "asarm"
+    progress: bool = True
+
+
+@dataclass
+class RunSection:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps
+    stop_at: int | None = None  # stop (with a checkpoint) at this step, as if interrupted
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    cpu: bool = False  # force CPU (gloo for multi-process)
+    compile: bool = False
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | path of a checkpoint directory
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    masking: MaskingSection = dataclasses.field(default_factory=MaskingSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+    train: RunSection = dataclasses.field(default_factory=RunSection)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, hint, where: str):
+    """``value`` converted to type ``hint`` (handles ``X | None``, ``list[X]``, int/float/bool/str)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0] if args else str, where) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "yes", "1", "on"):
+                    return True
+                if low in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and ("e" in value.lower() or "." in value) \
+                else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def _build(cls, data: dict | None, where: str):
+    data = dict(data or {})
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data.pop(f.name)
+        hint = hints[f.name]
+        name = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be a mapping")
+            kwargs[f.name] = _build(hint, value, name)
+        else:
+            kwargs[f.name] = _coerce(value, hint, name)
+    if data:
+        raise ValueError(f"unknown config key(s) in {where or 'top level'}: {sorted(data)}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> TrainConfig:
+    data = dict(data or {})
+    data.pop("resolved", None)  # derived values written by save_config
+    return _build(TrainConfig, data, "")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:
+    """A new config with ``section.key=value`` overrides applied (values parsed as YAML, then typed)."""
+    data = config_to_dict(cfg)
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ValueError(f"unknown config key {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node[parts[-1]] = value
+    return config_from_dict(data)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=None) -> TrainConfig:
+    """The config in the YAML file ``path`` (None: defaults) with dotted ``overrides`` applied."""
+    data = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a mapping")
+    return apply_overrides(config_from_dict(data), overrides)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write the resolved config (plus ``extra`` derived values under ``resolved``) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config_to_dict(cfg)
+    if extra:
+        data["resolved"] = extra
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    os.replace(tmp, path)

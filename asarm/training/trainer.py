@@ -1,0 +1,512 @@
+"""The masking-distribution trainer (spec section 5), built on ``accelerate``.
+
+    asarm train --config configs/tiny_cpu.yaml train.max_steps=200 optim.lr=3e-4
+    torchrun --nproc_per_node 2 -m asarm.training.trainer --config configs/tiny_cpu.yaml train.cpu=true
+
+One optimizer step = ``train.grad_accum`` micro-batches of ``data.batch_size`` packed chunks on each
+of the ``R`` processes. Micro-batch ``a`` on rank ``r`` draws its masking rates from stratum
+``a * R + r`` of the scheduled range (``MaskingRateSchedule.sample``); orders and rates come from a
+per-rank ``torch.Generator`` seeded from ``train.seed``. AdamW with linear warm-up then linear decay
+(``optim.lr`` times ``effective_batch / 32`` with ``optim.lr_scale_by_batch``), grad clipping.
+
+Run directory (``train.run_dir``)
+    ``config.yaml``      the resolved config (plus derived values under ``resolved``)
+    ``metrics.jsonl``    one JSON line per optimizer step (``kind: "train"``) and per evaluation
+    ``tb/``              TensorBoard scalars (when ``tensorboard`` is installed)
+    ``tokenizer/``       a SentencePiece tokenizer trained on the training text (``model.tokenizer_vocab_size``)
+    ``checkpoints/step_N/``  ``model/`` (``ASARM.save_pretrained``), ``optimizer.pt``, ``scheduler.pt``,
+        ``trainer_state.json``, ``rng_rank{r}.pt`` and ``data_rank{r}.pt`` per rank; written into
+        ``step_N.tmp`` and renamed when complete, then ``checkpoints/latest`` (a file naming the
+        directory) is replaced atomically. Half-written ``*.tmp`` directories are ignored and removed.
+
+Exact resume: the model, optimizer, scheduler, grad scaler, every RNG (torch, CUDA, python, numpy,
+the order generator) and each rank's stream position are restored, so a resumed run continues the
+loss curve of an uninterrupted one bit for bit (on the same hardware and process count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import orders
+from ..model import ASARM
+from ..paths import data_file
+from .config import TrainConfig, load_config, save_config
+from .data import (CodeDirectorySource, JsonlSource, PackedStream, StreamLoader, TextFileSource, hub_source,
+                   make_encoder)
+from .objectives import ObjectiveConfig, compute_loss
+from .schedule import MaskingRateSchedule
+
+__all__ = ["train", "run_training", "Trainer", "latest_checkpoint", "main"]
+
+CHECKPOINT_PREFIX = "step_"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(CHECKPOINT_PREFIX) or not path.is_dir():
+        return None
+    try:
+        return int(name[len(CHECKPOINT_PREFIX):])
+    except ValueError:  # step_N.tmp and the like
+        return None
+
+
+def _complete(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run: the ``latest`` pointer if valid, else the highest
+    ``step_N`` directory holding a ``trainer_state.json``; None when there is none."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    pointer = ckpt_dir / "latest"
+    if pointer.is_file():
+        candidate = ckpt_dir / pointer.read_text(encoding="utf-8").strip()
+        if _checkpoint_step(candidate) is not None and _complete(candidate):
+            return candidate
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(s, p) for p in ckpt_dir.iterdir() if (s := _checkpoint_step(p)) is not None and _complete(p)]
+    return max(found)[1] if found else None
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lr_lambda(warmup: int, total: int, decay: str):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        if total <= warmup:
+            return 1.0
+        return max(0.0, (total - step) / (total - warmup))
+    return factor
+
+
+def _resolve_paths(paths) -> list[str]:
+    return [str(data_file(p)) if not any(c in str(p) for c in "*?[") else str(p) for p in paths]
+
+
+def build_source(cfg: TrainConfig, split: str):
+    """The document source of ``split`` (``train`` / ``heldout``) described by ``cfg.data``."""
+    d = cfg.data
+    common = dict(split=split, heldout_fraction=d.heldout_fraction)
+    if d.source == "text":
+        return TextFileSource(_resolve_paths(d.paths), unit=d.unit, heldout_mode=d.heldout_mode, **common)
+    if d.source == "jsonl":
+        return JsonlSource(_resolve_paths(d.paths), field=d.field, heldout_mode=d.heldout_mode, **common)
+    if d.source == "code_dir":
+        return CodeDirectorySource(str(data_file(d.root)), patterns=d.patterns, heldout_mode=d.heldout_mode, **common)
+    if d.source == "hub":
+        if not d.hub_preset:
+            raise ValueError("data.source=hub needs data.hub_preset")
+        return hub_source(d.hub_preset, **common)
+    raise ValueError(f"data.source must be text, jsonl, code_dir or hub, got {d.source!r}")
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """Holds the state of one training run; :meth:`fit` runs it. See the module doc."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.cfg = cfg
+        run = cfg.train
+        if run.grad_accum < 1:
+            raise ValueError("train.grad_accum must be >= 1")
+        # XLNet's segment parameters (no token_type_ids) and mask_emb get no gradient: DDP must know
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.accelerator = Accelerator(gradient_accumulation_steps=run.grad_accum,
+                                       mixed_precision=run.mixed_precision, cpu=run.cpu, kwargs_handlers=[ddp])
+        acc = self.accelerator
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        self.run_dir = Path(run.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        set_seed(run.seed)  # python, numpy, torch (same on every rank: identical initial weights)
+
+        self.tokenizer = self._tokenizer()
+        self.asarm = self._model()
+        self.effective_batch = cfg.data.batch_size * run.grad_accum * self.world_size
+        self.lr = cfg.optim.lr * (self.effective_batch / cfg.optim.lr_reference_batch
+                                  if cfg.optim.lr_scale_by_batch else 1.0)
+        decay, no_decay = [], []
+        for name, p in self.asarm.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "layer_norm" in name or name.endswith("bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(cfg.optim.warmup_steps, run.max_steps, cfg.optim.decay))
+        # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+        # once per process)
+        self.model, self.optimizer = acc.prepare(self.asarm.model, optimizer)
+        self.forward_model = torch.compile(self.model) if run.compile else self.model
+
+        self.schedule = MaskingRateSchedule(cfg.masking.start_masking_rate, cfg.masking.final_min_masking_rate,
+                                            cfg.masking.final_max_masking_rate, cfg.masking.masking_warmup_steps)
+        m = cfg.masking
+        self.objective = ObjectiveConfig(objective=m.objective, order=m.order, prompt_attn=m.prompt_attn,
+                                         loss_scale=m.loss_scale, reduction=m.reduction, per_sequence=m.per_sequence,
+                                         min_masking_rate=m.final_min_masking_rate,
+                                         max_masking_rate=m.final_max_masking_rate, min_prompt=m.min_prompt,
+                                         mask_token_id=self.asarm.mask_token_id)
+        self.generator = torch.Generator().manual_seed(run.seed * 1000003 + self.rank)
+        self.encode = make_encoder(self.tokenizer, code=cfg.data.code)
+        self.stream = PackedStream(build_source(cfg, "train"), self.encode, max_length=cfg.data.max_length,
+                                   rank=self.rank, world_size=self.world_size, epochs=cfg.data.epochs)
+        # the DataLoader draws its workers' base seed from this generator, not the global RNG (which would
+        # shift dropout after a resume, since the iterator is created after the RNG states are restored)
+        self.loader = StreamLoader(self.stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                   generator=torch.Generator().manual_seed(run.seed + 7919 * self.rank))
+        self.step = 0
+        self.writer = None
+        self.wandb = None
+
+    # -- construction
+    def _tokenizer(self):
+        from ..tokenization import load_xlnet_tokenizer, train_tokenizer
+
+        mc = self.cfg.model
+        if mc.tokenizer_vocab_size and mc.tokenizer_vocab_size > 0:
+            tok_dir = self.run_dir / "tokenizer"
+            if self.is_main and not (tok_dir / "tokenizer.json").is_file():
+                docs = build_source(self.cfg, "train").documents()
+                if mc.tokenizer_max_documents:
+                    docs = (d for i, d in zip(range(mc.tokenizer_max_documents), docs))
+                tmp = self.run_dir / "tokenizer.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                train_tokenizer(list(docs), mc.tokenizer_vocab_size, tmp, code=self.cfg.data.code)
+                shutil.rmtree(tok_dir, ignore_errors=True)
+                os.replace(tmp, tok_dir)
+            self.accelerator.wait_for_everyone()
+            return load_xlnet_tokenizer(tok_dir)
+        if mc.tokenizer:
+            return load_xlnet_tokenizer(mc.tokenizer)
+        if mc.init:
+            return None  # from_pretrained loads the checkpoint's own
+        return load_xlnet_tokenizer()
+
+    def _model(self) -> ASARM:
+        mc = self.cfg.model
+        if mc.init:
+            model = ASARM.from_pretrained(mc.init, revision=mc.revision, device="cpu", dtype=torch.float32,
+                                          tokenizer=self.tokenizer)
+            if self.tokenizer is None:
+                self.tokenizer = model.tokenizer
+        else:
+            model = ASARM.from_config(dict(vocab_size=len(self.tokenizer), d_model=mc.d_model, n_layer=mc.n_layer,
+                                           n_head=mc.n_head, d_inner=mc.d_inner, dropout=mc.dropout),
+                                      tokenizer=self.tokenizer, seed=self.cfg.train.seed, init_std=mc.init_std,
+                                      device="cpu", dtype=torch.float32)
+        return model.to(self.accelerator.device)
+
+    # -- checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.step}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(self.generator), tmp / f"rng_rank{self.rank}.pt")
+        torch.save(self.loader.state_dict(), tmp / f"data_rank{self.rank}.pt")
+        if self.is_main:
+            self.asarm.save_pretrained(tmp / "model")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+        acc.wait_for_everyone()
+        if self.is_main:
+            state = {"step": self.step, "world_size": self.world_size, "time": time.time()}
+            _atomic_write_text(tmp / "trainer_state.json", json.dumps(state))  # marks the directory complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(self.ckpt_dir / "latest", final.name + "\n")
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        keep = self.cfg.train.keep_last
+        for p in self.ckpt_dir.iterdir():
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)  # crashed writes
+        if keep and keep > 0:
+            done = sorted((s, p) for p in self.ckpt_dir.iterdir() if (s := _checkpoint_step(p)) is not None)
+            for _, p in done[:-keep]:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, resuming with "
+                             f"{self.world_size}: the data streams cannot be resumed exactly")
+        loaded = ASARM.from_pretrained(path / "model", device="cpu", dtype=torch.float32, tokenizer=self.tokenizer)
+        self.asarm.model.load_state_dict(loaded.model.state_dict())
+        del loaded
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        self.loader.load_state_dict(torch.load(path / f"data_rank{self.rank}.pt", weights_only=False))
+        _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False), self.generator)
+        self.step = int(state["step"])
+
+    def maybe_resume(self) -> Path | None:
+        resume = self.cfg.train.resume
+        if resume in (None, "", "none", "no", "false"):
+            return None
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        if not _complete(path):
+            raise ValueError(f"{path} is not a complete checkpoint")
+        self.load_checkpoint(path)
+        return path
+
+    # -- logging
+    def _open_loggers(self) -> None:
+        if not self.is_main:
+            return
+        if self.cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                print("asarm train: tensorboard is not installed; TensorBoard logging is off", file=sys.stderr)
+        if self.cfg.log.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=self.cfg.log.wandb_project, dir=str(self.run_dir),
+                                        config=_config_dict(self.cfg), resume="allow")
+            except ImportError:
+                print("asarm train: wandb is not installed; wandb logging is off", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        kind = record.get("kind", "train")
+        scalars = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Oracle NLL per token on the first ``eval.batches`` held-out batches, with any-subset orders
+        at ``eval.masking_rate`` drawn from a fixed seed (comparable across steps), plus ASSD samples."""
+        ec = self.cfg.eval
+        gen = torch.Generator().manual_seed(ec.seed)
+        stream = PackedStream(build_source(self.cfg, "heldout"), self.encode, max_length=self.cfg.data.max_length,
+                              rank=0, world_size=1, epochs=1)
+        loader = StreamLoader(stream, batch_size=ec.batch_size or self.cfg.data.batch_size,
+                              generator=torch.Generator().manual_seed(ec.seed))
+        was_training = self.asarm.training
+        self.asarm.eval()
+        total_nll, total_tokens, first = 0.0, 0, None
+        device = self.accelerator.device
+        try:
+            for i, tokens in enumerate(loader):
+                if i >= ec.batches:
+                    break
+                tokens = tokens.to(device)
+                batch, length = tokens.shape
+                n_prompt = orders.num_prompt_for_rate(ec.masking_rate, torch.full((batch,), length))
+                sigma = orders.any_subset(n_prompt, length, batch_size=batch, generator=gen).to(device)
+                with self.accelerator.autocast():
+                    logp = self.asarm.score(tokens, sigma, n_prompt.to(device))
+                total_nll -= float(logp.double().sum())
+                total_tokens += int((length - n_prompt).sum())
+                if first is None:
+                    first = (tokens, sigma, n_prompt)
+            record = {"kind": "eval", "step": self.step, "nll_per_token": total_nll / max(total_tokens, 1),
+                      "eval_tokens": total_tokens}
+            if ec.samples > 0 and first is not None:
+                from ..sampling import assd_decode
+                tokens, sigma, n_prompt = (x[:ec.samples] for x in first)
+                out = assd_decode(self.asarm, tokens, sigma, n_prompt.to(device), k=ec.sample_k, seed=ec.seed)
+                generated = (tokens.shape[1] - n_prompt).double()
+                record["assd_nfe"] = float(out.nfe.double().mean())
+                record["assd_tokens_per_nfe"] = float((generated / out.nfe.clamp(min=1).double()).mean())
+                if self.tokenizer is not None:
+                    record["samples"] = [self.tokenizer.decode(row.tolist()) for row in out.tokens.cpu()]
+        finally:
+            self.asarm.train(was_training)
+        return record
+
+    def _run_eval(self) -> None:
+        if self.is_main:
+            record = self.evaluate()
+            self.log(record)
+        self.accelerator.wait_for_everyone()
+
+    # -- the loop
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        run = cfg.train
+        resumed = self.maybe_resume()
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml",
+                        extra={"world_size": self.world_size, "effective_batch": self.effective_batch,
+                               "lr": self.lr, "device": str(acc.device), "vocab_size": self.asarm.vocab_size,
+                               "parameters": sum(p.numel() for p in self.asarm.parameters()),
+                               "resumed_from": str(resumed) if resumed else None})
+        self._open_loggers()
+        stop = min(run.max_steps, run.stop_at) if run.stop_at is not None else run.max_steps
+        progress = None
+        if self.is_main and cfg.log.progress:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=run.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        losses: dict[int, float] = {}
+        start_step = self.step
+        self.model.train()
+        batches = iter(self.loader)
+        tokens_seen = 0
+        grad_norm = None
+        t0 = time.time()
+        while self.step < stop:
+            step_loss = torch.zeros((), device=acc.device)
+            step_stats = torch.zeros(3, device=acc.device)  # nll_per_token, accuracy, mean masking rate
+            for a in range(run.grad_accum):
+                try:
+                    tokens = next(batches)
+                except StopIteration:
+                    raise RuntimeError("the training data ran out (set data.epochs: null to loop forever)") from None
+                tokens = tokens.to(acc.device)
+                rates = self.schedule.sample(self.step, a, run.grad_accum, self.rank, self.world_size,
+                                             batch_size=tokens.shape[0], per_sequence=cfg.masking.per_sequence,
+                                             generator=self.generator)
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, stats = compute_loss(self.forward_model, tokens, self.objective,
+                                                   generator=self.generator, rates=rates)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    elif acc.sync_gradients:
+                        grad_norm = None
+                step_loss += loss.detach().float() / run.grad_accum
+                step_stats += torch.stack([stats["nll_per_token"].float(), stats["accuracy"].float(),
+                                           stats["mean_masking_rate"].float()]).detach() / run.grad_accum
+                tokens_seen += tokens.numel()
+            lr_used = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            gathered = acc.reduce(torch.cat([step_loss[None], step_stats]), reduction="mean")
+            loss_value = float(gathered[0])
+            losses[self.step] = loss_value
+            record = {"kind": "train", "step": self.step, "loss": loss_value, "nll_per_token": float(gathered[1]),
+                      "accuracy": float(gathered[2]), "masking_rate": float(gathered[3]),
+                      "lr": lr_used,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": tokens_seen * self.world_size / max(time.time() - t0, 1e-9)}
+            if self.step % max(cfg.log.every, 1) == 0 or self.step == stop:
+                self.log(record)
+            elif self.is_main:
+                with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+            if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < run.max_steps:
+                self._run_eval()
+            if run.save_every > 0 and self.step % run.save_every == 0 and self.step < stop:
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        final = latest_checkpoint(self.run_dir)
+        if final is None or _checkpoint_step(final) != self.step:  # the final (or interrupted-at) step
+            final = self.save_checkpoint()
+        if self.step >= run.max_steps and cfg.eval.at_end and self.step > start_step:
+            self._run_eval()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        acc.wait_for_everyone()
+        return {"step": self.step, "losses": losses, "checkpoint": str(final), "run_dir": str(self.run_dir)}
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    from .config import config_to_dict
+    return config_to_dict(cfg)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train with a loaded config; returns ``{"step", "losses" (step -> loss), "checkpoint", "run_dir"}``."""
+    return Trainer(cfg).fit()
+
+
+def train(config_path: str | os.PathLike | None, overrides=()) -> dict:
+    """``asarm train --config PATH [section.key=value ...]``: load, override, train."""
+    return run_training(load_config(config_path, list(overrides or ())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="asarm.training.trainer", description="Train an AS-ARM.")
+    parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.max_steps=10")
+    args = parser.parse_args(argv)
+    train(args.config, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
