@@ -15,6 +15,7 @@ from torch import nn
 from transformers import XLNetConfig, XLNetLMHeadModel
 
 from . import masks
+from .orders import positions_by_rank, positions_of_ranks
 
 __all__ = ["ASARM", "ModelLoadError", "pick_device", "HUB_REPO", "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID",
            "XLNET_BASE_SIZES"]
@@ -198,8 +199,8 @@ class ASARM(nn.Module):
         num_targets = int((lengths - n_prompt).max())
         ranks = n_prompt[:, None] + torch.arange(num_targets, device=tokens.device)
         valid = ranks < lengths[:, None]
-        positions = torch.argsort(sigma, dim=1).gather(1, ranks.clamp(max=seq_len - 1))
-        positions = torch.where(valid, positions, -1)  # rows with fewer targets leave slots unused
+        # Rows with fewer targets leave their last slots unused (-1).
+        positions = positions_of_ranks(positions_by_rank(sigma), torch.where(valid, ranks, -1))
         logp = self.log_probs(tokens, sigma, n_prompt, positions)
         targets = tokens.gather(1, positions.clamp(min=0)).to(logp.device)
         picked = logp.gather(2, targets[..., None]).squeeze(-1)

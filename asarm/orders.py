@@ -22,6 +22,7 @@ __all__ = [
     "infilling",
     "num_prompt_for_rate",
     "positions_by_rank",
+    "positions_of_ranks",
     "validate_order",
 ]
 
@@ -137,6 +138,12 @@ def num_prompt_for_rate(masking_rate: float, lengths) -> torch.Tensor:
 def positions_by_rank(sigma: torch.Tensor) -> torch.Tensor:
     """Inverse permutation: ``out[b, r]`` is the position holding rank ``r``."""
     return torch.argsort(sigma, dim=-1)
+
+
+def positions_of_ranks(positions: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``out[b, i]`` = the position holding rank ``ranks[b, i]`` (``positions`` from
+    ``positions_by_rank``); a rank of -1 (an unused query slot) stays -1."""
+    return torch.where(ranks >= 0, positions.gather(1, ranks.clamp(min=0)), -1)
 
 
 def validate_order(tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,

@@ -63,6 +63,10 @@ def test_positions_by_rank_inverts_sigma():
     sigma = orders.any_permutation(torch.tensor([1, 2]), 7, generator=torch.Generator().manual_seed(3))
     pos = orders.positions_by_rank(sigma)
     assert (sigma.gather(1, pos) == torch.arange(7)).all()
+    ranks = torch.tensor([[3, 0, -1], [6, -1, -1]])
+    picked = orders.positions_of_ranks(pos, ranks)
+    assert picked[0, 2] == -1 and (picked[1, 1:] == -1).all()
+    assert sigma[0, picked[0, 0]] == 3 and sigma[0, picked[0, 1]] == 0 and sigma[1, picked[1, 0]] == 6
 
 
 def test_validate_order_errors():

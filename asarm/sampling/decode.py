@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import ASARM
-from ..orders import validate_order
+from ..orders import positions_of_ranks, validate_order
 from .drafters import DraftRequest, make_drafter
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
@@ -218,8 +218,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         valid = idx[None, :] < k_eff[:, None]
         # Rows with fewer drafts than others leave their last slots unused (-1).
         query_ranks = torch.where(valid, n[:, None] + idx[None, :], -1)
-        query_positions = batch.positions[rows].gather(1, query_ranks.clamp(min=0))
-        query_positions = torch.where(valid, query_positions, -1)
+        query_positions = positions_of_ranks(batch.positions[rows], query_ranks)
         uniforms = streams.uniform(rows, 2 * k + 1, device)  # fixed count per row and round
         u_draft, u_accept, u_residual = uniforms[:, :num], uniforms[:, k:k + num], uniforms[:, 2 * k]
         tokens = batch.tokens[rows]
@@ -256,7 +255,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
 
         num_accepted = _num_accepted(accept, valid, k_eff)
         has_rejection = num_accepted < k_eff
-        new_tokens = torch.where(idx[None, :] < num_accepted[:, None], drafts, model.mask_token_id)
+        kept = idx[None, :] < num_accepted[:, None]
+        new_tokens = torch.where(kept, drafts, model.mask_token_id)
         new_tokens = torch.where(has_rejection[:, None] & (idx[None, :] == num_accepted[:, None]),
                                  residual_token[:, None], new_tokens)
         batch.tokens[rows] = _write(tokens, query_positions, new_tokens)
@@ -265,7 +265,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         batch.accepted[rows] += num_accepted
         reached = idx[None, :] <= torch.minimum(num_accepted, k_eff - 1)[:, None]
         drafted_by_index[rows, :num] += reached.long()
-        accepted_by_index[rows, :num] += (idx[None, :] < num_accepted[:, None]).long()
+        accepted_by_index[rows, :num] += kept.long()
         bar.update(int(fixed_now.sum()))
     bar.close()
     return batch.output(sampler=f"assd-{drafter.name}", exact=r_atol == 0, drafted_by_index=drafted_by_index.cpu(),

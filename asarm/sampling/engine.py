@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..model import ASARM
+from ..orders import positions_of_ranks
 from .cached_engine import CachedEngine
 
 __all__ = ["FullEngine", "CachedEngine", "make_engine", "ENGINES", "DEFAULT_ENGINE"]
@@ -36,8 +37,7 @@ class _FullSession:
 
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
                draft: bool) -> torch.Tensor:
-        query_positions = self.positions[rows].gather(1, query_ranks.clamp(min=0))
-        query_positions = torch.where(query_ranks >= 0, query_positions, -1)
+        query_positions = positions_of_ranks(self.positions[rows], query_ranks)
         return self.model.logits(tokens, self.sigma[rows], self.n_prompt[rows], query_positions,
                                  n_visible=n_fixed if draft else None)
 
