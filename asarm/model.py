@@ -18,7 +18,7 @@ from . import masks
 from .orders import positions_by_rank, positions_of_ranks
 
 __all__ = ["ASARM", "ModelLoadError", "pick_device", "HUB_REPO", "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID",
-           "XLNET_BASE_SIZES"]
+           "XLNET_BASE_SIZES", "EMBEDDED_MODELS", "DEFAULT_MODEL"]
 
 HUB_REPO = "therealgabeguo/ASARM"
 # Branches of HUB_REPO (spec section 1); "xlnet-base-cased" is the off-the-shelf baseline.
@@ -26,6 +26,9 @@ HUB_REVISIONS = ("nlp", "nlp_210k_plus_75k", "code", "xlnet-base-cased")
 XLNET_MASK_TOKEN_ID = 6
 XLNET_BASE_SIZES = {"vocab_size": 32000, "d_model": 768, "n_layer": 12, "n_head": 12, "d_inner": 3072}
 FALLBACK_TOKENIZER = "xlnet/xlnet-base-cased"
+# Models shipped inside the package, loadable by name offline (see asarm/models/*/README.md).
+EMBEDDED_MODELS = {"asarm-tiny": Path(__file__).parent / "models" / "asarm-tiny"}
+DEFAULT_MODEL = "asarm-tiny"
 _ASARM_FILE = "asarm.json"
 
 
@@ -75,7 +78,8 @@ class ASARM(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, device=None,
                         dtype: torch.dtype | None = None, tokenizer=None) -> "ASARM":
-        """Load from a local directory or a Hub repository (``name`` + optional ``revision``).
+        """Load from a local directory, an embedded model (``"asarm-tiny"``, the default of every
+        command) or a Hub repository (``name`` + optional ``revision``).
 
         ``tokenizer`` overrides the tokenizer (an object or a name/path); by default it is loaded
         from the same place, falling back to ``xlnet/xlnet-base-cased`` for Hub checkpoints.
@@ -84,6 +88,8 @@ class ASARM(nn.Module):
         """
         source = str(name_or_path)
         local = Path(source).expanduser()
+        if source in EMBEDDED_MODELS and not local.exists():
+            local = EMBEDDED_MODELS[source]
         is_local = local.exists()
         if not is_local and (source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]):
             raise ModelLoadError(f"model directory {source!r} does not exist")

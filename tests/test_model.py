@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -83,3 +85,19 @@ def test_score_is_the_chain_of_oracle_conditionals():
 def test_pick_device():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device().type in ("cpu", "cuda")
+
+
+def test_embedded_default_model_loads_by_name_offline(hub_offline):
+    """asarm-tiny ships with the package: it loads without the Hub and is a trained model (it predicts
+    a plain sentence far better than a uniform guess over its vocabulary)."""
+    from asarm.model import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    assert DEFAULT_MODEL in EMBEDDED_MODELS
+    model = ASARM.from_pretrained(DEFAULT_MODEL, device="cpu")
+    assert model.mask_token_id == 6 == model.tokenizer.convert_tokens_to_ids("<mask>")
+    assert model.vocab_size == len(model.tokenizer)
+    ids = model.tokenizer("The game was released in Japan in 2011 , and the series sold well .",
+                          add_special_tokens=False, return_tensors="pt").input_ids
+    n = ids.shape[1]
+    nll = -model.score(ids, torch.arange(n)[None], torch.tensor([n // 2]))[0] / (n - n // 2)
+    assert nll < math.log(model.vocab_size) - 2

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from .objectives import ObjectiveConfig
+
 __all__ = ["ModelSection", "DataSection", "OptimSection", "MaskingSection", "EvalSection", "LogSection",
            "RunSection", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
            "save_config"]
@@ -80,22 +82,26 @@ class OptimSection:
     grad_clip: float = 1.0  # <= 0: no clipping
 
 
+_OBJECTIVE_DEFAULTS = ObjectiveConfig()
+
+
 @dataclass
 class MaskingSection:
     """Masking-rate schedule (``asarm.training.schedule.MaskingRateSchedule``) and objective
     (``asarm.training.objectives.ObjectiveConfig``) settings."""
 
-    start_masking_rate: float = 0.90
-    final_min_masking_rate: float = 0.90
-    final_max_masking_rate: float = 0.99
+    start_masking_rate: float = _OBJECTIVE_DEFAULTS.min_masking_rate
+    final_min_masking_rate: float = _OBJECTIVE_DEFAULTS.min_masking_rate
+    final_max_masking_rate: float = _OBJECTIVE_DEFAULTS.max_masking_rate
     masking_warmup_steps: int = 0
-    objective: str = "joint"
-    order: str = "any_subset"
-    prompt_attn: str = "prompt_only"
-    loss_scale: str = "none"
-    reduction: str = "mean"
-    per_sequence: bool = True
-    min_prompt: int = 1
+    # objective fields: the defaults are ObjectiveConfig's, so the two never disagree
+    objective: str = _OBJECTIVE_DEFAULTS.objective
+    order: str = _OBJECTIVE_DEFAULTS.order
+    prompt_attn: str = _OBJECTIVE_DEFAULTS.prompt_attn
+    loss_scale: str = _OBJECTIVE_DEFAULTS.loss_scale
+    reduction: str = _OBJECTIVE_DEFAULTS.reduction
+    per_sequence: bool = _OBJECTIVE_DEFAULTS.per_sequence
+    min_prompt: int = _OBJECTIVE_DEFAULTS.min_prompt
 
 
 @dataclass
