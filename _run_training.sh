@@ -14,7 +14,8 @@
 #   RUN_DIR (output directory), ASARM_DATA_DIR (where local data files are found).
 # The run resumes from its latest checkpoint when restarted (train.resume=auto).
 set -euo pipefail
-cd "$(dirname "$0")"
+# sbatch runs a spool copy of this script, so there the submission directory is the repository.
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")}"
 CONFIG="${1:-configs/tiny_cpu.yaml}"
 [ $# -gt 0 ] && shift
 NPROC="${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}"

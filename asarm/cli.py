@@ -1,20 +1,22 @@
 """The ``asarm`` command. Each subcommand is a plain function; ``main`` only parses arguments.
 
-    asarm sample --model DIR_OR_HUB_NAME --text "The <mask:4> sat on the mat." --k 5 --batch-size 4
+    asarm sample --text "The <mask:4> sat on the mat." --k 5 --batch-size 4     # the embedded asarm-tiny
     asarm sample --model DIR_OR_HUB_NAME --text "A whole sentence to mask." --masking-rate 0.7
     asarm train --config configs/tiny_cpu.yaml train.max_steps=100
+    asarm eval speculative            # every evaluation runs with no arguments on the embedded model
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 
 import torch
 
 from . import orders
-from .model import ASARM
+from .model import ASARM, DEFAULT_MODEL
 from .sampling import assd_decode, sequential_decode
 from .sampling.decode import TEMPERATURE_MODES
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
@@ -95,7 +97,8 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
 def _add_sample_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="fill blanks in a text with an AS-ARM",
                               description="Fill the blanks of a text (or a random subset of its tokens).")
-    p.add_argument("--model", required=True, help="local model directory or Hub repository name")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local model directory, Hub repository or embedded model (default: {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None, help="Hub revision (e.g. nlp, code) when --model is a Hub name")
     p.add_argument("--text", required=True, help="text; <mask> is one blank token, <mask:N> is N blank tokens")
     p.add_argument("--masking-rate", type=float, default=None,
@@ -135,11 +138,34 @@ def _add_train_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# asarm eval NAME -> the runner module defining add_arguments(parser) and run(args) (asarm.eval.runner)
+EVALUATIONS = {
+    "speculative": ("asarm.eval.speculative", "speculative-decoding benchmark: NFE, wall-clock, gen. perplexity"),
+    "rocstories": ("asarm.eval.nlp_infill", "ROCStories story infilling with ROUGE"),
+    "humaneval": ("asarm.eval.code_infill", "HumanEval infilling: sandboxed execution, pass@k"),
+    "lm-tasks": ("asarm.eval.lm_tasks", "left-to-right tasks: LAMBADA and HellaSwag"),
+    "nll": ("asarm.eval.nll", "held-out NLL per token (random orders) vs a unigram baseline"),
+}
+
+
+def _add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="run an evaluation (writes results.json, summary.md, samples)",
+                              description="Evaluations; each runs with no arguments on the embedded default model.")
+    evaluations = p.add_subparsers(dest="evaluation", required=True)
+    for name, (module_name, summary) in EVALUATIONS.items():
+        module = importlib.import_module(module_name)
+        q = evaluations.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(q)
+        q.set_defaults(func=module.run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_eval_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -23,3 +23,14 @@ def hub_offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, xlnet_tokenizer):
+    """A saved tiny random AS-ARM with the real XLNet tokenizer, for end-to-end command tests."""
+    from asarm.model import ASARM
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    ASARM.from_config(tokenizer=xlnet_tokenizer, d_model=16, n_layer=1, n_head=2, d_inner=32, seed=0,
+                      device="cpu").save_pretrained(path)
+    return path

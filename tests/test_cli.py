@@ -4,15 +4,6 @@ import sys
 import pytest
 
 from asarm.cli import encode_template, main
-from asarm.model import ASARM
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, xlnet_tokenizer):
-    path = tmp_path_factory.mktemp("model")
-    ASARM.from_config(tokenizer=xlnet_tokenizer, d_model=16, n_layer=1, n_head=2, d_inner=32, seed=0,
-                      device="cpu").save_pretrained(path)
-    return path
 
 
 def test_encode_template(xlnet_tokenizer):
@@ -21,8 +12,8 @@ def test_encode_template(xlnet_tokenizer):
         xlnet_tokenizer(" world", add_special_tokens=False)["input_ids"] + [6]
 
 
-def test_sample_fills_blanks_and_reports_nfe(model_dir, capsys):
-    code = main(["sample", "--model", str(model_dir), "--text", "The cat <mask:4> on the mat.", "--k", "3",
+def test_sample_fills_blanks_and_reports_nfe(tiny_model_dir, capsys):
+    code = main(["sample", "--model", str(tiny_model_dir), "--text", "The cat <mask:4> on the mat.", "--k", "3",
                  "--batch-size", "3", "--seed", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
@@ -33,19 +24,19 @@ def test_sample_fills_blanks_and_reports_nfe(model_dir, capsys):
     assert all(1 <= n <= 4 for n in nfes)
 
 
-def test_sample_sequential_with_masking_rate(model_dir, capsys):
-    code = main(["sample", "--model", str(model_dir), "--text", "One two three four five six seven eight.",
+def test_sample_sequential_with_masking_rate(tiny_model_dir, capsys):
+    code = main(["sample", "--model", str(tiny_model_dir), "--text", "One two three four five six seven eight.",
                  "--masking-rate", "0.5", "--sampler", "sequential", "--no-progress"])
     assert code == 0
     assert "rounds=" in capsys.readouterr().out
 
 
-def test_sample_errors(model_dir, capsys):
-    assert main(["sample", "--model", str(model_dir), "--text", "no blanks here", "--no-progress"]) == 2
+def test_sample_errors(tiny_model_dir, capsys):
+    assert main(["sample", "--model", str(tiny_model_dir), "--text", "no blanks here", "--no-progress"]) == 2
     assert "no blanks" in capsys.readouterr().err
-    assert main(["sample", "--model", str(model_dir), "--text", "a <mask> b", "--k", "0", "--no-progress"]) == 2
+    assert main(["sample", "--model", str(tiny_model_dir), "--text", "a <mask> b", "--k", "0", "--no-progress"]) == 2
     assert "k must be" in capsys.readouterr().err
-    assert main(["sample", "--model", str(model_dir / "nope"), "--text", "a <mask>"]) == 2
+    assert main(["sample", "--model", str(tiny_model_dir / "nope"), "--text", "a <mask>"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

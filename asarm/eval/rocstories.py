@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from rouge_score import rouge_scorer
-
 from ..paths import data_file
 
 __all__ = ["DEFAULT_FILE", "SETTINGS", "ROUGE_TYPES", "Story", "InfillingItem", "load_stories", "make_items",
@@ -89,6 +87,8 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> Rouge
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
+    from rouge_score import rouge_scorer  # lazy: imports nltk and scipy (seconds); the CLI imports this module
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     per_item = []
     for prediction, reference in zip(predictions, references):

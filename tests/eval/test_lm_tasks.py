@@ -4,11 +4,16 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 import asarm.eval.lm_tasks as lm
-from asarm.eval.lm_tasks import (HellaSwagExample, LambadaExample, hellaswag_accuracy, lambada_accuracy,
-                                 load_hellaswag, load_lambada, split_last_word)
+from asarm.cli import main
+from asarm.eval.lm_tasks import (HellaSwagExample, LambadaExample, continuation_log_likelihoods, encode_pair,
+                                 greedy_check, hellaswag_accuracy, lambada_accuracy, load_hellaswag, load_lambada,
+                                 split_last_word)
+from asarm.model import ASARM
 from asarm.paths import DataFileNotFoundError
+from asarm.tokenization import encode_text
 
 
 def test_split_last_word():
@@ -118,3 +123,192 @@ def test_hellaswag_accuracy_errors():
         hellaswag_accuracy([[0.0, 1.0]], [[1, 1]], [0.5])
     with pytest.raises(ValueError):
         hellaswag_accuracy(np.zeros((0, 4)), np.zeros((0, 4)), [])
+
+
+# ----------------------------------------------------------------------------------- scoring
+@pytest.fixture(scope="module")
+def model(xlnet_tokenizer):
+    return ASARM.from_config(tokenizer=xlnet_tokenizer, d_model=16, n_layer=1, n_head=2, d_inner=32, seed=0,
+                             device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    model.save_pretrained(directory)
+    return directory
+
+
+def _step_log_probs(model, context, prefix):
+    """Log-probabilities (V,) of the token after ``context + prefix``, computed alone: one query, the
+    later positions of the row still placeholders."""
+    total = len(context) + len(prefix) + 1
+    tokens = torch.tensor([context + prefix + [model.mask_token_id]])
+    sigma = torch.arange(total)[None]
+    return model.log_probs(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[total - 1]]))[0, 0]
+
+
+def _greedy_decode(model, context, num_tokens):
+    """Explicit greedy decoding, one forward pass per token, on the raw logits without <mask>."""
+    out = []
+    for _ in range(num_tokens):
+        tokens = torch.tensor([context + out + [model.mask_token_id] * (num_tokens - len(out))])
+        sigma = torch.arange(tokens.shape[1])[None]
+        logits = model.logits(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[len(context) + len(out)]]))
+        logits[..., model.mask_token_id] = float("-inf")
+        out.append(int(logits[0, 0].argmax()))
+    return out
+
+
+def _hand_log_likelihood(model, context, target):
+    return sum(float(_step_log_probs(model, context, target[:i])[tok]) for i, tok in enumerate(target))
+
+
+@pytest.mark.parametrize("passage", ["He opened the door and saw his dog",
+                                     'She whispered, "never again." Then she left "home."',
+                                     "It cost 1,000 dollars in 1999, or so they said: naïveté",
+                                     "Tabs\tand  double  spaces   are gone"])
+def test_encode_pair_matches_the_whole_passage(xlnet_tokenizer, passage):
+    example = split_last_word(passage)
+    context, target, truncated = encode_pair(xlnet_tokenizer, example.context, " " + example.target, 512)
+    assert context + target == encode_text(passage, xlnet_tokenizer) and not truncated
+    # the leading space is not a token of its own: the word starts a new "▁" piece, as without the space
+    assert target == encode_text(example.target, xlnet_tokenizer)
+    assert xlnet_tokenizer.convert_ids_to_tokens(target)[0].startswith("▁")
+
+
+def test_encode_pair_truncates_the_context_from_the_left(xlnet_tokenizer):
+    full = encode_text("one two three four five six", xlnet_tokenizer)
+    context, target, truncated = encode_pair(xlnet_tokenizer, "one two three four five six", " seven", 4)
+    assert context == full[-3:] and len(target) == 1 and truncated
+    with pytest.raises(ValueError, match="no room"):
+        encode_pair(xlnet_tokenizer, "one", " seven", 1)
+    with pytest.raises(ValueError, match="context"):
+        encode_pair(xlnet_tokenizer, " ", " seven", 4)
+
+
+def test_greedy_check_equals_explicit_greedy_decoding(model):
+    """One teacher-forced pass decides greedy exact match: check it against a real greedy loop on
+    continuations that greedy reproduces, leaves at the first, middle or last token, or never meets."""
+    gen = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(20, 30000, (n,), generator=gen).tolist() for n in (5, 9, 3, 7, 4, 6)]
+    greedy = [_greedy_decode(model, c, 4) for c in contexts]
+
+    def changed(tokens, i):
+        return tokens[:i] + [tokens[i] + 1] + tokens[i + 1:]
+
+    targets = [greedy[0], greedy[1][:2], changed(greedy[2], 0), changed(greedy[3], 1), changed(greedy[4], 3),
+               torch.randint(20, 30000, (3,), generator=gen).tolist()]
+    pairs = list(zip(contexts, targets))
+    checks = greedy_check(model, pairs, batch_size=4)  # batches of mixed lengths, so padded rows
+    assert [c.correct for c in checks] == [True, True, False, False, False, False]
+    for (context, target), check in zip(pairs, checks):
+        decoded = _greedy_decode(model, context, len(target))
+        assert check.correct == (decoded == target)
+        # the prefix is what greedy emits up to its first wrong token
+        assert check.greedy_prefix == decoded[:len(check.greedy_prefix)]
+        n_right = next((i for i, (a, b) in enumerate(zip(decoded, target)) if a != b), len(target))
+        assert len(check.greedy_prefix) == min(n_right + 1, len(target))
+        assert check.log_likelihood == pytest.approx(_hand_log_likelihood(model, context, target), abs=1e-6)
+    assert continuation_log_likelihoods(model, pairs, batch_size=5).tolist() == pytest.approx(
+        [c.log_likelihood for c in checks], abs=1e-6)  # float32 model, other batches
+
+
+# --------------------------------------------------------------------------------------- CLI
+HELLASWAG_ROWS = [
+    ("A man is standing in a kitchen. He", ["cracks two eggs into a bowl.", "jumps over the moon.",
+                                            "plays the violin loudly.", "reads a newspaper."]),
+    ("The dog runs across the park and", ["catches the frisbee.", "sings.", "files his taxes on time today.",
+                                          "sleeps."]),
+    ("She puts on her running shoes. She", ["goes for a run.", "eats soup.", "paints the fence green.",
+                                            "calls her mother."]),
+]
+
+
+def _write_hellaswag(path, labels):
+    path.write_text("".join(json.dumps(
+        {"ind": i, "activity_label": "x", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "endings": endings,
+         "source_id": "s", "split": "val", "split_type": "indomain", "label": str(label)}) + "\n"
+        for i, ((ctx, endings), label) in enumerate(zip(HELLASWAG_ROWS, labels))))
+
+
+def _run_cli(model_dir, out, *options):
+    return main(["eval", "lm-tasks", "--model", str(model_dir), "--device", "cpu", "--out", str(out),
+                 "--no-progress", "--batch-size", "3", *options])
+
+
+def _samples(out, task):
+    return [r for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines()) if r["task"] == task]
+
+
+def test_cli_end_to_end(model, model_dir, tmp_path, xlnet_tokenizer):
+    passages = ["The cat sat on the mat and looked at the dog",
+                "He said hello",
+                "A very long passage " + "with many words " * 6 + "ends here"]
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    _write_hellaswag(hellaswag, [0, 1, 2])
+    out = tmp_path / "out"
+    assert _run_cli(model_dir, out, "--lambada-file", str(lambada), "--hellaswag-file", str(hellaswag),
+                    "--max-length", "16") == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluation"] == "lm-tasks" and results["args"]["max_length"] == 16
+    metrics = results["metrics"]
+    assert metrics["lambada"]["examples"] == 3 and metrics["lambada"]["truncated"] == 1
+    assert metrics["hellaswag"]["examples"] == 3 and metrics["hellaswag"]["truncated"] == 0
+    summary = (out / "summary.md").read_text()
+    assert "| lambada | 3 |" in summary and "| hellaswag | 3 |" in summary and "--max-length 16" in summary
+
+    rows = _samples(out, "lambada")
+    assert [r["target"] for r in rows] == ["dog", "hello", "here"] and rows[2]["context_truncated"]
+    for passage, row in zip(passages, rows):
+        ex = split_last_word(passage)
+        context, target, _ = encode_pair(xlnet_tokenizer, ex.context, " " + ex.target, 16)
+        decoded = _greedy_decode(model, context, len(target))
+        assert row["correct"] == (decoded == target) == (row["prediction"] == ex.target)
+        assert row["log_likelihood"] == pytest.approx(_hand_log_likelihood(model, context, target), abs=1e-6)
+    assert metrics["lambada"]["acc"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert metrics["lambada"]["ppl"] == pytest.approx(np.exp(-np.mean([r["log_likelihood"] for r in rows])))
+
+    rows = _samples(out, "hellaswag")
+    for (ctx, endings), row in zip(HELLASWAG_ROWS, rows):
+        expected = [_hand_log_likelihood(model, *encode_pair(xlnet_tokenizer, ctx, " " + e, 16)[:2]) for e in endings]
+        assert row["scores"] == pytest.approx(expected, abs=1e-6)
+        assert row["chars"] == [len(e) + 1 for e in endings]
+        assert row["prediction"] == int(np.argmax(expected)) and row["correct"] == (row["prediction"] == row["label"])
+    assert metrics["hellaswag"]["acc"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert metrics["hellaswag"]["acc_norm"] == pytest.approx(np.mean([r["correct_norm"] for r in rows]))
+
+
+def test_cli_hellaswag_accuracy_compares_labels_not_loop_indices(model_dir, tmp_path):
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    _write_hellaswag(hellaswag, [0, 0, 0])
+    assert _run_cli(model_dir, tmp_path / "first", "--tasks", "hellaswag", "--hellaswag-file", str(hellaswag)) == 0
+    predictions = [r["prediction"] for r in _samples(tmp_path / "first", "hellaswag")]
+    # Labelled with the model's own choices, accuracy must be 1; comparing with the example index
+    # (the reference defect) would give less, as the predictions are not 0, 1, 2.
+    assert predictions != [0, 1, 2]
+    _write_hellaswag(hellaswag, predictions)
+    assert _run_cli(model_dir, tmp_path / "own", "--tasks", "hellaswag", "--hellaswag-file", str(hellaswag)) == 0
+    assert json.loads((tmp_path / "own" / "results.json").read_text())["metrics"]["hellaswag"]["acc"] == 1.0
+    _write_hellaswag(hellaswag, [(p + 1) % 4 for p in predictions])
+    assert _run_cli(model_dir, tmp_path / "other", "--tasks", "hellaswag", "--hellaswag-file", str(hellaswag)) == 0
+    assert json.loads((tmp_path / "other" / "results.json").read_text())["metrics"]["hellaswag"]["acc"] == 0.0
+
+
+@pytest.mark.parametrize("task,option", [("lambada", "--lambada-file"), ("hellaswag", "--hellaswag-file")])
+def test_cli_missing_data_names_the_option(task, option, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASARM_DATA_DIR", str(tmp_path))
+    _fake_datasets(monkeypatch, _offline)
+    # the data are loaded before the model, so the model never needs to exist
+    assert main(["eval", "lm-tasks", "--tasks", task, "--model", str(tmp_path / "no-model")]) == 2
+    assert option in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_options(tmp_path, capsys):
+    assert main(["eval", "lm-tasks", "--tasks", "lambada,piqa"]) == 2
+    assert "piqa" in capsys.readouterr().err
+    assert main(["eval", "lm-tasks", "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err

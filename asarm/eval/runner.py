@@ -1,0 +1,231 @@
+"""What every evaluation runner shares: common arguments, the sampler set, per-row seeds, and the
+output directory (``results.json``, ``summary.md``, raw samples, plots).
+
+A runner module (``asarm.eval.speculative`` ...) defines ``add_arguments(parser)`` and
+``run(args) -> dict``; ``asarm eval <name>`` wires them to the command line.
+
+Pairing: a sampler's row seed depends only on (``--seed``, trial, item index), never on the sampler,
+batch size or the other rows, so every sampler sees the same prompts, orders and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .. import __version__
+from ..model import ASARM, DEFAULT_MODEL
+from ..paths import data_file
+from ..sampling import assd_decode, sequential_decode
+from ..sampling.decode import DecodeOutput
+from ..sampling.engine import DEFAULT_ENGINE, ENGINES
+
+__all__ = ["SAMPLERS", "SamplerSpec", "parse_choices", "parse_samplers", "decode", "row_seeds", "add_model_arguments", "add_common_arguments",
+           "load_model", "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "EvalRun"]
+
+WIKITEXT_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # the paper's benchmark text; never train on it
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One decoding algorithm: ``sequential`` or ``assd`` with a drafter (``self`` | ``ngram``)."""
+
+    name: str
+    algorithm: str
+    drafter: str | None = None
+
+
+SAMPLERS = {
+    "sequential": SamplerSpec("sequential", "sequential"),
+    "assd-self": SamplerSpec("assd-self", "assd", "self"),
+    "assd-ngram": SamplerSpec("assd-ngram", "assd", "ngram"),
+}
+
+
+def parse_choices(value: str | Sequence[str], choices: Iterable[str], what: str) -> list[str]:
+    """A comma-separated option (or a list) -> its names in the given order, without repeats;
+    ValueError naming ``what`` when a name is not one of ``choices`` or none is given."""
+    choices = list(choices)
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    names = list(dict.fromkeys(n for n in names if n))
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}(s) {unknown or value!r}; choose from {', '.join(choices)}")
+    return names
+
+
+def parse_samplers(names: str | Sequence[str]) -> list[SamplerSpec]:
+    """``"sequential,assd-self"`` (or a list) -> specs, in the given order, without repeats."""
+    return [SAMPLERS[n] for n in parse_choices(names, SAMPLERS, "sampler")]
+
+
+def decode(model: ASARM, spec: SamplerSpec, tokens, sigma, n_prompt, *, seeds: torch.Tensor, k: int = 5,
+           temperature: float = 1.0, engine: str = DEFAULT_ENGINE, lengths=None, progress: bool = False,
+           **assd_options) -> DecodeOutput:
+    """Run one sampler of :data:`SAMPLERS` on a batch (every sampler here is exact)."""
+    if spec.algorithm == "sequential":
+        return sequential_decode(model, tokens, sigma, n_prompt, lengths, temperature=temperature, seed=seeds,
+                                 engine=engine, progress=progress)
+    return assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, drafter=spec.drafter, temperature=temperature,
+                       seed=seeds, engine=engine, progress=progress, **assd_options)
+
+
+def row_seeds(seed: int, trial: int, items: Iterable[int]) -> torch.Tensor:
+    """Per-row sampling seeds for ``items`` (their indices in the evaluation set) in ``trial``."""
+    return torch.tensor([(seed * 1_000_003 + trial) * 1_000_033 + int(i) for i in items], dtype=torch.long)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool = True) -> None:
+    """Model, device, output and (if ``seed``) seed options (every runner)."""
+    g = parser.add_argument_group("model and output")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local model directory or Hub repository (default: the embedded {DEFAULT_MODEL!r})")
+    g.add_argument("--revision", default=None, help="Hub revision, e.g. nlp or code (Hub models only)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is much faster when other jobs share the CPU)")
+    if seed:
+        g.add_argument("--seed", type=int, default=0, help="base seed (orders, prompts and sampling)")
+    g.add_argument("--out", default=out, help="output directory (results.json, summary.md, samples, plots)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "sequential,assd-self,assd-ngram",
+                         out: str, batch_size: int = 8) -> None:
+    """:func:`add_model_arguments` plus the sampler options of the runners that decode."""
+    add_model_arguments(parser, out=out)
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+                   help="cached: each fixed token computed once; full: whole-sequence pass per NFE (reference cost)")
+    g.add_argument("--samplers", default=samplers, help=f"comma-separated, from {', '.join(SAMPLERS)}")
+    g.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="rows decoded together")
+    g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")
+
+
+def load_model(args: argparse.Namespace) -> ASARM:
+    """The model of ``--model``/``--revision`` on ``--device``, after applying ``--threads``."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model = ASARM.from_pretrained(args.model, revision=args.revision, device=args.device)
+    if model.tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer files; save one next to the weights")
+    return model
+
+
+def packed_text(tokenizer, length: int, path: str | os.PathLike | None = None, limit: int | None = None,
+                hub_preset: str = "wikitext-2", hub_split: str = "test") -> torch.Tensor:
+    """``(N, length)`` consecutive chunks of a text, packed exactly as the trainer packs its data
+    (one document a line, ``</s>`` after each, ``asarm.training.data.PackedStream``), so a model
+    is evaluated on the layout it was trained on. ``path`` (a file, or a data-directory name)
+    defaults to WikiText-2 raw test; without the local file, the Hub preset's ``hub_split`` is read."""
+    from ..training.data import PackedStream, TextFileSource, hub_source, make_encoder
+
+    if length < 2:
+        raise ValueError(f"length must be >= 2 tokens, got {length}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of sequences must be >= 1 (or None for all), got {limit}")
+    file = data_file(path if path is not None else WIKITEXT_TEST_FILE, required=path is not None)
+    source = (TextFileSource([file], unit="line", split="all") if file is not None
+              else hub_source(hub_preset, hub_split=hub_split))
+    stream = PackedStream(source, make_encoder(tokenizer), max_length=length, rank=0, world_size=1, epochs=1)
+    chunks = [chunk["input_ids"] for chunk in itertools.islice(stream, limit)]
+    if not chunks:
+        raise ValueError(f"the text has fewer than {length} tokens: no full chunk to evaluate")
+    if limit is not None and len(chunks) < limit:
+        raise ValueError(f"{limit} sequences asked for, but the text has only {len(chunks)} chunks of {length} tokens")
+    return torch.stack(chunks)
+
+
+def machine_info() -> dict[str, Any]:
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (floats to 4 significant digits)."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class EvalRun:
+    """An evaluation's output directory. ``samples(...)`` appends raw records to ``samples.jsonl``;
+    ``finish(metrics, summary)`` writes ``results.json`` (arguments, version, machine, timings,
+    metrics) and ``summary.md``."""
+
+    def __init__(self, name: str, args: argparse.Namespace | dict, out: str | os.PathLike | None = None):
+        self.name = name
+        self.args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+        self.args.pop("func", None)
+        self.dir = Path(out if out is not None else self.args["out"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.samples_path = self.dir / "samples.jsonl"
+        self.samples_path.write_text("")
+        self.started = time.time()
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def samples(self, records: Iterable[dict]) -> None:
+        with self.samples_path.open("a") as f:
+            for record in records:
+                f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def finish(self, metrics: dict, summary: str) -> dict:
+        results = {"evaluation": self.name, "asarm_version": __version__, "args": _jsonable(self.args),
+                   "machine": machine_info(),
+                   "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
+                   "seconds": round(time.time() - self.started, 2), "metrics": _jsonable(metrics)}
+        _write_atomic(self.path("results.json"), json.dumps(results, indent=2) + "\n")
+        _write_atomic(self.path("summary.md"), f"# asarm eval {self.name}\n\n{summary}")
+        print(f"\n{summary}\nwrote {self.dir}/results.json, summary.md, samples.jsonl")
+        return results

@@ -1,0 +1,369 @@
+"""Speculative-decoding benchmark (the paper's protocol): sequential vs ASSD sampling of WikiText-2
+test chunks with 95% of the tokens hidden, comparing NFE, wall-clock time, generative perplexity and
+unigram entropy with paired tests.
+
+Protocol: the text (WikiText-2 raw test from the data directory, else the Hub, or ``--text-file``)
+is tokenized with the model's tokenizer and packed into consecutive chunks of ``--length`` tokens
+the way the trainer packs its data (one document a line, ``</s>`` after each:
+``runner.packed_text``). Each chunk shows
+``length - floor(length * (1 - start_fraction))`` random positions (26 of 512 in the paper) and the
+rest is decoded left to right (``orders.any_subset``). Paired design: for each (sequence, trial) every sampler gets the same
+order and the same per-row seed (``runner.row_seeds``), so per-sample differences are paired.
+
+Timing: one untimed warm-up decode per sampler, ``torch.cuda.synchronize`` around each timed decode
+on CUDA, and the sampler order rotated by one per (trial, batch) so no sampler always runs first.
+A row's wall-clock time is its batch's time divided by the rows (batch size 1, the default, is the
+paper's per-sample latency).
+
+Quality: the decoded text (special tokens stripped, see ``asarm.eval.perplexity``) is scored by a
+causal LM (``--ppl-model``, GPT-2 large by default; when it cannot be loaded the run goes on and
+records a null perplexity with the reason), and its unigram entropy (bits) is taken over GPT-2 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import orders
+from . import runner
+from .perplexity import decode_clean, entropy_tokenizer, try_load_causal_lm
+from .stats import paired_comparison, summarize, unigram_entropy
+
+__all__ = ["add_arguments", "run", "check_arguments", "aggregate"]
+
+BASELINE = "sequential"
+# Per-sample metrics: record key -> table label.
+METRICS = {"nfe": "NFE", "model_calls": "model calls", "ngram_calls": "n-gram calls", "rounds": "rounds",
+           "tokens_per_round": "tokens/round", "seconds": "wall-clock s", "gen_ppl": "gen. ppl",
+           "entropy": "entropy (bits)"}
+PAIRED_METRICS = ("nfe", "seconds", "gen_ppl", "entropy")
+
+
+def _count_or_all(value: str) -> int | None:
+    if value.strip().lower() == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    return count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("benchmark (paper: --length 512 --num-sequences all --model therealgabeguo/ASARM "
+                                  "--revision nlp)")
+    g.add_argument("--text-file", default=None,
+                   help="plain-text file to chunk instead of WikiText-2 raw test (data directory, else the Hub)")
+    g.add_argument("--length", type=int, default=128, help="tokens per sequence (the paper: 512)")
+    g.add_argument("--num-sequences", type=_count_or_all, default=8,
+                   help="consecutive chunks to decode, or 'all' (the paper: all)")
+    g.add_argument("--start-fraction", type=float, default=0.05,
+                   help="fraction of each sequence shown at random positions; the rest is decoded left to right")
+    g = parser.add_argument_group("generative perplexity and entropy")
+    g.add_argument("--ppl-model", default="gpt2-large",
+                   help="causal LM (Hub name or local directory) scoring the decoded text; 'none' disables it")
+    g.add_argument("--ppl-batch-size", type=int, default=8, help="texts (windows) scored together")
+    g.add_argument("--ppl-stride", type=int, default=None,
+                   help="window stride for texts longer than the LM's context; None: half the context")
+    runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1)
+
+
+def check_arguments(args: argparse.Namespace) -> int:
+    """Validate the options before anything is loaded; return the number of visible tokens per sequence."""
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if not 0.0 < args.start_fraction < 1.0:
+        raise ValueError(f"--start-fraction must lie strictly between 0 and 1, got {args.start_fraction}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    for option in ("batch_size", "trials", "ppl_batch_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.num_sequences is not None and args.num_sequences < 1:
+        raise ValueError(f"--num-sequences must be >= 1 or 'all', got {args.num_sequences}")
+    if args.ppl_stride is not None and args.ppl_stride < 1:
+        raise ValueError(f"--ppl-stride must be >= 1, got {args.ppl_stride}")
+    too_short = (f"--length {args.length} is too short for --start-fraction {args.start_fraction}: a sequence "
+                 f"needs at least one visible and one generated token")
+    if args.length < 2:
+        raise ValueError(too_short)
+    visible = int(orders.num_prompt_for_rate(1.0 - args.start_fraction, args.length))
+    if not 1 <= visible < args.length:
+        raise ValueError(too_short)
+    return visible
+
+
+def _order_seed(seed: int, trial: int) -> int:
+    # Orders have their own generator per trial, drawn for all sequences at once, so they do not
+    # depend on the batch size or the samplers.
+    return (seed * 1_000_003 + trial) * 7_919 + 17
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_decode(model, spec, tokens, sigma, n_visible, seeds, args) -> tuple[Any, float]:
+    _synchronize(model.device)
+    started = time.perf_counter()
+    out = runner.decode(model, spec, tokens, sigma, n_visible, seeds=seeds, k=args.k, temperature=args.temperature,
+                        engine=args.engine)
+    _synchronize(model.device)
+    return out, time.perf_counter() - started
+
+
+def _records(out, spec, tokenizer, tokens, sigma, n_visible, items, trial, seeds, seconds, slot) -> list[dict]:
+    decoded = out.tokens.cpu()
+    rows = len(items)
+    records = []
+    for b, item in enumerate(items):
+        prompt_positions = (sigma[b] < n_visible).nonzero().flatten()
+        generated = int(out.settings["stop"][b] - out.settings["n_prompt"][b])
+        ids = decoded[b].tolist()
+        records.append({
+            "sampler": spec.name, "trial": trial, "sequence": int(item), "seed": int(seeds[b]),
+            "prompt_positions": prompt_positions.tolist(), "prompt_tokens": tokens[b, prompt_positions].tolist(),
+            "generated_tokens": generated, "nfe": int(out.nfe[b]), "model_calls": int(out.nfe[b]),
+            "ngram_calls": int(out.ngram_calls[b]), "rounds": int(out.rounds[b]), "accepted": int(out.accepted[b]),
+            "tokens_per_round": float(out.tokens_per_round[b]),
+            "drafted_by_index": None if out.drafted_by_index is None else out.drafted_by_index[b].tolist(),
+            "accepted_by_index": None if out.accepted_by_index is None else out.accepted_by_index[b].tolist(),
+            "seconds": seconds / rows, "batch_seconds": seconds, "batch_rows": rows, "run_slot": slot,
+            "token_ids": ids, "text": decode_clean(tokenizer, ids), "gen_ppl": None, "entropy": None})
+    return records
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _summary(values: Sequence[float | None]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    s = summarize(values)
+    return {"n": s.n, "mean": s.mean, "std": _finite(s.std), "ci95": [_finite(s.ci95[0]), _finite(s.ci95[1])]}
+
+
+def _paired(a: dict, b: dict, metric: str) -> dict:
+    """Paired comparison of sampler ``a`` vs ``b`` (records keyed by (trial, sequence)) on ``metric``."""
+    keys = [key for key in a if key in b and a[key][metric] is not None and b[key][metric] is not None]
+    if len(keys) < 2:
+        return {"n": len(keys), "skipped": f"{len(keys)} pair(s) with a {metric} value; paired tests need 2"}
+    c = paired_comparison([a[key][metric] for key in keys], [b[key][metric] for key in keys])
+    return {"n": c.n, "mean_a": c.mean_a, "mean_b": c.mean_b, "mean_diff": c.mean_diff,
+            "ci95_diff": [_finite(c.ci95_diff[0]), _finite(c.ci95_diff[1])], "t_statistic": _finite(c.t_statistic),
+            "t_pvalue": _finite(c.t_pvalue), "wilcoxon_statistic": _finite(c.wilcoxon_statistic),
+            "wilcoxon_pvalue": _finite(c.wilcoxon_pvalue)}
+
+
+def aggregate(records: Sequence[dict], samplers: Sequence[str], k: int) -> tuple[dict, dict]:
+    """Per-sampler summaries (means with 95% CIs, acceptance by draft index, tokens per round) and
+    paired tests of every other sampler against the sequential baseline."""
+    by_sampler = {name: {(r["trial"], r["sequence"]): r for r in records if r["sampler"] == name} for name in samplers}
+    per_sampler = {}
+    for name, rows in by_sampler.items():
+        rows = list(rows.values())
+        entry: dict[str, Any] = {"n_samples": len(rows),
+                                 "metrics": {m: _summary([r[m] for r in rows]) for m in METRICS}}
+        generated, rounds = sum(r["generated_tokens"] for r in rows), sum(r["rounds"] for r in rows)
+        entry["tokens_per_round_pooled"] = generated / rounds if rounds else None
+        if rows and rows[0]["drafted_by_index"] is not None:
+            drafted = [sum(r["drafted_by_index"][i] for r in rows) for i in range(k)]
+            accepted = [sum(r["accepted_by_index"][i] for r in rows) for i in range(k)]
+            entry.update(drafted_by_index=drafted, accepted_by_index=accepted,
+                         acceptance_by_index=[a / d if d else None for a, d in zip(accepted, drafted)])
+        per_sampler[name] = entry
+    paired = {}
+    if BASELINE in by_sampler:
+        base = per_sampler[BASELINE]["metrics"]
+        for name in samplers:
+            if name == BASELINE:
+                continue
+            paired[f"{name} vs {BASELINE}"] = {m: _paired(by_sampler[name], by_sampler[BASELINE], m)
+                                               for m in PAIRED_METRICS}
+            for metric, label in (("nfe", "speedup_nfe"), ("seconds", "speedup_wallclock")):
+                mine = per_sampler[name]["metrics"][metric]
+                per_sampler[name][label] = base[metric]["mean"] / mine["mean"] if mine and mine["mean"] else None
+    return per_sampler, paired
+
+
+def _fmt(summary: dict | None) -> str:
+    if summary is None:
+        return "n/a"
+    lo, hi = summary["ci95"]
+    if lo is None:
+        return f"{summary['mean']:.4g}"
+    return f"{summary['mean']:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def _fmt_number(value: float | None, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexity: dict, entropy: dict,
+                      k: int) -> str:
+    lines = [f"Model `{settings['model']}` on {settings['device']} ({settings['engine']} engine); text: "
+             f"{settings['text_source']}.",
+             f"{settings['num_sequences']} sequences x {settings['trials']} trial(s) of {settings['length']} tokens: "
+             f"{settings['visible']} visible at random positions, {settings['generated']} decoded left to right; "
+             f"k={k}, T={settings['temperature']}, batch size {settings['batch_size']}.",
+             f"Generative perplexity: {perplexity['model']}"
+             + ("" if perplexity["available"] else f" (not computed: {perplexity['reason']})") + "; entropy tokens: "
+             + entropy["tokenizer"] + ".", "", "## Per sampler (mean [95% CI])", ""]
+    rows = [{"sampler": name, "n": entry["n_samples"], **{label: _fmt(entry["metrics"][m])
+                                                           for m, label in METRICS.items()}}
+            for name, entry in per_sampler.items()]
+    lines.append(runner.markdown_table(rows))
+    speedups = [{"sampler": name, "NFE speed-up": _fmt_number(e.get("speedup_nfe")),
+                 "wall-clock speed-up": _fmt_number(e.get("speedup_wallclock")),
+                 "tokens/round (pooled)": _fmt_number(e["tokens_per_round_pooled"])}
+                for name, e in per_sampler.items() if name != BASELINE]
+    if speedups:
+        lines += [f"## Versus {BASELINE} (ratio of means)", "", runner.markdown_table(speedups)]
+    acceptance = [{"sampler": name, **{f"draft {i + 1}": _fmt_number(rate, ".3f")
+                                       for i, rate in enumerate(e["acceptance_by_index"])}}
+                  for name, e in per_sampler.items() if "acceptance_by_index" in e]
+    if acceptance:
+        lines += ["## Acceptance rate by draft index (accepted / drafted, pooled over samples)", "",
+                  runner.markdown_table(acceptance)]
+    tests, skipped = [], []
+    for comparison, metrics in paired.items():
+        for metric, c in metrics.items():
+            if "skipped" in c:
+                skipped.append(f"- {comparison}, {METRICS[metric]}: not tested ({c['skipped']})")
+                continue
+            lo, hi = c["ci95_diff"]
+            tests.append({"comparison": comparison, "metric": METRICS[metric], "pairs": c["n"],
+                          "mean diff": f"{c['mean_diff']:.4g}",
+                          "95% CI": "n/a" if lo is None else f"[{lo:.4g}, {hi:.4g}]",
+                          "t": _fmt_number(c["t_statistic"]), "t-test p": _fmt_number(c["t_pvalue"]),
+                          "Wilcoxon p": _fmt_number(c["wilcoxon_pvalue"])})
+    if tests or skipped:
+        lines += [f"## Paired tests against {BASELINE} (two-sided; difference = sampler - {BASELINE})", ""]
+        if tests:
+            lines.append(runner.markdown_table(tests, ["comparison", "metric", "pairs", "mean diff", "95% CI", "t",
+                                                       "t-test p", "Wilcoxon p"]))
+        lines += skipped
+    return "\n".join(lines) + "\n"
+
+
+def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
+    """Bar charts of NFE and wall-clock per sampler (95% CI) and acceptance rate by draft index."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def bars(ax, metric: str, title: str) -> None:
+        names = [n for n, e in per_sampler.items() if e["metrics"][metric] is not None]
+        means = [per_sampler[n]["metrics"][metric]["mean"] for n in names]
+        cis = [per_sampler[n]["metrics"][metric]["ci95"] for n in names]
+        errors = [[m - lo if lo is not None else 0.0 for m, (lo, _) in zip(means, cis)],
+                  [hi - m if hi is not None else 0.0 for m, (_, hi) in zip(means, cis)]]
+        ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=15)
+
+    written = []
+    fig = Figure(figsize=(9, 3.6))
+    FigureCanvasAgg(fig)
+    ax_nfe, ax_time = fig.subplots(1, 2)
+    bars(ax_nfe, "nfe", "NFE per sample (95% CI)")
+    bars(ax_time, "seconds", "wall-clock s per sample (95% CI)")
+    fig.tight_layout()
+    fig.savefig(run.path("nfe_wallclock.png"), dpi=120)
+    written.append("nfe_wallclock.png")
+    drafting = {n: e["acceptance_by_index"] for n, e in per_sampler.items() if "acceptance_by_index" in e}
+    if drafting:
+        fig = Figure(figsize=(5, 3.6))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for name, rates in drafting.items():
+            ax.plot(range(1, k + 1), [math.nan if r is None else r for r in rates], marker="o", label=name)
+        ax.set(xlabel="draft index", ylabel="acceptance rate", ylim=(0, 1.05), xticks=range(1, k + 1),
+               title="ASSD acceptance by draft index")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run.path("acceptance_by_index.png"), dpi=120)
+        written.append("acceptance_by_index.png")
+    return written
+
+
+def run(args: argparse.Namespace) -> dict:
+    visible = check_arguments(args)
+    specs = runner.parse_samplers(args.samplers)
+    progress = not args.no_progress
+    model = runner.load_model(args)
+    source = args.text_file or runner.WIKITEXT_TEST_FILE
+    chunks = runner.packed_text(model.tokenizer, args.length, args.text_file, args.num_sequences)
+    num_sequences, length = chunks.shape
+    print(f"speculative benchmark: {num_sequences} sequences x {args.trials} trial(s) of {length} tokens "
+          f"({visible} visible), samplers {', '.join(s.name for s in specs)}, on {model.device}")
+
+    # Loaded before decoding so that a failure is reported at once, not after a long run.
+    lm, ppl_reason = try_load_causal_lm(args.ppl_model, model.device, stride=args.ppl_stride,
+                                        batch_size=args.ppl_batch_size)
+    if lm is None:
+        print(f"WARNING: generative perplexity will not be computed: {ppl_reason}\n  (--ppl-model takes a local "
+              f"model directory; --ppl-model none skips it)", file=sys.stderr)
+    entropy_tok, entropy_source = entropy_tokenizer(lm)
+    if entropy_tok is None:
+        print(f"WARNING: unigram entropy will not be computed: {entropy_source}", file=sys.stderr)
+
+    run_dir = runner.EvalRun("speculative", args)
+    sigmas = [orders.any_subset(visible, length, batch_size=num_sequences,
+                                generator=torch.Generator().manual_seed(_order_seed(args.seed, trial)))
+              for trial in range(args.trials)]
+    jobs = [(trial, list(range(start, min(start + args.batch_size, num_sequences))))
+            for trial in range(args.trials) for start in range(0, num_sequences, args.batch_size)]
+
+    # Warm-up: lazy initialisation, allocator and kernel caches are paid outside the timed regions.
+    trial, items = jobs[0]
+    for spec in specs:
+        runner.decode(model, spec, chunks[items], sigmas[trial][items], visible,
+                      seeds=runner.row_seeds(args.seed, trial, items), k=args.k, temperature=args.temperature,
+                      engine=args.engine)
+
+    records: list[dict] = []
+    for j, (trial, items) in enumerate(tqdm(jobs, desc="speculative", unit="batch", disable=not progress)):
+        tokens, sigma = chunks[items], sigmas[trial][items]
+        seeds = runner.row_seeds(args.seed, trial, items)
+        rotation = j % len(specs)
+        for slot, spec in enumerate(specs[rotation:] + specs[:rotation]):
+            out, seconds = _timed_decode(model, spec, tokens, sigma, visible, seeds, args)
+            records += _records(out, spec, model.tokenizer, tokens, sigma, visible, items, trial, seeds, seconds,
+                                slot)
+
+    if lm is not None:
+        for record, ppl in zip(records, lm.perplexities([r["text"] for r in records], progress=progress)):
+            record["gen_ppl"] = ppl
+    if entropy_tok is not None:
+        for record in records:
+            ids = entropy_tok(record["text"], add_special_tokens=False, verbose=False)["input_ids"]
+            record["entropy"] = unigram_entropy(ids) if ids else None
+    run_dir.samples(records)
+
+    names = [s.name for s in specs]
+    per_sampler, paired = aggregate(records, names, args.k)
+    settings = {"model": args.model, "revision": args.revision, "device": str(model.device), "engine": args.engine,
+                "text_source": source, "num_sequences": num_sequences, "trials": args.trials, "length": length,
+                "start_fraction": args.start_fraction, "visible": visible, "generated": length - visible,
+                "k": args.k, "temperature": args.temperature, "batch_size": args.batch_size, "samplers": names,
+                "warmup": "one untimed decode per sampler",
+                "sampler_order": "rotated by one per (trial, batch)"}
+    perplexity = {"model": args.ppl_model, "available": lm is not None, "reason": ppl_reason,
+                  "max_length": lm.max_length if lm else None, "stride": lm.stride if lm else None}
+    entropy = {"tokenizer": entropy_source, "available": entropy_tok is not None, "unit": "bits"}
+    metrics = {"settings": settings, "samplers": per_sampler, "paired": paired, "perplexity": perplexity,
+               "entropy": entropy}
+    metrics["plots"] = _plots(run_dir, per_sampler, args.k)
+    return run_dir.finish(metrics, _summary_markdown(settings, per_sampler, paired, perplexity, entropy, args.k))

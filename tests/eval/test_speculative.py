@@ -1,0 +1,215 @@
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+from collections import defaultdict
+
+import pytest
+import torch
+
+from asarm.cli import main
+from asarm.eval import runner, speculative
+
+TEXT = ("The quick brown fox jumps over the lazy dog near the river bank. Every morning the farmer walks to "
+        "the market with a basket of apples and pears, and he sells them to the people of the town.\n\n"
+        "In the evening the children play football in the park while their parents talk about the weather, "
+        "the harvest and the news from the city. Later the lights go out one by one.\n")
+LENGTH, START_FRACTION, K = 20, 0.25, 3
+VISIBLE = LENGTH - int(LENGTH * (1 - START_FRACTION))  # 5 visible, 15 generated
+SAMPLERS = ("sequential", "assd-self", "assd-ngram")
+
+
+def save_tiny_gpt2(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from asarm.eval.perplexity import entropy_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(path)
+    entropy_tokenizer(None)[0].save_pretrained(path)  # GPT-2's tokenizer from the data directory
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _argv(tiny_model_dir, text_file, out, *extra):
+    return ["eval", "speculative", "--model", str(tiny_model_dir), "--text-file", str(text_file), "--out", str(out),
+            "--length", str(LENGTH), "--start-fraction", str(START_FRACTION), "--k", str(K), "--device", "cpu",
+            "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model_dir, text_file, tmp_path_factory):
+    """One full run: 3 sequences x 2 trials, batches of 2 rows (so one batch has a single row)."""
+    out = tmp_path_factory.mktemp("run")
+    gpt2 = save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+    assert main(_argv(tiny_model_dir, text_file, out, "--num-sequences", "3", "--trials", "2", "--batch-size", "2",
+                      "--ppl-model", str(gpt2))) == 0
+    results = json.loads((out / "results.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return out, results, samples
+
+
+def test_outputs_and_structure(bench_run, xlnet_tokenizer):
+    out, results, samples = bench_run
+    for name in ("summary.md", "nfe_wallclock.png", "acceptance_by_index.png"):
+        assert (out / name).stat().st_size > 0
+    metrics = results["metrics"]
+    assert results["evaluation"] == "speculative" and metrics["plots"] == ["nfe_wallclock.png",
+                                                                          "acceptance_by_index.png"]
+    settings = metrics["settings"]
+    assert (settings["visible"], settings["generated"], settings["num_sequences"]) == (VISIBLE, LENGTH - VISIBLE, 3)
+    assert metrics["perplexity"]["available"] and metrics["perplexity"]["reason"] is None
+    assert list(metrics["samplers"]) == list(SAMPLERS)
+    for name, entry in metrics["samplers"].items():
+        assert entry["n_samples"] == 6
+        assert set(entry["metrics"]) == set(speculative.METRICS)
+        for summary in entry["metrics"].values():
+            assert summary["n"] == 6 and summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
+        if name == "sequential":
+            assert "acceptance_by_index" not in entry
+        else:
+            assert len(entry["acceptance_by_index"]) == K and len(entry["drafted_by_index"]) == K
+            mine = [r for r in samples if r["sampler"] == name]
+            assert entry["accepted_by_index"] == [sum(r["accepted_by_index"][i] for r in mine) for i in range(K)]
+    assert metrics["samplers"]["sequential"]["metrics"]["nfe"]["mean"] == LENGTH - VISIBLE
+    for comparison in ("assd-self vs sequential", "assd-ngram vs sequential"):
+        tests = metrics["paired"][comparison]
+        assert set(tests) == {"nfe", "seconds", "gen_ppl", "entropy"}
+        assert all(t["n"] == 6 and 0 <= t["wilcoxon_pvalue"] <= 1 for t in tests.values())
+    summary = (out / "summary.md").read_text()
+    for text in ("NFE", "model calls", "n-gram calls", "tokens/round", "wall-clock s", "gen. ppl", "entropy",
+                 "Acceptance rate by draft index", "Paired tests", "Wilcoxon p"):
+        assert text in summary
+    assert len(samples) == 3 * 2 * len(SAMPLERS)
+    for record in samples:
+        assert record["gen_ppl"] > 1 and 0 < record["entropy"] <= 8
+        assert not any(t in record["text"] for t in xlnet_tokenizer.all_special_tokens)
+        assert record["text"] == " ".join(record["text"].split())
+        assert record["seconds"] == pytest.approx(record["batch_seconds"] / record["batch_rows"])
+
+
+def test_paired_design(bench_run):
+    _, _, samples = bench_run
+    by_item = defaultdict(dict)
+    for record in samples:
+        by_item[record["trial"], record["sequence"]][record["sampler"]] = record
+    assert len(by_item) == 6
+    for item in by_item.values():
+        assert set(item) == set(SAMPLERS)
+        first = item["sequential"]
+        assert len(first["prompt_positions"]) == VISIBLE
+        for record in item.values():
+            for key in ("prompt_positions", "prompt_tokens", "seed"):
+                assert record[key] == first[key]
+            assert [record["token_ids"][p] for p in record["prompt_positions"]] == record["prompt_tokens"]
+    # Fresh orders per trial; the samplers' order in a batch is rotated.
+    assert any(by_item[0, s]["sequential"]["prompt_positions"] != by_item[1, s]["sequential"]["prompt_positions"]
+               for s in range(3))
+    for name in SAMPLERS:
+        assert len({r["run_slot"] for r in samples if r["sampler"] == name}) > 1
+
+
+def test_cost_accounting(bench_run):
+    _, _, samples = bench_run
+    for r in samples:
+        generated = r["generated_tokens"]
+        assert generated == LENGTH - VISIBLE and r["model_calls"] == r["nfe"]
+        assert r["tokens_per_round"] == pytest.approx(generated / r["rounds"])
+        if r["sampler"] == "sequential":
+            assert r["nfe"] == r["rounds"] == generated and r["ngram_calls"] == 0
+            assert r["drafted_by_index"] is None
+            continue
+        drafted, accepted = r["drafted_by_index"], r["accepted_by_index"]
+        assert len(drafted) == len(accepted) == K
+        assert all(a <= d for a, d in zip(accepted, drafted)) and sum(accepted) == r["accepted"]
+        # Each round fixes its accepted drafts plus one residual token unless all k_eff were accepted.
+        assert r["accepted"] <= generated <= r["accepted"] + r["rounds"]
+        if r["sampler"] == "assd-self":
+            # Draft + verify per round; a last round with one token left needs no verify pass.
+            assert 2 * r["rounds"] - 1 <= r["nfe"] <= 2 * r["rounds"] and r["nfe"] <= generated
+            assert drafted[0] == accepted[0] == r["rounds"] and r["ngram_calls"] == 0
+        else:
+            assert r["nfe"] == r["rounds"] == r["ngram_calls"] == drafted[0]
+
+
+def test_unloadable_perplexity_model_is_recorded(tiny_model_dir, text_file, tmp_path, hub_offline, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(tiny_model_dir, text_file, out, "--num-sequences", "1", "--samplers", "sequential,assd-self",
+                      "--ppl-model", "asarm-tests/no-such-lm")) == 0
+    assert "WARNING: generative perplexity will not be computed" in capsys.readouterr().err
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics["perplexity"]["available"] is False and "no-such-lm" in metrics["perplexity"]["reason"]
+    assert all(entry["metrics"]["gen_ppl"] is None for entry in metrics["samplers"].values())
+    assert metrics["entropy"]["available"]  # GPT-2's tokenizer from the data directory
+    assert metrics["paired"]["assd-self vs sequential"]["nfe"]["skipped"].startswith("1 pair(s)")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["gen_ppl"] for r in samples] == [None, None] and all(r["entropy"] > 0 for r in samples)
+    assert "not computed" in (out / "summary.md").read_text()
+
+
+def test_packed_text_is_the_trainer_layout(xlnet_tokenizer, text_file):
+    lines = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
+    ids = [i for line in lines for i in xlnet_tokenizer(line, add_special_tokens=False)["input_ids"] + [2]]
+    chunks = runner.packed_text(xlnet_tokenizer, 7, text_file)
+    assert chunks.shape == (len(ids) // 7, 7) and chunks.flatten().tolist() == ids[:chunks.numel()]
+    assert runner.packed_text(xlnet_tokenizer, 7, text_file, 2).tolist() == chunks[:2].tolist()
+    with pytest.raises(ValueError, match="only"):
+        runner.packed_text(xlnet_tokenizer, 7, text_file, 1000)
+    with pytest.raises(ValueError, match="fewer than"):
+        runner.packed_text(xlnet_tokenizer, 10_000, text_file)
+
+
+def _args(**overrides):
+    parser = argparse.ArgumentParser()
+    speculative.add_arguments(parser)
+    args = parser.parse_args([])
+    vars(args).update(overrides)
+    return args
+
+
+def test_defaults_and_paper_visible_count():
+    args = _args()
+    assert (args.model, args.length, args.num_sequences, args.batch_size, args.k, args.ppl_model, args.out) == (
+        "asarm-tiny", 128, 8, 1, 5, "gpt2-large", "runs/eval/speculative")
+    assert speculative.check_arguments(_args(length=512)) == 26
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"k": 0}, "--k must be >= 1"),
+    ({"start_fraction": 0.0}, "--start-fraction must lie strictly between 0 and 1"),
+    ({"start_fraction": 1.5}, "--start-fraction must lie strictly between 0 and 1"),
+    ({"length": 1}, "--length 1 is too short"),
+    ({"batch_size": 0}, "--batch-size must be >= 1"),
+])
+def test_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        speculative.check_arguments(_args(**overrides))
+
+
+def test_bad_input_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(_argv(tiny_model_dir, text_file, tmp_path, "--k", "0")) == 2
+    assert "--k must be >= 1" in capsys.readouterr().err
+    assert main(_argv(tiny_model_dir, text_file, tmp_path, "--num-sequences", "500")) == 2
+    assert "500 sequences asked for, but the text has only" in capsys.readouterr().err
+    assert main(_argv(tiny_model_dir, tmp_path / "missing.txt", tmp_path)) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_argv(tiny_model_dir, text_file, tmp_path, "--num-sequences", "0"))
+
+
+def test_paper_script_defaults():
+    script = Path(__file__).resolve().parents[2] / "_run_speculative_decoding.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for default in ("therealgabeguo/ASARM", "REVISION-nlp", "LENGTH:-512", "START_FRACTION:-0.05", "K:-5",
+                    "TEMPERATURE:-1", "NUM_SEQUENCES:-all", "PPL_MODEL:-gpt2-large", "runs/eval/speculative_paper",
+                    "ASARM_DATA_DIR", "python3 -m asarm.cli eval speculative", '"$@"', "#SBATCH"):
+        assert default in text
