@@ -16,7 +16,8 @@ import sys
 import torch
 
 from . import orders
-from .model import ASARM, DEFAULT_MODEL
+from .eval.runner import add_model_source_arguments
+from .model import ASARM
 from .sampling import assd_decode, sequential_decode
 from .sampling.decode import TEMPERATURE_MODES
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
@@ -97,9 +98,7 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
 def _add_sample_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="fill blanks in a text with an AS-ARM",
                               description="Fill the blanks of a text (or a random subset of its tokens).")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local model directory, Hub repository or embedded model (default: {DEFAULT_MODEL})")
-    p.add_argument("--revision", default=None, help="Hub revision (e.g. nlp, code) when --model is a Hub name")
+    add_model_source_arguments(p)
     p.add_argument("--text", required=True, help="text; <mask> is one blank token, <mask:N> is N blank tokens")
     p.add_argument("--masking-rate", type=float, default=None,
                    help="mask this fraction of the text's tokens at random instead of using blanks")
@@ -115,7 +114,6 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="number of completions")
     p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
                    help="cached: each fixed token computed once (fast); full: a whole-sequence pass per NFE")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=lambda a: sample(
         a.model, a.text, a.revision, a.masking_rate, a.sampler, a.drafter, a.k, a.temperature, a.temperature_mode,

@@ -32,7 +32,7 @@ from ..sampling import assd_decode, sequential_decode
 from ..sampling.decode import DecodeOutput
 from ..sampling.engine import DEFAULT_ENGINE, ENGINES
 
-__all__ = ["SAMPLERS", "SamplerSpec", "parse_choices", "parse_samplers", "decode", "row_seeds", "add_model_arguments", "add_common_arguments",
+__all__ = ["SAMPLERS", "SamplerSpec", "parse_choices", "parse_samplers", "decode", "row_seeds", "add_model_source_arguments", "add_model_arguments", "add_common_arguments",
            "load_model", "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "EvalRun"]
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # the paper's benchmark text; never train on it
@@ -87,13 +87,18 @@ def row_seeds(seed: int, trial: int, items: Iterable[int]) -> torch.Tensor:
     return torch.tensor([(seed * 1_000_003 + trial) * 1_000_033 + int(i) for i in items], dtype=torch.long)
 
 
+def add_model_source_arguments(parser) -> None:
+    """``--model``, ``--revision`` and ``--device`` (every command that loads a model)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"local model directory, Hub repository or embedded model (default: {DEFAULT_MODEL})")
+    parser.add_argument("--revision", default=None, help="Hub revision, e.g. nlp or code (Hub models only)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool = True) -> None:
     """Model, device, output and (if ``seed``) seed options (every runner)."""
     g = parser.add_argument_group("model and output")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local model directory or Hub repository (default: the embedded {DEFAULT_MODEL!r})")
-    g.add_argument("--revision", default=None, help="Hub revision, e.g. nlp or code (Hub models only)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_model_source_arguments(g)
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is much faster when other jobs share the CPU)")
     if seed:
