@@ -45,6 +45,16 @@ class Pair:
         return got
 
 
+def float64_scenario(seed: int, n_prompt: torch.Tensor, seq_len: int, order=orders.any_permutation):
+    """Random tokens and order for a float64 model of ``seed`` (data from ``seed + 1``):
+    ``(tokens, positions by rank, Pair)``."""
+    model = make_model(torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    sigma = order(n_prompt, seq_len, generator=g)
+    tokens = torch.randint(0, 16, (len(n_prompt), seq_len), generator=g)
+    return tokens, torch.argsort(sigma, dim=1), Pair(model, tokens, sigma, n_prompt)
+
+
 def simulate_assd(model, *, batch, seq_len, lengths, n_prompt, order, seed, k_max=4, skip_prob=0.0,
                   garbage=True, draft_vocab=3, on_start=None, **engine_kwargs):
     """ASSD's call pattern with random tokens: per round a draft call on ranks n..n+k-1, drafts written
@@ -198,13 +208,9 @@ def test_first_call_with_many_committed(dtype):
 
 
 def test_sequential_pattern_computes_one_row_per_call():
-    model = make_model(torch.float64, seed=9)
-    g = torch.Generator().manual_seed(10)
     B, L = 2, 10
     n_prompt = torch.tensor([3, 2])
-    sigma = orders.any_subset(n_prompt, L, generator=g)
-    tokens = torch.randint(0, 16, (B, L), generator=g)
-    pair = Pair(model, tokens, sigma, n_prompt)
+    tokens, _, pair = float64_scenario(9, n_prompt, L, orders.any_subset)
     rows = torch.arange(B)
     for step in range(L - 3):
         n_fixed = n_prompt + step
@@ -220,14 +226,9 @@ def test_sequential_pattern_computes_one_row_per_call():
 
 
 def test_verify_states_are_reused_and_rejections_recomputed():
-    model = make_model(torch.float64, seed=11)
-    g = torch.Generator().manual_seed(12)
     B, L, k = 2, 12, 4
     n_prompt = torch.tensor([2, 3])
-    sigma = orders.any_permutation(n_prompt, L, generator=g)
-    positions = torch.argsort(sigma, dim=1)
-    tokens = torch.randint(0, 16, (B, L), generator=g)
-    pair = Pair(model, tokens, sigma, n_prompt)
+    tokens, positions, pair = float64_scenario(11, n_prompt, L)
     rows = torch.arange(B)
     n_fixed = n_prompt.clone()
     ranks = n_fixed[:, None] + torch.arange(k)
@@ -248,14 +249,9 @@ def test_verify_states_are_reused_and_rejections_recomputed():
 
 def test_states_above_a_rejection_are_not_reused():
     """Drafts above a rejected one keep their tokens, but their states saw the rejected token."""
-    model = make_model(torch.float64, seed=17)
-    g = torch.Generator().manual_seed(18)
-    B, L, k = 1, 12, 5
+    L, k = 12, 5
     n_prompt = torch.tensor([2])
-    sigma = orders.any_permutation(n_prompt, L, generator=g)
-    positions = torch.argsort(sigma, dim=1)
-    tokens = torch.randint(0, 16, (B, L), generator=g)
-    pair = Pair(model, tokens, sigma, n_prompt)
+    tokens, positions, pair = float64_scenario(17, n_prompt, L)
     rows = torch.tensor([0])
     n_fixed = n_prompt.clone()
     ranks = n_fixed[:, None] + torch.arange(k)
@@ -273,14 +269,9 @@ def test_states_above_a_rejection_are_not_reused():
 
 def test_changed_committed_token_is_detected():
     """Outside the contract (a committed token changes), the engine still returns exact logits."""
-    model = make_model(torch.float64, seed=13)
-    g = torch.Generator().manual_seed(14)
     B, L = 2, 10
     n_prompt = torch.tensor([2, 2])
-    sigma = orders.any_permutation(n_prompt, L, generator=g)
-    positions = torch.argsort(sigma, dim=1)
-    tokens = torch.randint(0, 16, (B, L), generator=g)
-    pair = Pair(model, tokens, sigma, n_prompt)
+    tokens, positions, pair = float64_scenario(13, n_prompt, L)
     rows = torch.arange(B)
     n_fixed = torch.tensor([6, 7])
     pair(rows, tokens, n_fixed, n_fixed[:, None], False)
