@@ -16,9 +16,8 @@ import sys
 import torch
 
 from . import orders
-from .eval.runner import add_model_source_arguments
+from .eval.runner import SamplerSpec, add_model_source_arguments, decode
 from .model import ASARM
-from .sampling import assd_decode, sequential_decode
 from .sampling.decode import TEMPERATURE_MODES
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
 
@@ -53,6 +52,8 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
 
     Returns one dict per completion (text, nfe, rounds, tokens_per_round) and prints them.
     """
+    if sampler not in ("assd", "sequential"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'assd' or 'sequential'")
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")
@@ -72,15 +73,9 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         sigma, n_prompt = orders.infilling(~blanks.expand(batch_size, -1))
     tokens = ids.expand(batch_size, -1).clone()
     seeds = torch.tensor([seed * 1_000_003 + b for b in range(batch_size)])
-    if sampler == "sequential":
-        out = sequential_decode(asarm, tokens, sigma, n_prompt, temperature=temperature, seed=seeds, engine=engine,
-                                progress=progress)
-    elif sampler == "assd":
-        out = assd_decode(asarm, tokens, sigma, n_prompt, k=k, drafter=drafter, temperature=temperature,
-                          temperature_mode=temperature_mode, r_atol=r_atol, seed=seeds, engine=engine,
-                          progress=progress)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'assd' or 'sequential'")
+    spec = SamplerSpec(sampler, sampler, drafter if sampler == "assd" else None)
+    out = decode(asarm, spec, tokens, sigma, n_prompt, seeds=seeds, k=k, temperature=temperature, engine=engine,
+                 progress=progress, temperature_mode=temperature_mode, r_atol=r_atol)
     shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
     print(f"prompt: {asarm.tokenizer.decode(shown.tolist())}")
     if not out.exact:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,22 +29,20 @@ from pathlib import Path
 import torch
 
 from asarm import orders
+from asarm.eval import runner
 from asarm.model import ASARM, DEFAULT_MODEL, pick_device
-from asarm.sampling import assd_decode, sequential_decode
 from asarm.sampling.engine import CachedEngine, FullEngine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+BENCH_SAMPLERS = {"sequential": runner.SAMPLERS["sequential"], "assd": runner.SAMPLERS["assd-self"]}
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    info = runner.machine_info()
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}{load}"
+    return (f"{info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, {info['torch_threads']} threads"
+            f"{gpu}{load}")
 
 
 def sync(device: torch.device) -> None:
@@ -63,9 +60,8 @@ def make_batch(model: ASARM, seq_len: int, batch_size: int, masking_rate: float,
 
 def decode(model, engine, sampler: str, batch, tokens_per_row: int, k: int):
     tokens, sigma, n_prompt = batch
-    if sampler == "sequential":
-        return sequential_decode(model, tokens, sigma, n_prompt, engine=engine, seed=0, max_new_tokens=tokens_per_row)
-    return assd_decode(model, tokens, sigma, n_prompt, k=k, engine=engine, seed=0, max_new_tokens=tokens_per_row)
+    return runner.decode(model, BENCH_SAMPLERS[sampler], tokens, sigma, n_prompt, seeds=0, k=k, engine=engine,
+                         max_new_tokens=tokens_per_row)
 
 
 def measure(model, engine, sampler, batch, tokens_per_row, k) -> dict:

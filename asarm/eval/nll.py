@@ -46,9 +46,9 @@ def heldout_nll(model, chunks: torch.Tensor, masking_rate: float, unigram: torch
         raise ValueError(f"masking_rate {masking_rate} leaves no visible token at length {length}")
     sigma = orders.any_subset(n_prompt, length, generator=generator)
     model_nll, unigram_nll = [], []
+    device = model.device
     for start in tqdm(range(0, num, batch_size), desc="nll", disable=not progress):
         rows = slice(start, start + batch_size)
-        device = model.device
         model_nll.append(-model.score(chunks[rows].to(device), sigma[rows].to(device), n_prompt[rows].to(device)).cpu())
         targets = sigma[rows] >= n_prompt[rows, None]
         unigram_nll.append(-(unigram[chunks[rows]] * targets).sum(1))

@@ -71,15 +71,16 @@ def parse_samplers(names: str | Sequence[str]) -> list[SamplerSpec]:
     return [SAMPLERS[n] for n in parse_choices(names, SAMPLERS, "sampler")]
 
 
-def decode(model: ASARM, spec: SamplerSpec, tokens, sigma, n_prompt, *, seeds: torch.Tensor, k: int = 5,
-           temperature: float = 1.0, engine: str = DEFAULT_ENGINE, lengths=None, progress: bool = False,
-           **assd_options) -> DecodeOutput:
-    """Run one sampler of :data:`SAMPLERS` on a batch (every sampler here is exact)."""
+def decode(model: ASARM, spec: SamplerSpec, tokens, sigma, n_prompt, *, seeds, k: int = 5,
+           temperature: float = 1.0, engine=DEFAULT_ENGINE, lengths=None, max_new_tokens: int | None = None,
+           progress: bool = False, **assd_options) -> DecodeOutput:
+    """Run one sampler (a :class:`SamplerSpec`, e.g. of :data:`SAMPLERS`) on a batch; ``assd_options``
+    (``temperature_mode``, ``r_atol``) go to ASSD only."""
+    common = dict(temperature=temperature, seed=seeds, engine=engine, max_new_tokens=max_new_tokens,
+                  progress=progress)
     if spec.algorithm == "sequential":
-        return sequential_decode(model, tokens, sigma, n_prompt, lengths, temperature=temperature, seed=seeds,
-                                 engine=engine, progress=progress)
-    return assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, drafter=spec.drafter, temperature=temperature,
-                       seed=seeds, engine=engine, progress=progress, **assd_options)
+        return sequential_decode(model, tokens, sigma, n_prompt, lengths, **common)
+    return assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, drafter=spec.drafter, **common, **assd_options)
 
 
 def row_seeds(seed: int, trial: int, items: Iterable[int]) -> torch.Tensor:
@@ -157,8 +158,17 @@ def packed_text(tokenizer, length: int, path: str | os.PathLike | None = None, l
     return torch.stack(chunks)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
-    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": _cpu_name(),
+            "python": sys.version.split()[0],
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
