@@ -188,11 +188,21 @@ class ASARM(nn.Module):
         """Float64 log-probabilities ``(B, k, V)`` with ``<mask>`` excluded and the rest renormalised."""
         return self.normalize(self.logits(tokens, sigma, n_prompt, query_positions, n_visible), temperature)
 
-    def normalize(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Float64 log-softmax of ``logits / temperature`` with the ``<mask>`` logit removed."""
-        logits = logits.double() / temperature
+    def normalize(self, logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Float64 log-softmax of ``logits / temperature`` with the ``<mask>`` logit removed
+        (``temperature``: a number or a tensor broadcasting against ``logits``)."""
+        return torch.log_softmax(self._tempered_float64(logits, temperature), dim=-1)
+
+    def probabilities(self, logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``normalize(...).exp()`` in one pass: float64 softmax without the ``<mask>`` token."""
+        return torch.softmax(self._tempered_float64(logits, temperature), dim=-1)
+
+    def _tempered_float64(self, logits: torch.Tensor, temperature) -> torch.Tensor:
+        logits = logits.to(torch.float64, copy=True)  # a copy: the mask logit is overwritten below
+        if not bool(torch.all(torch.as_tensor(temperature) == 1)):
+            logits /= torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
         logits[..., self.mask_token_id] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
+        return logits
 
     def score(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
               lengths: torch.Tensor | None = None) -> torch.Tensor:

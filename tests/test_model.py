@@ -64,6 +64,20 @@ def test_log_probs_exclude_mask_and_normalise():
     assert torch.allclose(logp[:, :2].exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
 
 
+def test_probabilities_temper_per_slot_and_leave_the_logits_alone():
+    model = tiny_model(seed=0)
+    logits = torch.randn(2, 3, model.vocab_size, dtype=torch.float64)
+    before = logits.clone()
+    temperatures = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)[None, :, None]
+    probs = model.probabilities(logits, temperatures)
+    assert torch.equal(logits, before)  # float64 input: no in-place masking of the caller's tensor
+    assert (probs[..., model.mask_token_id] == 0).all()
+    torch.testing.assert_close(probs, model.normalize(logits, temperatures).exp(), rtol=0, atol=1e-15)
+    for slot, t in enumerate([1.0, 0.5, 2.0]):
+        torch.testing.assert_close(probs[:, slot], model.normalize(logits[:, slot] / t).exp(), rtol=0, atol=1e-15)
+    assert not torch.allclose(probs[:, 0], probs[:, 1])
+
+
 def test_score_is_the_chain_of_oracle_conditionals():
     """One teacher-forced pass equals the product of one-query passes, rank by rank, per row."""
     model = tiny_model(seed=1, init_std=0.5)

@@ -22,7 +22,8 @@ Per call it computes only
     rank (they are kept too, tagged with the tokens they were computed from: when a later call
     commits the same tokens, their states are reused instead of recomputed),
   * the query stream of the ``k`` query rows,
-so one ASSD round costs about ``k`` content rows plus ``2k`` query rows instead of ``2 L`` rows.
+so one self-drafted ASSD round costs about ``k`` content rows plus ``2k - 1`` query rows (the verify
+pass does not re-query the exact first draft) instead of ``2 L`` rows.
 
 Validity is checked, not assumed: the session remembers which token each cached state was computed
 from, and at every call the states are valid only up to the first rank whose token differs (ranks

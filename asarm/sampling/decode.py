@@ -108,7 +108,7 @@ def _progress(batch: _Batch, enabled: bool, desc: str):
 
 def _to_probs(model: ASARM):
     def to_probs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        return model.normalize(logits / temperatures.to(logits.device, logits.dtype)[None, :, None]).exp()
+        return model.probabilities(logits, temperatures[None, :, None])
     return to_probs
 
 
@@ -164,8 +164,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     ``n..n+k_eff-1``; one oracle pass with the drafts written in gives their chained conditionals ``p_i``;
     draft i is accepted with probability ``min(1, p_i(x_i) / q_i(x_i))`` and the first rejected one is
     replaced by a draw from ``normalize(max(0, p_i - q_i))``. With the self drafter the first draft is
-    the exact conditional and is accepted by construction, and a round with one token left needs no
-    verify pass, so NFE <= length - n_prompt for k >= 2.
+    the exact conditional and is accepted by construction (the verify pass queries drafts 2..k only),
+    and a round with one token left needs no verify pass, so NFE <= length - n_prompt for k >= 2.
 
     Args:
         k: drafts per round (>= 1).
@@ -208,6 +208,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         draft_temps[0] = 1.0
     drafted_by_index = torch.zeros(batch_size, k, dtype=torch.long, device=device)
     accepted_by_index = torch.zeros_like(drafted_by_index)
+    first_checked = int(drafter.first_draft_exact)  # first draft slot the verify pass checks
     bar = _progress(batch, progress, f"assd-{drafter.name}")
 
     while len(rows := batch.active_rows()):
@@ -240,12 +241,14 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         if verify.any():
             v = verify.nonzero().flatten()
             written = _write(tokens[v], query_positions[v], drafts[v])
-            p = to_probs(session.logits(rows[v], written, n[v], query_ranks[v], draft=False), oracle_temps[:num])
-            qv = q[v]
-            p_x = p.gather(2, drafts[v, :, None]).squeeze(-1)
-            q_x = qv.gather(2, drafts[v, :, None]).squeeze(-1)
-            accept[v] |= u_accept[v] < p_x / q_x + r_atol
-            j = _num_accepted(accept[v], valid[v], k_eff[v]).clamp(max=num - 1)  # first rejected slot
+            # the oracle's slot-0 conditional equals an exact first draft: not queried again
+            checked = slice(first_checked, num)
+            p = to_probs(session.logits(rows[v], written, n[v], query_ranks[v, checked], draft=False),
+                         oracle_temps[checked])
+            qv, dv = q[v, checked], drafts[v, checked, None]
+            p_x, q_x = p.gather(2, dv).squeeze(-1), qv.gather(2, dv).squeeze(-1)
+            accept[v, checked] |= u_accept[v, checked] < p_x / q_x + r_atol
+            j = _num_accepted(accept[v], valid[v], k_eff[v]).clamp(max=num - 1) - first_checked  # first rejected
             arange_v = torch.arange(len(v), device=device)
             p_j = p[arange_v, j]
             residual = (p_j - qv[arange_v, j]).clamp(min=0)

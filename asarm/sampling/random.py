@@ -54,7 +54,13 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     ``uniforms (...)`` in [0, 1). Tokens of probability zero are never returned."""
     cdf = probs.cumsum(dim=-1)
     threshold = (uniforms * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
-    # Rounding can push the threshold to the total: fall back to the last token with mass.
-    last_positive = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)
-    return torch.minimum(idx, last_positive)
+    # The first token whose cdf exceeds the threshold has mass (equal cdf values mean zero mass) ...
+    idx = torch.searchsorted(cdf, threshold, right=True).clamp(max=probs.shape[-1] - 1)
+    # ... as long as the cdf is monotone and the threshold below the total. A parallel (GPU) cumsum
+    # rounds each prefix separately, so guard anyway: a zero-mass hit takes the last token with mass.
+    overshot = (probs.gather(-1, idx) <= 0).squeeze(-1)
+    idx = idx.squeeze(-1)
+    if overshot.any():
+        has_mass = (probs[overshot] > 0).to(torch.int8)
+        idx[overshot] = probs.shape[-1] - 1 - torch.argmax(has_mass.flip(-1), dim=-1)
+    return idx

@@ -7,6 +7,7 @@ import torch
 
 from asarm import orders
 from asarm.sampling import LossySamplingWarning, assd_decode, sequential_decode
+from asarm.sampling.engine import FullEngine
 
 from helpers import tiny_model
 
@@ -81,6 +82,39 @@ def test_assd_self_nfe_never_exceeds_sequential():
             # Each round fixes its accepted drafts plus one resampled token when one was rejected.
             rejected_rounds = out.drafted_by_index.sum(1) - out.accepted
             assert torch.equal(out.accepted + rejected_rounds, generated)
+
+
+class _RecordingEngine:
+    """The full engine, recording (n_fixed, query_ranks, draft) of every call."""
+
+    def __init__(self, model):
+        self.inner = FullEngine(model)
+        self.calls = []
+
+    def start(self, tokens, sigma, n_prompt):
+        session = self.inner.start(tokens, sigma, n_prompt)
+        engine = self
+
+        class Session:
+            def logits(self, rows, tokens, n_fixed, query_ranks, draft):
+                engine.calls.append((n_fixed.clone(), query_ranks.clone(), draft))
+                return session.logits(rows, tokens, n_fixed, query_ranks, draft)
+        return Session()
+
+
+def test_self_drafted_verify_pass_does_not_requery_the_exact_first_draft(model):
+    tokens, sigma, n_prompt, lengths = _batch(seed=5)
+    engine = _RecordingEngine(model)
+    assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, seed=0, engine=engine)
+    verify_calls = [(n, ranks) for n, ranks, draft in engine.calls if not draft]
+    draft_calls = [(n, ranks) for n, ranks, draft in engine.calls if draft]
+    assert verify_calls and draft_calls
+    for n, ranks in verify_calls:  # drafts 2..k only: ranks n+1 .. n+k-1
+        used = ranks >= 0
+        assert (ranks[used] > n[:, None].expand_as(ranks)[used]).all()
+        assert torch.equal(ranks[:, 0], n + 1)
+    for n, ranks in draft_calls:
+        assert torch.equal(ranks[:, 0], n)
 
 
 def test_assd_k1_is_one_exact_draft_per_token(model):
