@@ -225,6 +225,22 @@ def test_sequential_pattern_computes_one_row_per_call():
     assert pair.cached.last["content_rows"] == 0
 
 
+def test_prefill_encodes_the_prompts_up_front():
+    B, L = 3, 10
+    n_prompt = torch.tensor([3, 1, 5])
+    tokens, _, pair = float64_scenario(12, n_prompt, L, orders.any_subset)
+    pair.cached.prefill()
+    assert pair.cached.last == {"calls": 0, "passes": 1, "content_rows": int(n_prompt.sum()), "query_rows": 0,
+                                "reused_rows": 0}
+    rows = torch.arange(B)
+    for step in range(4):  # the decode then matches the full forward and computes one new row per call
+        n_fixed = n_prompt + step
+        pair(rows, tokens, n_fixed, n_fixed[:, None], False)
+        assert pair.cached.last["content_rows"] == (0 if step == 0 else B)
+    with pytest.raises(RuntimeError, match="before the first logits"):
+        pair.cached.prefill()
+
+
 def test_verify_states_are_reused_and_rejections_recomputed():
     B, L, k = 2, 12, 4
     n_prompt = torch.tensor([2, 3])

@@ -137,6 +137,7 @@ class CachedSession:
         if (self.n_prompt < 1).any():
             raise ValueError("n_prompt must be >= 1 on every row (XLNet's query stream needs a visible token)")
         self.positions = torch.argsort(self.sigma, dim=1)
+        self.start_tokens = tokens.to(device=device, dtype=torch.long)  # for prefill(); prompts never change
         self.computed = torch.zeros(B, dtype=torch.long, device=device)  # ranks < computed hold valid states
         self.state_tokens = torch.full((B, L), -1, dtype=torch.long, device=device)
         self.committed = torch.zeros(B, dtype=torch.long, device=device)  # largest n_fixed seen
@@ -224,42 +225,60 @@ class CachedSession:
             need = torch.maximum(n_fixed, q_rank.amax(dim=1))
         # draft states computed by an earlier call and now committed unchanged: not recomputed
         reused = (torch.minimum(valid, n_fixed) - self.committed[rows]).clamp(min=0)
+        if draft:
+            q_limit = torch.minimum(q_rank, n_fixed[:, None])
+        else:
+            q_limit = torch.where(used, q_rank, n_fixed[:, None])
+        out, passes, content_rows = self._advance(slots, tokens, positions, n_prompt, valid, need, (q_rank, q_limit))
+        self.last = {"calls": 1, "passes": passes, "content_rows": content_rows, "query_rows": int(used.sum()),
+                     "reused_rows": int(reused.sum())}
+        self._record(rows, tokens, torch.maximum(valid, need), n_fixed)
+        return out
 
-        last = {"calls": 1, "passes": 0, "content_rows": 0, "query_rows": int(used.sum()),
-                "reused_rows": int(reused.sum())}
-        cur = valid
+    @torch.no_grad()
+    def prefill(self) -> None:
+        """Compute every row's prompt states now, from the tokens the session was started with (the first
+        ``logits`` call does it otherwise), e.g. to time prompt encoding apart from decoding. Only on a
+        fresh session."""
+        if self.stats["passes"]:
+            raise RuntimeError("prefill() must come before the first logits() call")
+        start = torch.zeros_like(self.n_prompt)
+        _, passes, content_rows = self._advance(self.slot_of, self.start_tokens, self.positions, self.n_prompt,
+                                                start, self.n_prompt, None)
+        self.last = {"calls": 0, "passes": passes, "content_rows": content_rows, "query_rows": 0, "reused_rows": 0}
+        self._record(torch.arange(self.batch_size, device=start.device), self.start_tokens, self.n_prompt,
+                     self.n_prompt)
+
+    def _advance(self, slots, tokens, positions, n_prompt, cur, need, queries):
+        """Content states of ranks ``cur .. need - 1`` of each row, in chunks of ``chunk_size`` ranks (a row
+        still inside its prompt takes the whole prompt); the last pass also runs ``queries`` =
+        ``(q_rank, q_limit)`` and returns their logits. Returns ``(logits or None, passes, content rows)``."""
+        L, device = self.seq_len, self.sigma.device
         chunk = self.engine.chunk_size
-        out = None
-        while out is None:
-            # next block of ranks per row; a row still inside its prompt takes the whole prompt
+        passes = content_rows = 0
+        while True:
             end = torch.minimum(need, torch.maximum(cur + chunk, torch.where(cur < n_prompt, n_prompt, 0)))
             end = torch.maximum(cur, end)
             final = bool((end >= need).all())
             count = end - cur
-            n_new = int(count.max()) if b else 0
-            t = torch.arange(n_new, device=device)
+            t = torch.arange(int(count.max()), device=device)
             real = t[None, :] < count[:, None]
             c_rank = torch.where(real, cur[:, None] + t, L)  # rank L = the scratch slot
             c_tok = tokens.gather(1, positions.gather(1, c_rank.clamp(max=L - 1)))
-            if final:
-                if draft:
-                    q_limit = torch.minimum(q_rank, n_fixed[:, None])
-                else:
-                    q_limit = torch.where(used, q_rank, n_fixed[:, None])
-                out = self._pass(slots, positions, n_prompt, c_rank, c_tok, q_rank, q_limit)
-            else:
-                self._pass(slots, positions, n_prompt, c_rank, c_tok, None, None)
-            last["passes"] += 1
-            last["content_rows"] += int(count.sum())
+            q_rank, q_limit = queries if final and queries is not None else (None, None)
+            out = self._pass(slots, positions, n_prompt, c_rank, c_tok, q_rank, q_limit)
+            passes += 1
+            content_rows += int(count.sum())
             cur = end
+            if final:
+                return out, passes, content_rows
 
-        self.computed[rows] = torch.maximum(valid, need)
+    def _record(self, rows, tokens, computed, n_fixed) -> None:
+        self.computed[rows] = computed
         self.committed[rows] = torch.maximum(self.committed[rows], n_fixed)
         self.state_tokens[rows] = tokens
-        self.last = last
-        for name, value in last.items():
+        for name, value in self.last.items():
             self.stats[name] += value
-        return out
 
     # ------------------------------------------------------------------------- the pass
     def _pass(self, slots, positions, n_prompt, c_rank, c_tok, q_rank, q_limit):
