@@ -112,11 +112,11 @@ def memory_probe(seq_len: int, device: str | None) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = 2 * model.config.n_layer * (seq_len + 1) * model.config.d_model * 4
-    result = {"weights_mb": weights / 2**20, "cache_mb_per_sequence": cache / 2**20,
-              "peak_rss_mb": peak / 1024, "rss_growth_during_decode_mb": (peak - before) / 1024,
+    result = {"weights_mib": weights / 2**20, "cache_mib_per_sequence": cache / 2**20,
+              "peak_rss_mib": peak / 1024, "rss_growth_during_decode_mib": (peak - before) / 1024,
               "generated": int(out.settings["stop"][0] - out.settings["n_prompt"][0])}
     if dev.type == "cuda":
-        result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -240,9 +240,9 @@ def write_results(args, ratios, memory) -> None:
                      f"| {cell(q['batch_over_b1'], '%.1fx')} | {q['prefill_seconds']:.2f} "
                      f"| {q['decode_tokens_per_s']:.2f} | {cell(q['decode_batch_over_b1'], '%.1fx')} |")
     lines += ["", f"Peak memory, one base-size {max(args.lengths)}-token cached ASSD decode (batch 1): "
-              f"weights {memory['weights_mb']:.0f} MB, KV cache {memory['cache_mb_per_sequence']:.1f} MB per "
-              f"sequence (2 x layers x (L+1) x d_model float32), peak process RSS {memory['peak_rss_mb']:.0f} MB"
-              + (f", CUDA peak {memory['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in memory
+              f"weights {memory['weights_mib']:.0f} MiB, KV cache {memory['cache_mib_per_sequence']:.1f} MiB per "
+              f"sequence (2 x layers x (L+1) x d_model float32), peak process RSS {memory['peak_rss_mib']:.0f} MiB"
+              + (f", CUDA peak {memory['cuda_peak_allocated_mib']:.0f} MiB" if "cuda_peak_allocated_mib" in memory
                  else "") + "."]
     with RESULTS.open("a") as f:
         f.write("\n".join(lines) + "\n")
