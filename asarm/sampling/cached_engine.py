@@ -17,7 +17,7 @@ the prefix up to its largest limit. Memory: ``2 * n_layer * B * (L + 1) * d_mode
 Per call it computes only
   * the content stream of positions that became committed since they were last computed (lazy
     commit; several at once, rank-causal among themselves, in chunks of ``chunk_size`` ranks; the
-    first call computes the prompt as one block because it is bidirectional),
+    first call, or ``prefill()`` before it, computes the prompt as one block: it is bidirectional),
   * in oracle mode, the content stream of the uncommitted drafts written below the highest query
     rank (they are kept too, tagged with the tokens they were computed from: when a later call
     commits the same tokens, their states are reused instead of recomputed),

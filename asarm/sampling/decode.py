@@ -248,7 +248,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
             qv, dv = q[v, checked], drafts[v, checked, None]
             p_x, q_x = p.gather(2, dv).squeeze(-1), qv.gather(2, dv).squeeze(-1)
             accept[v, checked] |= u_accept[v, checked] < p_x / q_x + r_atol
-            j = _num_accepted(accept[v], valid[v], k_eff[v]).clamp(max=num - 1) - first_checked  # first rejected
+            # the first rejected slot, as an index into p (which starts at slot first_checked)
+            j = _num_accepted(accept[v], valid[v], k_eff[v]).clamp(max=num - 1) - first_checked
             arange_v = torch.arange(len(v), device=device)
             p_j = p[arange_v, j]
             residual = (p_j - qv[arange_v, j]).clamp(min=0)
