@@ -199,8 +199,9 @@ class ASARM(nn.Module):
 
     def _tempered_float64(self, logits: torch.Tensor, temperature) -> torch.Tensor:
         logits = logits.to(torch.float64, copy=True)  # a copy: the mask logit is overwritten below
-        if not bool(torch.all(torch.as_tensor(temperature) == 1)):
-            logits /= torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
+        temperature = torch.as_tensor(temperature, dtype=torch.float64)
+        if not bool((temperature == 1).all()):
+            logits /= temperature.to(logits.device)
         logits[..., self.mask_token_id] = float("-inf")
         return logits
 

@@ -58,9 +58,9 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     idx = torch.searchsorted(cdf, threshold, right=True).clamp(max=probs.shape[-1] - 1)
     # ... as long as the cdf is monotone and the threshold below the total. A parallel (GPU) cumsum
     # rounds each prefix separately, so guard anyway: a zero-mass hit takes the last token with mass.
-    overshot = (probs.gather(-1, idx) <= 0).squeeze(-1)
+    on_zero_mass = (probs.gather(-1, idx) <= 0).squeeze(-1)
     idx = idx.squeeze(-1)
-    if overshot.any():
-        has_mass = (probs[overshot] > 0).to(torch.int8)
-        idx[overshot] = probs.shape[-1] - 1 - torch.argmax(has_mass.flip(-1), dim=-1)
+    if on_zero_mass.any():
+        has_mass = (probs[on_zero_mass] > 0).to(torch.int8)
+        idx[on_zero_mass] = probs.shape[-1] - 1 - torch.argmax(has_mass.flip(-1), dim=-1)
     return idx
