@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["perm_mask", "oracle_perm_mask", "draft_perm_mask", "target_mapping"]
+__all__ = ["perm_mask", "oracle_perm_mask", "draft_perm_mask", "target_mapping", "query_limits"]
 
 
 def perm_mask(sigma: torch.Tensor, n_prompt: torch.Tensor, n_visible: torch.Tensor | None = None,
@@ -58,3 +58,31 @@ def target_mapping(query_positions: torch.Tensor, seq_len: int, dtype: torch.dty
     used = query_positions >= 0
     one_hot = torch.nn.functional.one_hot(query_positions.clamp(min=0), seq_len)
     return (one_hot * used[..., None]).to(dtype)
+
+
+def query_limits(n_prompt: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor, draft: bool = False,
+                 limits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-query visibility ``(b, k)``: query ``t`` sees the ranks ``< limits[:, t]`` (and the whole prompt).
+
+    ``limits=None`` gives the two classic patterns: the oracle (``draft=False``, a query on rank r sees
+    ranks ``< r``) or the draft mask (``draft=True``, every query sees ranks ``< n_fixed``). Explicit
+    limits must satisfy ``n_prompt <= limit <= rank`` on used slots (rank -1: unused, limit ignored), and
+    no two used queries of a row may share both rank and limit. Raises ValueError otherwise.
+    """
+    used = query_ranks >= 0
+    if limits is None:
+        limits = n_fixed[:, None].expand_as(query_ranks) if draft else query_ranks
+        return torch.where(used, limits, n_fixed[:, None])
+    if draft:
+        raise ValueError("pass either draft=True or explicit limits, not both")
+    limits = torch.as_tensor(limits, device=query_ranks.device, dtype=torch.long)
+    if limits.shape != query_ranks.shape:
+        raise ValueError(f"limits must have the shape of query_ranks {tuple(query_ranks.shape)}, "
+                         f"got {tuple(limits.shape)}")
+    if (used & ((limits < n_prompt[:, None]) | (limits > query_ranks))).any():
+        raise ValueError("every used query needs n_prompt <= limit <= its rank (a query never sees itself)")
+    key = torch.where(used, query_ranks * (int(limits.max()) + 1) + limits, -1)
+    sorted_key = key.sort(dim=1).values
+    if ((sorted_key[:, 1:] == sorted_key[:, :-1]) & (sorted_key[:, 1:] >= 0)).any():
+        raise ValueError("two queries of a row share both rank and limit: they would return the same logits")
+    return torch.where(used, limits, n_fixed[:, None])

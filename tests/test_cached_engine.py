@@ -32,9 +32,9 @@ class Pair:
         self.calls = 0
         self.worst = 0.0
 
-    def __call__(self, rows, tokens, n_fixed, query_ranks, draft):
-        want = self.full.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft)
-        got = self.cached.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft)
+    def __call__(self, rows, tokens, n_fixed, query_ranks, draft=False, limits=None):
+        want = self.full.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft, limits)
+        got = self.cached.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft, limits)
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.isfinite(got).all()
         used = query_ranks >= 0  # -1: an unused slot, logits unspecified
@@ -350,3 +350,78 @@ def test_samplers_give_the_same_samples_with_either_engine(sampler, kwargs):
     cached = decode(model, tokens, sigma, n_prompt, lengths, seed=22, engine="cached", **kwargs)
     assert torch.equal(full.tokens, cached.tokens)
     assert torch.equal(full.nfe, cached.nfe)
+
+
+def mixed_queries(n_fixed, stop, k_max, g):
+    """Random per-query visibility, as a single-pass ASSD call uses it: oracle rows on the pending drafts,
+    and rows on later ranks seeing a random prefix; the same rank queried with several limits."""
+    ranks, limits = [], []
+    for nf, st in zip(n_fixed.tolist(), stop.tolist()):
+        row = set()
+        for _ in range(int(torch.randint(1, 2 * k_max + 1, (1,), generator=g))):
+            rank = int(torch.randint(nf, st, (1,), generator=g))
+            limit = rank if torch.rand(1, generator=g) < 0.4 else int(torch.randint(nf, rank + 1, (1,), generator=g))
+            row.add((rank, limit))
+        ranks.append([r for r, _ in sorted(row)])
+        limits.append([lim for _, lim in sorted(row)])
+    width = max(map(len, ranks))
+    pad = lambda rows: torch.tensor([r + [-1] * (width - len(r)) for r in rows])  # noqa: E731
+    return pad(ranks), pad([lim + [0] * (width - len(lim)) for lim in limits]).clamp(min=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_visibility_calls_match_the_full_forward(seed):
+    """Calls mixing oracle rows, draft rows and rows seeing any prefix (a rank queried under several
+    limits, which the full engine splits into several forwards) give the full forward's logits, across
+    commits and drafts that change between calls."""
+    n_prompt = torch.tensor([1, 3, 2])
+    tokens, positions, pair = float64_scenario(seed, n_prompt, seq_len=10)
+    g = torch.Generator().manual_seed(seed + 7)
+    n_fixed, stop = n_prompt.clone(), torch.full((3,), 10)
+    limits_used = 0
+    while (n_fixed < stop).any():
+        rows = (n_fixed < stop).nonzero().flatten()
+        ranks, limits = mixed_queries(n_fixed[rows], stop[rows], 3, g)
+        limits = torch.where(ranks >= 0, limits, 0)
+        call_tokens = tokens[rows].clone()
+        undecided = torch.gather(torch.argsort(positions[rows], 1), 1, torch.arange(10).expand(len(rows), -1)) \
+            >= n_fixed[rows, None]
+        call_tokens[undecided] = torch.randint(0, 16, (int(undecided.sum()),), generator=g)  # fresh drafts
+        pair(rows, call_tokens, n_fixed[rows], ranks, limits=limits)
+        limits_used += int(((limits < ranks) & (ranks >= 0)).sum())
+        tokens[rows] = call_tokens
+        n_fixed[rows] = torch.minimum(n_fixed[rows] + torch.randint(1, 4, (len(rows),), generator=g), stop[rows])
+    assert pair.calls >= 3 and limits_used > 0
+
+
+def test_classic_patterns_are_special_cases_of_limits():
+    """draft=True equals limits = n_fixed, draft=False equals limits = the query ranks, on both engines."""
+    n_prompt = torch.tensor([2, 3])
+    tokens, positions, pair = float64_scenario(5, n_prompt, seq_len=8)
+    rows, n_fixed = torch.arange(2), n_prompt.clone()
+    ranks = torch.tensor([[2, 3, 4], [3, 4, -1]])
+    for session in (pair.full, pair.cached):
+        used = ranks >= 0
+        draft = session.logits(rows, tokens, n_fixed, ranks, draft=True)[used]
+        by_limits = session.logits(rows, tokens, n_fixed, ranks, limits=n_fixed[:, None].expand(-1, 3))[used]
+        torch.testing.assert_close(draft, by_limits, rtol=0, atol=1e-12)
+        oracle = session.logits(rows, tokens, n_fixed, ranks)[used]
+        by_limits = session.logits(rows, tokens, n_fixed, ranks, limits=ranks.clamp(min=2))[used]
+        torch.testing.assert_close(oracle, by_limits, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("limits,message", [
+    ([[1, 3, 4]], "n_prompt <= limit"), ([[2, 5, 4]], "n_prompt <= limit"), ([[2, 2, 2]], None)])
+def test_bad_limits_are_rejected(limits, message):
+    n_prompt = torch.tensor([2])
+    tokens, _, pair = float64_scenario(6, n_prompt, seq_len=8)
+    ranks = torch.tensor([[2, 3, 4]])
+    for session in (pair.full, pair.cached):
+        if message is None:
+            session.logits(torch.arange(1), tokens, n_prompt, ranks, limits=torch.tensor(limits))
+            with pytest.raises(ValueError, match="share both rank and limit"):
+                session.logits(torch.arange(1), tokens, n_prompt, torch.tensor([[3, 3]]),
+                               limits=torch.tensor([[2, 2]]))
+        else:
+            with pytest.raises(ValueError, match=message):
+                session.logits(torch.arange(1), tokens, n_prompt, ranks, limits=torch.tensor(limits))

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import query_limits
 from ..model import ASARM
 
 __all__ = ["CachedEngine", "CachedSession"]
@@ -190,7 +191,7 @@ class CachedSession:
     # ------------------------------------------------------------------------- public
     @torch.no_grad()
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
-               draft: bool) -> torch.Tensor:
+               draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
         device = self.sigma.device
         L = self.seq_len
         rows = torch.as_tensor(rows, device=device, dtype=torch.long).reshape(-1)
@@ -208,6 +209,7 @@ class CachedSession:
         if (n_fixed < n_prompt).any() or (used & (query_ranks < n_fixed[:, None])).any() or (query_ranks >= L).any() \
                 or (n_fixed > L).any():
             raise ValueError("need n_prompt <= n_fixed <= query_ranks < L on every row (or query rank -1: unused)")
+        q_limit = query_limits(n_prompt, n_fixed, query_ranks, draft, limits)
         # an unused slot becomes a draft-style query on the lowest open rank: finite, needs nothing new
         q_rank = torch.where(used, query_ranks, n_fixed.clamp(max=L - 1)[:, None])
         slots = self._slots(rows)
@@ -219,16 +221,10 @@ class CachedSession:
         previously = self.computed[rows]
         valid = torch.minimum(previously, changed)
         valid = torch.where(valid < n_prompt, 0, valid)  # the prompt is one bidirectional block
-        if draft:
-            need = n_fixed
-        else:
-            need = torch.maximum(n_fixed, q_rank.amax(dim=1))
+        # content states of every rank some query sees: committed ones, and drafts written below a limit
+        need = torch.maximum(n_fixed, q_limit.amax(dim=1))
         # draft states computed by an earlier call and now committed unchanged: not recomputed
         reused = (torch.minimum(valid, n_fixed) - self.committed[rows]).clamp(min=0)
-        if draft:
-            q_limit = torch.minimum(q_rank, n_fixed[:, None])
-        else:
-            q_limit = torch.where(used, q_rank, n_fixed[:, None])
         out, passes, content_rows = self._advance(slots, tokens, positions, n_prompt, valid, need, (q_rank, q_limit))
         self.last = {"calls": 1, "passes": passes, "content_rows": content_rows, "query_rows": int(used.sum()),
                      "reused_rows": int(reused.sum())}

@@ -1,15 +1,19 @@
 """Inference engines: how a sampler turns (tokens, order, query ranks) into logits.
 
 A sampler opens one session per batch (``engine.start(tokens, sigma, n_prompt)``) and then calls
-``session.logits(rows, tokens, n_fixed, query_ranks, draft)`` once per NFE:
+``session.logits(rows, tokens, n_fixed, query_ranks, draft=False, limits=None)`` once per NFE:
 
 * ``rows (b,)``: which batch rows take part (finished rows drop out);
 * ``tokens (b, L)``: those rows' current tokens; ranks ``< n_fixed`` are committed and never change
   afterwards (``n_fixed`` only grows per row), so an engine may cache whatever depends on them;
-* ``query_ranks (b, k)``: ranks to predict, distinct and ``>= n_fixed``; ``-1`` marks an unused slot
-  (rows needing fewer queries than others), whose logits are unspecified;
-* ``draft=True``: draft mask, every query sees ranks ``< n_fixed`` only (inputs of higher rank are
-  placeholders); ``draft=False``: oracle mask, a query on rank r sees ranks ``< r``, i.e. also the
+* ``query_ranks (b, k)``: ranks to predict, ``>= n_fixed``; ``-1`` marks an unused slot (rows needing
+  fewer queries than others), whose logits are unspecified;
+* ``limits (b, k)``: per-query visibility: query t sees the ranks ``< limits[:, t]`` plus the prompt
+  (``n_prompt <= limit <= rank``; tokens on ranks ``n_fixed .. limit - 1`` are uncommitted drafts). One
+  call may thus mix oracle rows, draft rows and rows that see any given prefix; a rank may be queried
+  several times with different limits. Without ``limits`` the two classic patterns:
+  ``draft=True``: the draft mask, every query sees ranks ``< n_fixed`` (inputs of higher rank are
+  placeholders); ``draft=False``: the oracle mask, a query on rank r sees ranks ``< r``, i.e. also the
   uncommitted drafts written at ranks ``n_fixed .. r-1``.
 
 Returns raw logits ``(b, k, V)``. ``FullEngine`` runs the plain full-sequence Hugging Face forward
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..masks import query_limits
 from ..model import ASARM
 from ..orders import positions_of_ranks
 from .cached_engine import CachedEngine
@@ -36,10 +41,28 @@ class _FullSession:
         self.positions = torch.argsort(sigma, dim=1)  # position of each rank
 
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
-               draft: bool) -> torch.Tensor:
-        query_positions = positions_of_ranks(self.positions[rows], query_ranks)
-        return self.model.logits(tokens, self.sigma[rows], self.n_prompt[rows], query_positions,
-                                 n_visible=n_fixed if draft else None)
+               draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
+        sigma, n_prompt = self.sigma[rows], self.n_prompt[rows]
+        limits = query_limits(n_prompt, n_fixed, query_ranks, draft, limits)
+        b, k = query_ranks.shape
+        L = tokens.shape[1]
+        # A Hugging Face forward has one visibility per position (perm_mask row), shared by its content
+        # and query streams. The mask with v visible ranks (masks.perm_mask) serves every query whose
+        # limit is min(rank, v): oracle queries (limit = rank) all fit v = L, any other query needs
+        # v = its limit. So each batch row is split into one forward per distinct v, run as one batch.
+        used = query_ranks >= 0
+        visible = torch.where(used & (limits < query_ranks), limits, L)
+        group_key = torch.arange(b, device=rows.device)[:, None] * (L + 1) + visible
+        keys, group = torch.unique(group_key.flatten(), return_inverse=True)
+        one_hot = torch.nn.functional.one_hot(group, len(keys))
+        slot = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # index of each query within its forward
+        source_row, forward_visible = keys // (L + 1), keys % (L + 1)
+        query_positions = positions_of_ranks(self.positions[rows], query_ranks).flatten()
+        grouped = torch.full((len(keys), int(slot.max()) + 1), -1, dtype=torch.long, device=rows.device)
+        grouped[group, slot] = query_positions
+        out = self.model.logits(tokens[source_row], sigma[source_row], n_prompt[source_row], grouped,
+                                n_visible=forward_visible)
+        return out[group, slot].reshape(b, k, -1)
 
 
 class FullEngine:
