@@ -1,26 +1,33 @@
-"""Draft proposers for Any-Subset Speculative Decoding.
+"""Draft proposers for Any-Subset Speculative Decoding, declared by one protocol and registered by name.
 
 A drafter proposes ``K`` tokens for the ranks ``n .. n+K-1`` of each active row, together with the
 full proposal distributions it drew them from (needed for the acceptance ratio and the residual).
 Any proposal keeps ASSD exact, because the verify pass corrects it; better proposals are accepted
-more often.
+more often. The protocol (:class:`Drafter`) needs only ``propose(DraftRequest)``; two attributes are
+optional: ``name`` (default: the class name) and ``first_draft_exact`` (default False: True promises
+that the first proposal is the exact conditional, so ASSD accepts it without verification). Model
+calls are counted by the sampler (every ``session.logits`` call a drafter makes), not declared.
 
 * ``SelfDrafter``: one model pass with the draft mask; the K tokens are drawn independently from
   ``p(x_{n+i} | x_{<n})``. Its first proposal is the exact conditional, so it is always accepted.
 * ``NGramDrafter``: no model call; a per-row bigram table over the committed adjacent pairs, drafting
   each token from its left neighbour (backing off to the row's unigram counts, then to uniform).
+
+``DRAFTERS`` maps names to classes; :func:`register_drafter` adds one, and the CLI, the evaluations and
+the benchmarks list drafters from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
 from .random import sample_categorical
 
-__all__ = ["DraftRequest", "SelfDrafter", "NGramDrafter", "make_drafter"]
+__all__ = ["DraftRequest", "Drafter", "SelfDrafter", "NGramDrafter", "DRAFTERS", "register_drafter", "make_drafter",
+           "drafter_name", "first_draft_exact"]
 
 
 @dataclass
@@ -41,11 +48,26 @@ class DraftRequest:
     vocab_size: int
 
 
+@runtime_checkable
+class Drafter(Protocol):
+    """What ASSD needs of a drafter: ``propose`` returns ``(drafts (b, K) long, probs (b, K, V) float64)``,
+    each draft drawn from its row of ``probs`` with the matching uniform of ``req.uniforms``."""
+
+    def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def drafter_name(drafter) -> str:
+    return getattr(drafter, "name", type(drafter).__name__)
+
+
+def first_draft_exact(drafter) -> bool:
+    return bool(getattr(drafter, "first_draft_exact", False))
+
+
 class SelfDrafter:
     """The model drafts for itself with the draft (parallel) mask: 1 NFE per round."""
 
     name = "self"
-    model_calls_per_round = 1
     first_draft_exact = True
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +80,6 @@ class NGramDrafter:
     """Context n-gram drafts from each row's own committed tokens: no model call."""
 
     name = "ngram"
-    model_calls_per_round = 0
     first_draft_exact = False
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +115,24 @@ class NGramDrafter:
         return drafts, probs
 
 
-def make_drafter(drafter) -> SelfDrafter | NGramDrafter:
-    if drafter == "self":
-        return SelfDrafter()
-    if drafter == "ngram":
-        return NGramDrafter()
-    if isinstance(drafter, str) or not hasattr(drafter, "propose"):
-        raise ValueError(f"unknown drafter {drafter!r}; choose 'self', 'ngram' or pass an object with propose()")
+DRAFTERS: dict[str, type] = {"self": SelfDrafter, "ngram": NGramDrafter}
+
+
+def register_drafter(name: str, cls: type) -> None:
+    """Make ``cls`` (constructed without arguments) available as ``drafter=name`` everywhere."""
+    if not hasattr(cls, "propose"):
+        raise TypeError(f"a drafter needs a propose(DraftRequest) method; {cls.__name__} has none")
+    DRAFTERS[name] = cls
+
+
+def make_drafter(drafter) -> Drafter:
+    """A drafter from a name in ``DRAFTERS`` or an object with ``propose()``."""
+    if isinstance(drafter, str):
+        if drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)} or pass an object "
+                             f"with propose()")
+        return DRAFTERS[drafter]()
+    if not isinstance(drafter, Drafter):
+        raise ValueError(f"a drafter must be a name ({', '.join(DRAFTERS)}) or an object with propose(), "
+                         f"got {type(drafter).__name__}")
     return drafter

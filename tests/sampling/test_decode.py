@@ -15,6 +15,10 @@ SAMPLERS = {
     "sequential": lambda m, *a, **kw: sequential_decode(m, *a, **kw),
     "assd-self": lambda m, *a, **kw: assd_decode(m, *a, k=3, **kw),
     "assd-ngram": lambda m, *a, **kw: assd_decode(m, *a, k=3, drafter="ngram", **kw),
+    "assd-bonus": lambda m, *a, **kw: assd_decode(m, *a, k=3, bonus=True, **kw),
+    "assd-fused": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, **kw),
+    "assd-fused-outcomes1": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, outcomes=1, **kw),
+    "assd-fused-adaptive": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, draft_length=0.3, **kw),
 }
 
 
@@ -96,9 +100,9 @@ class _RecordingEngine:
         engine = self
 
         class Session:
-            def logits(self, rows, tokens, n_fixed, query_ranks, draft):
-                engine.calls.append((n_fixed.clone(), query_ranks.clone(), draft))
-                return session.logits(rows, tokens, n_fixed, query_ranks, draft)
+            def logits(self, rows, tokens, n_fixed, query_ranks, draft=False, limits=None):
+                engine.calls.append((n_fixed.clone(), query_ranks.clone(), draft, limits))
+                return session.logits(rows, tokens, n_fixed, query_ranks, draft, limits)
         return Session()
 
 
@@ -106,8 +110,8 @@ def test_self_drafted_verify_pass_does_not_requery_the_exact_first_draft(model):
     tokens, sigma, n_prompt, lengths = _batch(seed=5)
     engine = _RecordingEngine(model)
     assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, seed=0, engine=engine)
-    verify_calls = [(n, ranks) for n, ranks, draft in engine.calls if not draft]
-    draft_calls = [(n, ranks) for n, ranks, draft in engine.calls if draft]
+    verify_calls = [(n, ranks) for n, ranks, draft, limits in engine.calls if not draft]
+    draft_calls = [(n, ranks) for n, ranks, draft, limits in engine.calls if draft]
     assert verify_calls and draft_calls
     for n, ranks in verify_calls:  # drafts 2..k only: ranks n+1 .. n+k-1
         used = ranks >= 0
@@ -207,3 +211,87 @@ def test_max_new_tokens_stops_early_and_matches_the_full_decode_prefix(model, na
         assert torch.equal(partial.nfe, stop - n_prompt)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SAMPLERS[name](model, tokens, sigma, n_prompt, lengths, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("options", [{"bonus": True}, {"fused": True}, {"fused": True, "outcomes": 1},
+                                     {"fused": True, "draft_length": 0.5}, {"draft_length": 0.5}],
+                         ids=["bonus", "fused", "fused-outcomes1", "fused-adaptive", "adaptive"])
+def test_new_modes_never_exceed_sequential_nfe(options):
+    """Property: every call commits at least one token, so NFE <= L - m on every row, for random models,
+    orders, prompt sizes and k."""
+    for trial in range(4):
+        model = tiny_model(seed=trial, init_std=[0.02, 0.5, 2.0][trial % 3])
+        tokens, sigma, n_prompt, lengths = _batch(batch_size=10, seq_len=14, seed=20 + trial)
+        for k in (1, 2, 3, 5):
+            out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, seed=trial, **options)
+            assert (out.nfe <= lengths - n_prompt).all(), (trial, k, options, out.nfe, lengths - n_prompt)
+            assert torch.equal(out.accepted_by_index.sum(1), out.accepted)
+
+
+def test_fused_rounds_need_one_draft_call_per_row(model):
+    """With every outcome covered the next drafts always come from the verify call: one drafter call per
+    row (the first), and each verify call holds oracle rows, the bonus row and outcome rows that see a
+    prefix (limit < rank)."""
+    tokens, sigma, n_prompt, lengths = _batch(seed=6)
+    engine = _RecordingEngine(model)
+    out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, fused=True, seed=0, engine=engine)
+    assert torch.equal(out.draft_calls, torch.ones_like(out.draft_calls))
+    fused_calls = [(n, ranks, limits) for n, ranks, draft, limits in engine.calls if limits is not None]
+    assert len(fused_calls) == len(engine.calls) - 1
+    prefix_rows = 0
+    for n, ranks, limits in fused_calls:
+        used = ranks >= 0
+        assert (limits[used] >= n[:, None].expand_as(ranks)[used]).all() and (limits[used] <= ranks[used]).all()
+        prefix_rows += int((used & (limits < ranks)).sum())
+    assert prefix_rows > 0
+    partial = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, fused=True, outcomes=1, seed=0)
+    assert (partial.draft_calls >= 1).all() and partial.draft_calls.sum() > out.draft_calls.sum()
+
+
+def test_bonus_tokens_raise_tokens_per_round():
+    model = tiny_model(seed=1, init_std=0.02)  # near-uniform conditionals: drafts are accepted often
+    tokens, sigma, n_prompt, lengths = _batch(seed=7)
+    plain = assd_decode(model, tokens, sigma, n_prompt, lengths, k=2, seed=0)
+    bonus = assd_decode(model, tokens, sigma, n_prompt, lengths, k=2, bonus=True, seed=0)
+    assert plain.bonus_tokens.sum() == 0 and bonus.bonus_tokens.sum() > 0
+    assert bonus.tokens_per_call.mean() > plain.tokens_per_call.mean()
+
+
+def test_custom_drafter_with_only_propose(model):
+    """The protocol promise: an object with just propose() works (no name, no flags); its model calls are
+    counted from the engine, not declared."""
+    class UniformDrafter:
+        def propose(self, req):
+            b, K = req.query_ranks.shape
+            probs = torch.ones(b, K, req.vocab_size, dtype=torch.float64)
+            probs[..., req.mask_token_id] = 0
+            probs /= probs.sum(-1, keepdim=True)
+            return torch.searchsorted(probs.cumsum(-1), req.uniforms[..., None]).squeeze(-1), probs
+
+    tokens, sigma, n_prompt, lengths = _batch(seed=8)
+    out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, drafter=UniformDrafter(), seed=0)
+    assert out.sampler == "assd-UniformDrafter" and torch.equal(out.nfe, out.rounds)
+    assert torch.equal(out.ngram_calls, out.draft_calls)  # calls without a model forward
+
+
+def test_drafter_registry_and_bad_modes(model):
+    from asarm.sampling import DRAFTERS, NGramDrafter, register_drafter
+
+    register_drafter("ngram-copy", NGramDrafter)
+    try:
+        tokens, sigma, n_prompt, lengths = _batch(seed=9)
+        assert assd_decode(model, tokens, sigma, n_prompt, lengths, drafter="ngram-copy", seed=0).exact
+    finally:
+        DRAFTERS.pop("ngram-copy")
+    with pytest.raises(TypeError, match="propose"):
+        register_drafter("nothing", object)
+    with pytest.raises(ValueError, match="unknown drafter 'nope'"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, drafter="nope")
+    with pytest.raises(ValueError, match="drafter='self'"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, drafter="ngram", fused=True)
+    with pytest.raises(ValueError, match="only applies to fused"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, outcomes=2)
+    with pytest.raises(ValueError, match="outcomes must be"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, fused=True, outcomes=0)
+    with pytest.raises(ValueError, match="threshold must lie"):
+        assd_decode(model, tokens, sigma, n_prompt, lengths, draft_length=1.5)

@@ -61,6 +61,18 @@ SAMPLERS = {
     "assd-self-k3-T0.7-no_temp_oracle": (assd_decode, {"k": 3, "temperature": 0.7,
                                                         "temperature_mode": "no_temp_oracle"}, 1.0),
     "assd-ngram-k3-T0.7-target": (assd_decode, {"k": 3, "temperature": 0.7, "drafter": "ngram"}, 0.7),
+    "assd-bonus-k3": (assd_decode, {"k": 3, "bonus": True}, 1.0),
+    "assd-ngram-bonus-k3": (assd_decode, {"k": 3, "drafter": "ngram", "bonus": True}, 1.0),
+    "assd-bonus-k3-T0.7-no_temp_oracle": (assd_decode, {"k": 3, "bonus": True, "temperature": 0.7,
+                                                         "temperature_mode": "no_temp_oracle"}, 1.0),
+    "assd-fused-k3": (assd_decode, {"k": 3, "fused": True}, 1.0),
+    "assd-fused-k5": (assd_decode, {"k": 5, "fused": True}, 1.0),
+    "assd-fused-k3-outcomes1": (assd_decode, {"k": 3, "fused": True, "outcomes": 1}, 1.0),
+    "assd-fused-k3-T0.7-target": (assd_decode, {"k": 3, "fused": True, "temperature": 0.7}, 0.7),
+    "assd-fused-k3-T0.7-no_temp_oracle": (assd_decode, {"k": 3, "fused": True, "temperature": 0.7,
+                                                         "temperature_mode": "no_temp_oracle"}, 1.0),
+    "assd-adaptive-k3": (assd_decode, {"k": 3, "draft_length": 0.4}, 1.0),
+    "assd-fused-adaptive-k3": (assd_decode, {"k": 3, "fused": True, "draft_length": 0.4}, 1.0),
 }
 
 
@@ -87,3 +99,27 @@ def test_negative_control_unverified_drafts_are_rejected(setup):
         samples = out.tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
         assert chi_square_pvalue(samples, completions, probs) < 1e-12
         assert total_variation(samples, completions, probs) > 3 * tv_threshold(probs, ROWS_PER_ORDER, 0.9999)
+
+
+def peeking_length(threshold):
+    """A draft-length rule that is NOT exact: it verifies a draft only while the draft's own value is
+    likely under its proposal, q_i(x_i) >= threshold (it selects drafts by how they will fare)."""
+    def rule(probs, drafts, count):
+        own = probs.gather(2, drafts[..., None]).squeeze(-1)
+        low = own < threshold
+        low[:, 0] = False
+        return torch.where(low.any(1), low.to(torch.int8).argmax(1), count)
+    return rule
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_negative_control_value_peeking_draft_length_is_rejected(setup, fused):
+    """The exactness suite has power against the length rule the docstring forbids."""
+    model, tokens, sigma, n_prompt, joints = setup
+    out = assd_decode(model, tokens, sigma, n_prompt, k=5, fused=fused, draft_length=peeking_length(0.5),
+                      seed=12345, engine="cached")
+    rejected = 0
+    for i, (completions, probs) in enumerate(joints[1.0]):
+        samples = out.tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
+        rejected += chi_square_pvalue(samples, completions, probs) < 1e-6
+    assert rejected >= 1
