@@ -16,13 +16,15 @@ import sys
 import torch
 
 from . import orders
-from .eval.runner import SamplerSpec, add_model_source_arguments, decode
+from .eval.runner import SamplerSpec, parse_outcomes, add_model_source_arguments, decode
 from .model import ASARM
+from .sampling import DRAFTERS
 from .sampling.decode import TEMPERATURE_MODES
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
 
 __all__ = ["main", "sample", "encode_template"]
 
+SAMPLE_ALGORITHMS = ("assd", "assd-fused", "sequential")
 _BLANK = re.compile(r"<mask(?::(\d+))?>")
 
 
@@ -47,13 +49,21 @@ def encode_template(tokenizer, text: str, mask_token_id: int) -> list[int]:
 def sample(model: str, text: str, revision: str | None = None, masking_rate: float | None = None,
            sampler: str = "assd", drafter: str = "self", k: int = 5, temperature: float = 1.0,
            temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
-           engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True) -> list[dict]:
+           engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True, bonus: bool = False,
+           adaptive_threshold: float | None = None, outcomes: str | int = "all") -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
-    Returns one dict per completion (text, nfe, rounds, tokens_per_round) and prints them.
+    ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds, self drafts) or ``sequential``.
+    Returns one dict per completion (text, nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
     """
-    if sampler not in ("assd", "sequential"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'assd' or 'sequential'")
+    if sampler not in SAMPLE_ALGORITHMS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLE_ALGORITHMS)}")
+    if sampler != "assd" and (bonus or drafter != "self"):
+        raise ValueError(f"--bonus and --drafter apply to --sampler assd only, not {sampler!r}")
+    if sampler == "sequential" and (adaptive_threshold is not None or outcomes != "all"):
+        raise ValueError("--adaptive-threshold and --outcomes do not apply to --sampler sequential")
+    if sampler != "assd-fused" and outcomes != "all":
+        raise ValueError("--outcomes applies to --sampler assd-fused only")
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")
@@ -73,7 +83,9 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         sigma, n_prompt = orders.infilling(~blanks.expand(batch_size, -1))
     tokens = ids.expand(batch_size, -1).clone()
     seeds = torch.tensor([seed * 1_000_003 + b for b in range(batch_size)])
-    spec = SamplerSpec(sampler, sampler, drafter if sampler == "assd" else None)
+    spec = SamplerSpec(sampler, "sequential") if sampler == "sequential" else SamplerSpec(
+        sampler, "assd", drafter, bonus=bonus or sampler == "assd-fused", fused=sampler == "assd-fused",
+        draft_length=adaptive_threshold, outcomes=outcomes)
     out = decode(asarm, spec, tokens, sigma, n_prompt, seeds=seeds, k=k, temperature=temperature, engine=engine,
                  progress=progress, temperature_mode=temperature_mode, r_atol=r_atol)
     shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
@@ -83,10 +95,11 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
     results = []
     for b in range(batch_size):
         result = {"text": asarm.tokenizer.decode(out.tokens[b].tolist()), "nfe": int(out.nfe[b]),
-                  "rounds": int(out.rounds[b]), "tokens_per_round": float(out.tokens_per_round[b])}
+                  "rounds": int(out.rounds[b]), "tokens_per_round": float(out.tokens_per_round[b]),
+                  "tokens_per_call": float(out.tokens_per_call[b])}
         results.append(result)
-        print(f"[{b}] nfe={result['nfe']} rounds={result['rounds']} "
-              f"tokens/round={result['tokens_per_round']:.2f}\n    {result['text']}")
+        print(f"[{b}] nfe={result['nfe']} rounds={result['rounds']} tokens/round={result['tokens_per_round']:.2f} "
+              f"tokens/call={result['tokens_per_call']:.2f}\n    {result['text']}")
     return results
 
 
@@ -97,8 +110,15 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--text", required=True, help="text; <mask> is one blank token, <mask:N> is N blank tokens")
     p.add_argument("--masking-rate", type=float, default=None,
                    help="mask this fraction of the text's tokens at random instead of using blanks")
-    p.add_argument("--sampler", choices=["assd", "sequential"], default="assd", help="decoding algorithm")
-    p.add_argument("--drafter", choices=["self", "ngram"], default="self", help="ASSD draft proposer")
+    p.add_argument("--sampler", choices=SAMPLE_ALGORITHMS, default="assd",
+                   help="assd: draft call + verify call per round; assd-fused: single-pass rounds; sequential")
+    p.add_argument("--drafter", choices=list(DRAFTERS), default="self", help="ASSD draft proposer")
+    p.add_argument("--bonus", action="store_true", help="assd: an all-accepted round commits one more exact token")
+    p.add_argument("--adaptive-threshold", type=float, default=None,
+                   help="adaptive draft length: verify a draft slot only while its proposal's top probability "
+                        "reaches this (exact; default: always k)")
+    p.add_argument("--outcomes", type=parse_outcomes, default="all",
+                   help="assd-fused: outcomes covered per call ('all' or a count)")
     p.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="target",
@@ -112,7 +132,8 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=lambda a: sample(
         a.model, a.text, a.revision, a.masking_rate, a.sampler, a.drafter, a.k, a.temperature, a.temperature_mode,
-        a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress))
+        a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress, a.bonus, a.adaptive_threshold,
+        a.outcomes))
 
 
 def _add_train_parser(subparsers) -> None:

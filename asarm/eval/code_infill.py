@@ -23,7 +23,7 @@ from pathlib import Path
 from .humaneval import BENCHMARKS, evaluate_completions, load_problems, self_check
 from .infill import (CodeCodec, TextCodec, add_infill_arguments, bar_chart, check_arguments, describe_blank,
                      encode_rows, infill, repeat_trials)
-from .runner import EvalRun, add_common_arguments, load_model, markdown_table, parse_choices, parse_samplers
+from .runner import EvalRun, add_common_arguments, load_model, markdown_table, parse_choices, samplers_from_args
 
 __all__ = ["add_arguments", "run", "parse_benchmarks", "parse_pass_k"]
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     benchmarks = parse_benchmarks(args.benchmarks)
     n_samples = args.trials * args.num_samples
     ks = parse_pass_k(args.pass_k, n_samples)
-    samplers = parse_samplers(args.samplers)
+    samplers = samplers_from_args(args)
     problem_sets = {b: load_problems(b, _problems_file(args.data_dir, b), args.limit) for b in benchmarks}
     empty = [b for b, problems in problem_sets.items() if not problems]
     if empty:

@@ -15,7 +15,7 @@ import argparse
 from .infill import (TextCodec, add_infill_arguments, bar_chart, check_arguments, describe_blank, encode_rows,
                      infill, repeat_trials)
 from .rocstories import DEFAULT_FILE, ROUGE_TYPES, SETTINGS, load_stories, make_items, rouge_scores
-from .runner import EvalRun, add_common_arguments, load_model, markdown_table, parse_choices, parse_samplers
+from .runner import EvalRun, add_common_arguments, load_model, markdown_table, parse_choices, samplers_from_args
 
 __all__ = ["add_arguments", "run", "parse_settings"]
 
@@ -38,7 +38,7 @@ def parse_settings(value: str) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     check_arguments(args)
     settings = parse_settings(args.settings)
-    samplers = parse_samplers(args.samplers)
+    samplers = samplers_from_args(args)
     stories = load_stories(args.data, args.limit)
     if not stories:
         raise ValueError("no stories to evaluate")

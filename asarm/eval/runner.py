@@ -18,7 +18,7 @@ import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,30 +28,58 @@ import torch
 from .. import __version__
 from ..model import ASARM, DEFAULT_MODEL
 from ..paths import data_file
-from ..sampling import assd_decode, sequential_decode
+from ..sampling import DRAFTERS, assd_decode, sequential_decode
 from ..sampling.decode import DecodeOutput
 from ..sampling.engine import DEFAULT_ENGINE, ENGINES
 
-__all__ = ["SAMPLERS", "SamplerSpec", "parse_choices", "parse_samplers", "decode", "row_seeds", "add_model_source_arguments", "add_model_arguments", "add_common_arguments",
+__all__ = ["SAMPLERS", "SamplerSpec", "available_samplers", "samplers_from_args", "DEFAULT_ADAPTIVE_THRESHOLD",
+           "parse_choices", "parse_samplers", "decode", "row_seeds", "add_model_source_arguments", "add_model_arguments", "add_common_arguments",
            "load_model", "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "EvalRun"]
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # the paper's benchmark text; never train on it
 
 
+# Confidence threshold of the adaptive draft length (ConfidenceLength): a draft slot is verified only
+# while its proposal's top probability reaches it. Chosen from benchmarks/bench_speculative.py.
+DEFAULT_ADAPTIVE_THRESHOLD = 0.3
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One decoding algorithm: ``sequential`` or ``assd`` with a drafter (``self`` | ``ngram``)."""
+    """One decoding algorithm: ``sequential`` or ``assd`` with a drafter and its round schedule."""
 
     name: str
     algorithm: str
     drafter: str | None = None
+    bonus: bool = False  # the verify call also holds the next rank's oracle row
+    fused: bool = False  # single-pass rounds (implies bonus)
+    draft_length: float | None = None  # adaptive length: confidence threshold (None: always k)
+    outcomes: str | int = "all"  # outcomes covered by a fused call
+
+    def assd_options(self) -> dict:
+        if self.algorithm != "assd":
+            return {}
+        options = {"drafter": self.drafter, "bonus": self.bonus, "fused": self.fused, "draft_length": self.draft_length}
+        return options | ({"outcomes": self.outcomes} if self.fused else {})
 
 
-SAMPLERS = {
-    "sequential": SamplerSpec("sequential", "sequential"),
-    "assd-self": SamplerSpec("assd-self", "assd", "self"),
-    "assd-ngram": SamplerSpec("assd-ngram", "assd", "ngram"),
-}
+def _assd_specs() -> dict[str, SamplerSpec]:
+    specs = {f"assd-{name}": SamplerSpec(f"assd-{name}", "assd", name) for name in DRAFTERS}
+    specs["assd-bonus"] = SamplerSpec("assd-bonus", "assd", "self", bonus=True)
+    specs["assd-fused"] = SamplerSpec("assd-fused", "assd", "self", bonus=True, fused=True)
+    for base in ("assd-self", "assd-bonus", "assd-fused"):
+        specs[f"{base}-adaptive"] = replace(specs[base], name=f"{base}-adaptive",
+                                            draft_length=DEFAULT_ADAPTIVE_THRESHOLD)
+    return specs
+
+
+def available_samplers() -> dict[str, SamplerSpec]:
+    """Every sampler by name: sequential, ``assd-<drafter>`` for each registered drafter, and the bonus,
+    single-pass (fused) and adaptive-length schedules of the self drafter."""
+    return {"sequential": SamplerSpec("sequential", "sequential"), **_assd_specs()}
+
+
+SAMPLERS = available_samplers()
 
 
 def parse_choices(value: str | Sequence[str], choices: Iterable[str], what: str) -> list[str]:
@@ -66,9 +94,18 @@ def parse_choices(value: str | Sequence[str], choices: Iterable[str], what: str)
     return names
 
 
-def parse_samplers(names: str | Sequence[str]) -> list[SamplerSpec]:
-    """``"sequential,assd-self"`` (or a list) -> specs, in the given order, without repeats."""
-    return [SAMPLERS[n] for n in parse_choices(names, SAMPLERS, "sampler")]
+def parse_samplers(names: str | Sequence[str], adaptive_threshold: float | None = None,
+                   outcomes: str | int = "all") -> list[SamplerSpec]:
+    """``"sequential,assd-self"`` (or a list) -> specs, in the given order, without repeats; the adaptive
+    samplers take ``adaptive_threshold`` (default: DEFAULT_ADAPTIVE_THRESHOLD), fused ones ``outcomes``."""
+    specs = available_samplers()
+    out = []
+    for name in parse_choices(names, specs, "sampler"):
+        spec = specs[name]
+        if spec.draft_length is not None and adaptive_threshold is not None:
+            spec = replace(spec, draft_length=adaptive_threshold)
+        out.append(replace(spec, outcomes=outcomes) if spec.fused else spec)
+    return out
 
 
 def decode(model: ASARM, spec: SamplerSpec, tokens, sigma, n_prompt, *, seeds, k: int = 5,
@@ -80,7 +117,7 @@ def decode(model: ASARM, spec: SamplerSpec, tokens, sigma, n_prompt, *, seeds, k
                   progress=progress)
     if spec.algorithm == "sequential":
         return sequential_decode(model, tokens, sigma, n_prompt, lengths, **common)
-    return assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, drafter=spec.drafter, **common, **assd_options)
+    return assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, **spec.assd_options(), **common, **assd_options)
 
 
 def row_seeds(seed: int, trial: int, items: Iterable[int]) -> torch.Tensor:
@@ -108,6 +145,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def parse_outcomes(value: str) -> str | int:
+    if value == "all":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 1, got {value!r}")
+    return count
+
+
+def samplers_from_args(args: argparse.Namespace) -> list[SamplerSpec]:
+    """The specs of ``--samplers`` with ``--adaptive-threshold`` and ``--outcomes`` applied."""
+    return parse_samplers(args.samplers, args.adaptive_threshold, args.outcomes)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "sequential,assd-self,assd-ngram",
                          out: str, batch_size: int = 8) -> None:
     """:func:`add_model_arguments` plus the sampler options of the runners that decode."""
@@ -115,8 +169,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
     g = parser.add_argument_group("sampling")
     g.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
                    help="cached: each fixed token computed once; full: whole-sequence pass per NFE (reference cost)")
-    g.add_argument("--samplers", default=samplers, help=f"comma-separated, from {', '.join(SAMPLERS)}")
+    g.add_argument("--samplers", default=samplers,
+                   help=f"comma-separated, from {', '.join(available_samplers())}")
     g.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
+    g.add_argument("--adaptive-threshold", type=float, default=DEFAULT_ADAPTIVE_THRESHOLD,
+                   help="the *-adaptive samplers verify a draft slot only while its proposal's top probability "
+                        "reaches this (exact)")
+    g.add_argument("--outcomes", type=parse_outcomes, default="all",
+                   help="assd-fused: outcomes whose next drafts one call holds ('all' or a count, earliest "
+                        "rejection first); others fall back to a draft call")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="rows decoded together")
     g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")

@@ -34,14 +34,14 @@ from tqdm.auto import tqdm
 from .. import orders
 from . import runner
 from .perplexity import decode_clean, entropy_tokenizer, try_load_causal_lm
-from .stats import paired_comparison, summarize, unigram_entropy
+from .stats import paired_comparison, paired_ratio, summarize, unigram_entropy
 
 __all__ = ["add_arguments", "run", "check_arguments", "aggregate"]
 
 BASELINE = "sequential"
 # Per-sample metrics: record key -> table label.
 METRICS = {"nfe": "NFE", "model_calls": "model calls", "ngram_calls": "n-gram calls", "rounds": "rounds",
-           "tokens_per_round": "tokens/round", "seconds": "wall-clock s", "gen_ppl": "gen. ppl",
+           "tokens_per_round": "tokens/round", "tokens_per_call": "tokens/model call", "seconds": "wall-clock s", "gen_ppl": "gen. ppl",
            "entropy": "entropy (bits)"}
 PAIRED_METRICS = ("nfe", "seconds", "gen_ppl", "entropy")
 
@@ -135,7 +135,9 @@ def _records(out, spec, tokenizer, tokens, sigma, n_visible, items, trial, seeds
             "prompt_positions": prompt_positions.tolist(), "prompt_tokens": tokens[b, prompt_positions].tolist(),
             "generated_tokens": generated, "nfe": int(out.nfe[b]), "model_calls": int(out.nfe[b]),
             "ngram_calls": int(out.ngram_calls[b]), "rounds": int(out.rounds[b]), "accepted": int(out.accepted[b]),
-            "tokens_per_round": float(out.tokens_per_round[b]),
+            "tokens_per_round": float(out.tokens_per_round[b]), "tokens_per_call": float(out.tokens_per_call[b]),
+            "bonus_tokens": None if out.bonus_tokens is None else int(out.bonus_tokens[b]),
+            "draft_calls": None if out.draft_calls is None else int(out.draft_calls[b]),
             "drafted_by_index": None if out.drafted_by_index is None else out.drafted_by_index[b].tolist(),
             "accepted_by_index": None if out.accepted_by_index is None else out.accepted_by_index[b].tolist(),
             "seconds": seconds / rows, "batch_seconds": seconds, "batch_rows": rows, "run_slot": slot,
@@ -178,6 +180,8 @@ def aggregate(records: Sequence[dict], samplers: Sequence[str], k: int) -> tuple
                                  "metrics": {m: _summary([r[m] for r in rows]) for m in METRICS}}
         generated, rounds = sum(r["generated_tokens"] for r in rows), sum(r["rounds"] for r in rows)
         entry["tokens_per_round_pooled"] = generated / rounds if rounds else None
+        calls = sum(r["model_calls"] for r in rows)
+        entry["tokens_per_call_pooled"] = generated / calls if calls else None
         if rows and rows[0]["drafted_by_index"] is not None:
             drafted = [sum(r["drafted_by_index"][i] for r in rows) for i in range(k)]
             accepted = [sum(r["accepted_by_index"][i] for r in rows) for i in range(k)]
@@ -195,6 +199,10 @@ def aggregate(records: Sequence[dict], samplers: Sequence[str], k: int) -> tuple
             for metric, label in (("nfe", "speedup_nfe"), ("seconds", "speedup_wallclock")):
                 mine = per_sampler[name]["metrics"][metric]
                 per_sampler[name][label] = base[metric]["mean"] / mine["mean"] if mine and mine["mean"] else None
+            pairs = [key for key in by_sampler[name] if key in by_sampler[BASELINE]]
+            per_sampler[name]["wallclock_ratio"] = paired_ratio(
+                [by_sampler[BASELINE][key]["seconds"] for key in pairs],
+                [by_sampler[name][key]["seconds"] for key in pairs]) if len(pairs) >= 2 else None
     return per_sampler, paired
 
 
@@ -205,6 +213,13 @@ def _fmt(summary: dict | None) -> str:
     if lo is None:
         return f"{summary['mean']:.4g}"
     return f"{summary['mean']:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def _fmt_ratio(ratio: dict | None) -> str:
+    if ratio is None:
+        return "n/a"
+    lo, hi = ratio["ci95"]
+    return f"{ratio['ratio']:.3g}" + ("" if lo is None else f" [{lo:.3g}, {hi:.3g}]")
 
 
 def _fmt_number(value: float | None, spec: str = ".4g") -> str:
@@ -227,10 +242,14 @@ def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexit
     lines.append(runner.markdown_table(rows))
     speedups = [{"sampler": name, "NFE speed-up": _fmt_number(e.get("speedup_nfe")),
                  "wall-clock speed-up": _fmt_number(e.get("speedup_wallclock")),
-                 "tokens/round (pooled)": _fmt_number(e["tokens_per_round_pooled"])}
+                 "wall-clock ratio [95% CI]": _fmt_ratio(e.get("wallclock_ratio")),
+                 "tokens/round (pooled)": _fmt_number(e["tokens_per_round_pooled"]),
+                 "tokens/model call (pooled)": _fmt_number(e["tokens_per_call_pooled"])}
                 for name, e in per_sampler.items() if name != BASELINE]
     if speedups:
-        lines += [f"## Versus {BASELINE} (ratio of means)", "", runner.markdown_table(speedups)]
+        lines += [f"## Versus {BASELINE} (speed-ups: ratio of means; wall-clock ratio: {BASELINE} time / sampler "
+                  f"time, geometric mean of the paired ratios, t interval on the log scale)", "",
+                  runner.markdown_table(speedups)]
     acceptance = [{"sampler": name, **{f"draft {i + 1}": _fmt_number(rate, ".3f")
                                        for i, rate in enumerate(e["acceptance_by_index"])}}
                   for name, e in per_sampler.items() if "acceptance_by_index" in e]
@@ -300,7 +319,7 @@ def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     visible = check_arguments(args)
-    specs = runner.parse_samplers(args.samplers)
+    specs = runner.samplers_from_args(args)
     progress = not args.no_progress
     model = runner.load_model(args)
     source = args.text_file or runner.WIKITEXT_TEST_FILE

@@ -97,3 +97,16 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], zero_method: str =
         w = sps.wilcoxon(x, y, zero_method=zero_method)
     return PairedComparison(x.size, float(x.mean()), float(y.mean()), diff.mean, diff.ci95, float(t.statistic),
                             float(t.pvalue), float(w.statistic), float(w.pvalue))
+
+
+def paired_ratio(baseline: Sequence[float], other: Sequence[float]) -> dict:
+    """Speed ratio ``baseline / other`` of paired positive measurements (e.g. seconds), as the geometric
+    mean of the per-pair ratios with a t interval on the log scale: the interval is always positive."""
+    a, b = _as_array(baseline, "baseline"), _as_array(other, "other")
+    if len(a) != len(b) or (a <= 0).any() or (b <= 0).any():
+        raise ValueError("paired_ratio needs two equally long sequences of positive values")
+    logs = np.log(a / b)
+    s = _summary(logs)
+    lo, hi = s.ci95
+    return {"n": s.n, "ratio": float(np.exp(s.mean)),
+            "ci95": [float(np.exp(lo)) if np.isfinite(lo) else None, float(np.exp(hi)) if np.isfinite(hi) else None]}

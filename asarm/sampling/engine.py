@@ -54,8 +54,7 @@ class _FullSession:
         visible = torch.where(used & (limits < query_ranks), limits, L)
         group_key = torch.arange(b, device=rows.device)[:, None] * (L + 1) + visible
         keys, group = torch.unique(group_key.flatten(), return_inverse=True)
-        one_hot = torch.nn.functional.one_hot(group, len(keys))
-        slot = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # index of each query within its forward
+        slot = _index_within_group(group, len(keys))
         source_row, forward_visible = keys // (L + 1), keys % (L + 1)
         query_positions = positions_of_ranks(self.positions[rows], query_ranks).flatten()
         grouped = torch.full((len(keys), int(slot.max()) + 1), -1, dtype=torch.long, device=rows.device)
@@ -63,6 +62,16 @@ class _FullSession:
         out = self.model.logits(tokens[source_row], sigma[source_row], n_prompt[source_row], grouped,
                                 n_visible=forward_visible)
         return out[group, slot].reshape(b, k, -1)
+
+
+def _index_within_group(group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """For each element, how many earlier elements share its group id."""
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(len(group), device=group.device) - starts[group[order]]
+    return slot
 
 
 class FullEngine:
