@@ -50,7 +50,7 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
            sampler: str = "assd", drafter: str = "self", k: int = 5, temperature: float = 1.0,
            temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
            engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True, bonus: bool = False,
-           adaptive_threshold: float | None = None, outcomes: str | int = "all") -> list[dict]:
+           adaptive_threshold: float | None = None, outcomes: str | int | None = None) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
     ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds, self drafts) or ``sequential``.
@@ -60,9 +60,9 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLE_ALGORITHMS)}")
     if sampler != "assd" and (bonus or drafter != "self"):
         raise ValueError(f"--bonus and --drafter apply to --sampler assd only, not {sampler!r}")
-    if sampler == "sequential" and (adaptive_threshold is not None or outcomes != "all"):
-        raise ValueError("--adaptive-threshold and --outcomes do not apply to --sampler sequential")
-    if sampler != "assd-fused" and outcomes != "all":
+    if sampler == "sequential" and adaptive_threshold is not None:
+        raise ValueError("--adaptive-threshold does not apply to --sampler sequential")
+    if sampler != "assd-fused" and outcomes is not None:
         raise ValueError("--outcomes applies to --sampler assd-fused only")
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
@@ -117,8 +117,8 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--adaptive-threshold", type=float, default=None,
                    help="adaptive draft length: verify a draft slot only while its proposal's top probability "
                         "reaches this (exact; default: always k)")
-    p.add_argument("--outcomes", type=parse_outcomes, default="all",
-                   help="assd-fused: outcomes covered per call ('all' or a count)")
+    p.add_argument("--outcomes", type=parse_outcomes, default=None,
+                   help="assd-fused: outcomes covered per call ('all' or a count; default 2)")
     p.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="target",

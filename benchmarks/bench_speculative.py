@@ -17,7 +17,7 @@ A second table times one cached-engine call against its numbers of query rows an
 (the curve that decides how many rows a call can afford); the defaults of ``assd-fused`` were chosen
 from it. Results are appended to benchmarks/RESULTS.md with the machine.
 
-    python benchmarks/bench_speculative.py                          # everything (about 15 min on 2 cores)
+    python benchmarks/bench_speculative.py                          # everything (about 13 min on 2 cores)
     python benchmarks/bench_speculative.py --configs tiny:128:1      # one configuration
 """
 
@@ -40,20 +40,23 @@ from bench_sampling import machine, sync  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DEFAULT_CONFIGS = "tiny:128:1,tiny:128:16,tiny:512:1,tiny:512:16,base:128:1,base:128:16"
+BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused", "assd-fused-2outcomes")
 
 
 def samplers(threshold: float, k: int) -> dict[str, tuple[runner.SamplerSpec, int]]:
     """name -> (spec, drafts per round). Single-pass rounds also run with fewer drafts (k = 3) and fewer
     outcomes: their call holds about k * (k + 1) rows, and drafts far past the first are rarely accepted."""
     specs = runner.available_samplers()
-    chosen = {name: (specs[name], k) for name in ("sequential", "assd-self", "assd-bonus", "assd-fused")}
+    chosen = {name: (specs[name], k) for name in ("sequential", "assd-self", "assd-bonus")}
+    chosen["assd-fused"] = (replace(specs["assd-fused"], outcomes="all"), k)
     chosen["assd-fused-2outcomes"] = (replace(specs["assd-fused"], name="assd-fused-2outcomes", outcomes=2), k)
-    chosen["assd-fused-k3"] = (replace(specs["assd-fused"], name="assd-fused-k3"), 3)
+    chosen["assd-fused-k3"] = (replace(specs["assd-fused"], name="assd-fused-k3", outcomes="all"), 3)
     chosen["assd-fused-k3-2outcomes"] = (replace(specs["assd-fused"], name="assd-fused-k3-2outcomes", outcomes=2), 3)
     for name in ("assd-self", "assd-bonus", "assd-fused"):
         chosen[f"{name}-adaptive"] = (replace(specs[f"{name}-adaptive"], draft_length=threshold), k)
+    chosen["assd-fused-adaptive"] = (replace(chosen["assd-fused-adaptive"][0], outcomes="all"), k)
     chosen["assd-fused-k3-adaptive"] = (replace(specs["assd-fused-adaptive"], name="assd-fused-k3-adaptive",
-                                                draft_length=threshold), 3)
+                                                draft_length=threshold, outcomes="all"), 3)
     return chosen
 
 
@@ -88,10 +91,11 @@ def run_sampler(model, spec, chunks, sigma, visible, batch_size, k, max_new_toke
 
 
 def bench_config(model, label, seq_len, batch_size, specs, args) -> list[dict]:
-    count = args.sequences_b1 if batch_size == 1 else batch_size
+    count = max(2, args.sequences_b1 * 128 // seq_len) if batch_size == 1 else batch_size
+    count = 2 if label == "base" and batch_size == 1 else count
     chunks, sigma, visible = chunks_and_orders(model.tokenizer, seq_len, count, args.seed)
-    max_new = args.base_tokens if label == "base" else None
-    names = list(specs)
+    max_new = args.base_tokens if label == "base" else (args.batch_tokens if batch_size > 1 and seq_len > 128 else None)
+    names = [name for name in specs if label != "base" or name in BASE_SAMPLERS]
     for name in names:  # warm-up
         spec, k = specs[name]
         runner.decode(model, spec, chunks[:batch_size], sigma[:batch_size], visible, seeds=0, k=k, max_new_tokens=4)
@@ -154,15 +158,17 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="model:L:batch, comma-separated (model: tiny | base)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the trained model of the 'tiny' configurations")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--sequences-b1", type=int, default=8, help="chunks decoded one at a time at batch 1")
-    p.add_argument("--base-tokens", type=int, default=48, help="tokens per row on the base-sized model")
+    p.add_argument("--sequences-b1", type=int, default=8,
+                   help="chunks decoded one at a time at batch 1 at L=128 (fewer at longer L, at least 2)")
+    p.add_argument("--batch-tokens", type=int, default=128, help="tokens per row at batch > 1 for L > 128")
+    p.add_argument("--base-tokens", type=int, default=24, help="tokens per row on the base-sized model")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--adaptive-threshold", type=float, default=runner.DEFAULT_ADAPTIVE_THRESHOLD)
     p.add_argument("--no-curve", action="store_true", help="skip the call-time curve")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args(argv)
-    for option in ("k", "sequences_b1", "base_tokens", "repeats"):
+    for option in ("k", "sequences_b1", "base_tokens", "batch_tokens", "repeats"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be >= 1")
     configs = []
@@ -183,17 +189,20 @@ def main(argv=None) -> None:
     rows = []
     for label, length, batch in configs:
         rows += bench_config(models[label], label, length, batch, specs, args)
-    curve = [] if args.no_curve else call_curve(tiny, 128, 1, 5) + call_curve(models.get("base", tiny), 128, 1, 3)
+    curve = [] if args.no_curve else [dict(r, model="tiny") for r in call_curve(tiny, 128, 1, 5)]
+    if not args.no_curve and "base" in models:
+        curve += [dict(r, model="base") for r in call_curve(models["base"], 128, 1, 3)]
     table = runner.markdown_table([{key: (f"{value:.3g}" if isinstance(value, float) else value)
                                     for key, value in row.items()} for row in rows])
     text = (f"\n## bench_speculative.py, {time.strftime('%Y-%m-%d %H:%M')}\nMachine: {machine()}. WikiText-2 test "
             f"chunks, 95% masked (any-subset orders), k={args.k}, T=1, cached engine, the same chunks, orders "
-            f"and seeds for every sampler; batch 1: {args.sequences_b1} chunks one at a time; base-sized model "
-            f"(random weights, speed only): {args.base_tokens} tokens per row; adaptive threshold "
+            f"and seeds for every sampler; batch 1: {args.sequences_b1} chunks one at a time at L=128 (2 at L=512); "
+            f"batch > 1 at L > 128: {args.batch_tokens} tokens per row; base-sized model (random weights, speed "
+            f"only, samplers {', '.join(BASE_SAMPLERS)}): {args.base_tokens} tokens per row; adaptive threshold "
             f"{args.adaptive_threshold}; tok/s: fastest of {args.repeats} rotated runs after a warm-up.\n\n{table}\n")
     if curve:
         text += ("\nOne cached call (batch 1, L=128, prompt cached): milliseconds against query rows and new "
-                 "content rows (first block asarm-tiny, second the base-sized model).\n\n"
+                 "content rows (fastest of 5 for asarm-tiny, 3 for the base-sized model).\n\n"
                  + runner.markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
                                           for r in curve]) + "\n")
     print(text)

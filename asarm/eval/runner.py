@@ -54,13 +54,13 @@ class SamplerSpec:
     bonus: bool = False  # the verify call also holds the next rank's oracle row
     fused: bool = False  # single-pass rounds (implies bonus)
     draft_length: float | None = None  # adaptive length: confidence threshold (None: always k)
-    outcomes: str | int = "all"  # outcomes covered by a fused call
+    outcomes: str | int | None = None  # outcomes covered by a fused call (None: assd_decode's default)
 
     def assd_options(self) -> dict:
         if self.algorithm != "assd":
             return {}
         options = {"drafter": self.drafter, "bonus": self.bonus, "fused": self.fused, "draft_length": self.draft_length}
-        return options | ({"outcomes": self.outcomes} if self.fused else {})
+        return options | ({"outcomes": self.outcomes} if self.fused and self.outcomes is not None else {})
 
 
 def _assd_specs() -> dict[str, SamplerSpec]:
@@ -95,7 +95,7 @@ def parse_choices(value: str | Sequence[str], choices: Iterable[str], what: str)
 
 
 def parse_samplers(names: str | Sequence[str], adaptive_threshold: float | None = None,
-                   outcomes: str | int = "all") -> list[SamplerSpec]:
+                   outcomes: str | int | None = None) -> list[SamplerSpec]:
     """``"sequential,assd-self"`` (or a list) -> specs, in the given order, without repeats; the adaptive
     samplers take ``adaptive_threshold`` (default: DEFAULT_ADAPTIVE_THRESHOLD), fused ones ``outcomes``."""
     specs = available_samplers()
@@ -104,7 +104,7 @@ def parse_samplers(names: str | Sequence[str], adaptive_threshold: float | None 
         spec = specs[name]
         if spec.draft_length is not None and adaptive_threshold is not None:
             spec = replace(spec, draft_length=adaptive_threshold)
-        out.append(replace(spec, outcomes=outcomes) if spec.fused else spec)
+        out.append(replace(spec, outcomes=outcomes) if spec.fused and outcomes is not None else spec)
     return out
 
 
@@ -175,9 +175,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
     g.add_argument("--adaptive-threshold", type=float, default=DEFAULT_ADAPTIVE_THRESHOLD,
                    help="the *-adaptive samplers verify a draft slot only while its proposal's top probability "
                         "reaches this (exact)")
-    g.add_argument("--outcomes", type=parse_outcomes, default="all",
+    g.add_argument("--outcomes", type=parse_outcomes, default=None,
                    help="assd-fused: outcomes whose next drafts one call holds ('all' or a count, earliest "
-                        "rejection first); others fall back to a draft call")
+                        "rejection first; default 2); others fall back to a draft call")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="rows decoded together")
     g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ppl-batch-size", type=int, default=8, help="texts (windows) scored together")
     g.add_argument("--ppl-stride", type=int, default=None,
                    help="window stride for texts longer than the LM's context; None: half the context")
-    runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1)
+    runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1,
+                                samplers="sequential,assd-self,assd-ngram,assd-fused")
 
 
 def check_arguments(args: argparse.Namespace) -> int:

@@ -39,7 +39,9 @@ from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
 from .rejection import verify_drafts
 
-__all__ = ["assd_decode"]
+__all__ = ["assd_decode", "DEFAULT_OUTCOMES"]
+
+DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
 
 
 class _CountingSession:
@@ -216,7 +218,7 @@ class _Speculation:
 @torch.no_grad()
 def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None, k: int = 5,
                 drafter="self", temperature: float = 1.0, temperature_mode: str = "target", r_atol: float = 0.0,
-                bonus: bool = False, fused: bool = False, outcomes="all", draft_length=None,
+                bonus: bool = False, fused: bool = False, outcomes=None, draft_length=None,
                 seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
                 max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
     """Any-Subset Speculative Decoding (see the module docstring for the schedules).
@@ -238,7 +240,9 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
             next round's drafts for each covered outcome.
         outcomes: ``"all"`` or the number of outcomes covered, earliest rejection first (the most likely
             order when drafts are accepted less than half the time); uncovered outcomes fall back to a
-            draft call. Only with ``fused``.
+            draft call. Only with ``fused``; default ``DEFAULT_OUTCOMES`` (2): a call holds about
+            ``outcomes x k`` outcome rows, and on asarm-tiny covering all of them bought no more tokens per
+            call but cost 15% in speed (benchmarks/RESULTS.md, bench_speculative.py).
         draft_length: None (always ``k``), a confidence threshold in [0, 1]
             (:class:`~asarm.sampling.draft_length.ConfidenceLength`) or a rule (see that module for the
             exactness condition).
@@ -262,10 +266,11 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     if fused and drafter_name(drafter) != "self":
         raise ValueError(f"fused=True drafts with the model's own draft rows: use drafter='self', not "
                          f"{drafter_name(drafter)!r}")
+    if outcomes is not None and not fused:
+        raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
+    outcomes = DEFAULT_OUTCOMES if outcomes is None else outcomes
     if outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool) or outcomes < 1):
         raise ValueError(f"outcomes must be 'all' or an integer >= 1, got {outcomes!r}")
-    if outcomes != "all" and not fused:
-        raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
     rule = make_draft_length(draft_length)
     if r_atol > 0:
         warnings.warn(f"r_atol={r_atol} > 0 makes ASSD lossy: samples no longer follow the model's distribution",
@@ -293,5 +298,5 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
                         draft_calls=run.draft_calls.cpu(),
                         settings={"k": k, "temperature": temperature, "temperature_mode": temperature_mode,
                                   "r_atol": r_atol, "drafter": drafter_name(drafter), "bonus": bonus,
-                                  "fused": fused, "outcomes": outcomes,
+                                  "fused": fused, "outcomes": outcomes if fused else None,
                                   "draft_length": None if rule is None else getattr(rule, "name", repr(rule))})

@@ -16,7 +16,7 @@ SAMPLERS = {
     "assd-self": lambda m, *a, **kw: assd_decode(m, *a, k=3, **kw),
     "assd-ngram": lambda m, *a, **kw: assd_decode(m, *a, k=3, drafter="ngram", **kw),
     "assd-bonus": lambda m, *a, **kw: assd_decode(m, *a, k=3, bonus=True, **kw),
-    "assd-fused": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, **kw),
+    "assd-fused": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, outcomes="all", **kw),
     "assd-fused-outcomes1": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, outcomes=1, **kw),
     "assd-fused-adaptive": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, draft_length=0.3, **kw),
 }
@@ -234,7 +234,8 @@ def test_fused_rounds_need_one_draft_call_per_row(model):
     prefix (limit < rank)."""
     tokens, sigma, n_prompt, lengths = _batch(seed=6)
     engine = _RecordingEngine(model)
-    out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, fused=True, seed=0, engine=engine)
+    out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, fused=True, outcomes="all", seed=0,
+                      engine=engine)
     assert torch.equal(out.draft_calls, torch.ones_like(out.draft_calls))
     fused_calls = [(n, ranks, limits) for n, ranks, draft, limits in engine.calls if limits is not None]
     assert len(fused_calls) == len(engine.calls) - 1
