@@ -17,7 +17,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog near the river bank. Every 
         "the harvest and the news from the city. Later the lights go out one by one.\n")
 LENGTH, START_FRACTION, K = 20, 0.25, 3
 VISIBLE = LENGTH - int(LENGTH * (1 - START_FRACTION))  # 5 visible, 15 generated
-SAMPLERS = ("sequential", "assd-self", "assd-ngram")
+SAMPLERS = ("sequential", "assd-self", "assd-ngram", "assd-fused")
 
 
 def save_tiny_gpt2(path):
@@ -67,6 +67,10 @@ def test_outputs_and_structure(bench_run, xlnet_tokenizer):
     assert (settings["visible"], settings["generated"], settings["num_sequences"]) == (VISIBLE, LENGTH - VISIBLE, 3)
     assert metrics["perplexity"]["available"] and metrics["perplexity"]["reason"] is None
     assert list(metrics["samplers"]) == list(SAMPLERS)
+    for name in SAMPLERS[1:]:
+        ratio = metrics["samplers"][name]["wallclock_ratio"]
+        assert 0 < ratio["ci95"][0] <= ratio["ratio"] <= ratio["ci95"][1]
+        assert metrics["samplers"][name]["tokens_per_call_pooled"] > 0
     for name, entry in metrics["samplers"].items():
         assert entry["n_samples"] == 6
         assert set(entry["metrics"]) == set(speculative.METRICS)
@@ -135,6 +139,11 @@ def test_cost_accounting(bench_run):
             # Draft + verify per round; a last round with one token left needs no verify pass.
             assert 2 * r["rounds"] - 1 <= r["nfe"] <= 2 * r["rounds"] and r["nfe"] <= generated
             assert drafted[0] == accepted[0] == r["rounds"] and r["ngram_calls"] == 0
+        elif r["sampler"] == "assd-fused":
+            # a verify call per round plus the draft calls (a last lone exact draft needs no verify call)
+            assert r["draft_calls"] + r["rounds"] - 1 <= r["nfe"] <= r["draft_calls"] + r["rounds"]
+            assert r["nfe"] <= generated and r["ngram_calls"] == 0
+            assert r["tokens_per_call"] == pytest.approx(generated / r["nfe"])
         else:
             assert r["nfe"] == r["rounds"] == r["ngram_calls"] == drafted[0]
 

@@ -78,3 +78,19 @@ def test_paired_comparison_errors():
         paired_comparison([1], [2])
     with pytest.raises(ValueError, match="non-finite"):
         paired_comparison([1, float("inf")], [1, 2])
+
+
+def test_paired_ratio_is_a_positive_interval_around_the_geometric_mean():
+    from asarm.eval.stats import paired_ratio
+
+    baseline = [2.0, 4.0, 3.0, 5.0]
+    other = [1.0, 2.5, 1.0, 2.0]  # ratios 2, 1.6, 3, 2.5
+    r = paired_ratio(baseline, other)
+    assert r["ratio"] == pytest.approx((2 * 1.6 * 3 * 2.5) ** 0.25)
+    lo, hi = r["ci95"]
+    assert 0 < lo < r["ratio"] < hi
+    # a very noisy pair set still gives a positive lower bound (a difference of means would go negative)
+    noisy = paired_ratio([1.0, 10.0, 1.0], [10.0, 1.0, 1.0])
+    assert noisy["ci95"][0] > 0
+    with pytest.raises(ValueError, match="positive"):
+        paired_ratio([1.0, -1.0], [1.0, 1.0])
