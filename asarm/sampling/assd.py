@@ -84,9 +84,9 @@ class _Speculation:
         self.proposal_temps = self.draft_temps.clone()
         self.oracle_temp = torch.tensor([float(temperature) if temperature_mode == "target" else 1.0],
                                         dtype=torch.float64)
-        if temperature_mode == "no_temp_oracle" and first_draft_exact(drafter):
-            self.draft_temps[0] = 1.0  # the exact first draft is accepted unverified: it must be the T=1 conditional
         self.first_exact = first_draft_exact(drafter)
+        if temperature_mode == "no_temp_oracle" and self.first_exact:
+            self.draft_temps[0] = 1.0  # the exact first draft is accepted unverified: it must be the T=1 conditional
         self.drafted_by_index = torch.zeros(B, k, dtype=torch.long, device=device)
         self.accepted_by_index = torch.zeros_like(self.drafted_by_index)
         self.bonus_tokens = torch.zeros(B, dtype=torch.long, device=device)
@@ -179,8 +179,8 @@ class _Speculation:
         logits = self.session.logits(rows, written, n, compact_ranks, limits=compact_limits)
         V = logits.shape[-1]
 
-        def rows_at(cols: torch.Tensor) -> torch.Tensor:  # logits of original columns (b, c)
-            return logits.gather(1, column.gather(1, cols)[..., None].expand(-1, -1, V))
+        def rows_at(cols: torch.Tensor, sel=slice(None)) -> torch.Tensor:  # logits of original columns (b, c)
+            return logits[sel].gather(1, column[sel].gather(1, cols)[..., None].expand(-1, -1, V))
 
         cols = torch.arange(W + 1, device=device).expand(len(rows), -1)
         p = self.probs(rows_at(cols[:, :W]), self.oracle_temp.expand(W))
@@ -207,9 +207,9 @@ class _Speculation:
         take = verdict.has_next & (j - exact.long() < self.cover) & (n < batch.stop[rows])
         if not take.any():
             return
-        cols = W + int(self.bonus) + j[:, None] * k + torch.arange(k, device=rows.device)
         sel = take.nonzero().flatten()
-        q = self.probs(rows_at(cols)[sel], self.proposal_temps)
+        cols = W + int(self.bonus) + j[sel, None] * k + torch.arange(k, device=rows.device)
+        q = self.probs(rows_at(cols, sel), self.proposal_temps)
         drafts = sample_categorical(q, uniforms[sel])
         count = torch.clamp(batch.stop[rows[sel]] - n[sel], max=k)
         self._set_pending(rows[sel], drafts, q, count, False)

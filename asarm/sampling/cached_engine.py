@@ -18,8 +18,8 @@ Per call it computes only
   * the content stream of positions that became committed since they were last computed (lazy
     commit; several at once, rank-causal among themselves, in chunks of ``chunk_size`` ranks; the
     first call, or ``prefill()`` before it, computes the prompt as one block: it is bidirectional),
-  * in oracle mode, the content stream of the uncommitted drafts written below the highest query
-    rank (they are kept too, tagged with the tokens they were computed from: when a later call
+  * the content stream of the uncommitted drafts written below the highest query limit (an oracle
+    query's limit is its rank; they are kept too, tagged with the tokens they were computed from: when a later call
     commits the same tokens, their states are reused instead of recomputed),
   * the query stream of the ``k`` query rows,
 so one self-drafted ASSD round costs about ``k`` content rows plus ``2k - 1`` query rows (the verify
