@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["perm_mask", "oracle_perm_mask", "draft_perm_mask", "target_mapping", "query_limits"]
+__all__ = ["perm_mask", "oracle_perm_mask", "draft_perm_mask", "target_mapping", "query_limits",
+           "check_distinct_queries"]
 
 
 def perm_mask(sigma: torch.Tensor, n_prompt: torch.Tensor, n_visible: torch.Tensor | None = None,
@@ -66,8 +67,8 @@ def query_limits(n_prompt: torch.Tensor, n_fixed: torch.Tensor, query_ranks: tor
 
     ``limits=None`` gives the two classic patterns: the oracle (``draft=False``, a query on rank r sees
     ranks ``< r``) or the draft mask (``draft=True``, every query sees ranks ``< n_fixed``). Explicit
-    limits must satisfy ``n_prompt <= limit <= rank`` on used slots (rank -1: unused, limit ignored), and
-    no two used queries of a row may share both rank and limit. Raises ValueError otherwise.
+    limits must satisfy ``n_prompt <= limit <= rank`` on used slots (rank -1: unused, limit ignored).
+    Raises ValueError otherwise. (Two queries of a row with the same rank and limit get the same logits.)
     """
     used = query_ranks >= 0
     if limits is None:
@@ -81,8 +82,16 @@ def query_limits(n_prompt: torch.Tensor, n_fixed: torch.Tensor, query_ranks: tor
                          f"got {tuple(limits.shape)}")
     if (used & ((limits < n_prompt[:, None]) | (limits > query_ranks))).any():
         raise ValueError("every used query needs n_prompt <= limit <= its rank (a query never sees itself)")
+    return torch.where(used, limits, n_fixed[:, None])
+
+
+def check_distinct_queries(query_ranks: torch.Tensor, limits: torch.Tensor) -> None:
+    """ValueError when two used queries of a row share both rank and limit. One Hugging Face forward holds
+    at most one query per (position, visibility): XLNet sums the query heads of targets that share a
+    position, which would corrupt both (the cached engine has no such limit)."""
+    used = query_ranks >= 0
     key = torch.where(used, query_ranks * (int(limits.max()) + 1) + limits, -1)
     sorted_key = key.sort(dim=1).values
     if ((sorted_key[:, 1:] == sorted_key[:, :-1]) & (sorted_key[:, 1:] >= 0)).any():
-        raise ValueError("two queries of a row share both rank and limit: they would return the same logits")
-    return torch.where(used, limits, n_fixed[:, None])
+        raise ValueError("two queries of a row share both rank and limit: the full engine cannot hold both in one "
+                         "forward; query each (rank, limit) once")

@@ -11,9 +11,17 @@ Every row keeps a set of *pending* drafts (ranks ``n .. n+K-1``, proposals ``q``
   accepted", j = K), the next round's ``k`` draft rows on the ranks after that outcome's committed
   prefix, each seeing only ranks ``< n + j``: the committed tokens and the drafts accepted before slot
   j, never the token drawn at slot j (it is drawn after the call). After the call the outcome that
-  happened supplies the next pending drafts, so the next round needs no draft call; an uncovered
-  outcome falls back to a drafter call. Those drafts are proposals like any other (not exact by
+  happened supplies the next pending drafts. Those drafts are proposals like any other (not exact by
   construction), so the next call verifies every one of them.
+
+Single-pass rounds never call the drafter. A row with no pending drafts (its first call, or after an
+uncovered outcome) makes a call with ``K = 0``: its bonus row is the exact conditional of rank ``n``
+(committed at once) and its outcome block ``j = 0`` drafts the ranks after it. This is the classic
+self-draft call, shifted by one rank, so every call of a single-pass decode commits at least one token.
+
+Verified drafts may come from any proposal, so their temperature is free: ``draft_temperature_ratio``
+tempers them at that multiple of the target's (a flatter proposal overlaps the target more when drafts
+are weak). Only an exact first draft, accepted unverified, keeps the target temperature.
 
 Why it is exact: each committed token is either an exact conditional or the output of the
 accept/residual step (:func:`~asarm.sampling.rejection.verify_drafts`) for a draft drawn from a
@@ -31,17 +39,18 @@ import torch
 
 from ..model import ASARM
 from ..orders import positions_of_ranks
-from .decode import TEMPERATURE_MODES, DecodeOutput, LossySamplingWarning, _Batch, _check_temperature, _progress, \
-    _write
+from .decode import TEMPERATURE_MODES, DecodeOutput, LossySamplingWarning, _Batch, _check_temperature, _Progress, \
+    add_rows
 from .draft_length import make_draft_length
 from .drafters import DraftRequest, drafter_name, first_draft_exact, make_drafter
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
 from .rejection import verify_drafts
 
-__all__ = ["assd_decode", "DEFAULT_OUTCOMES"]
+__all__ = ["assd_decode", "DEFAULT_OUTCOMES", "DEFAULT_DRAFT_TEMPERATURE_RATIO"]
 
 DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
+DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the target's (see assd_decode)
 
 
 class _CountingSession:
@@ -51,26 +60,39 @@ class _CountingSession:
         self.session, self.calls = session, calls
 
     def logits(self, rows, *args, **kwargs):
-        self.calls[rows] += 1
+        self.calls.index_add_(0, rows, torch.ones_like(rows))
         return self.session.logits(rows, *args, **kwargs)
 
 
 def _compact(ranks: torch.Tensor, limits: torch.Tensor):
     """Move each row's used query slots (rank >= 0) to the front and drop all-unused columns.
-    Returns ``(ranks, limits, column)``: ``column[:, c]`` = where original column c went."""
-    unused = (ranks < 0).to(torch.int8)
-    order = torch.argsort(unused, dim=1, stable=True)
-    width = max(int((ranks >= 0).sum(1).max()), 1)
+    Returns ``(ranks, limits, column)``: ``column[:, c]`` = where original column c went (None: nothing moved)."""
+    used = ranks >= 0
+    if bool(used.all()):
+        return ranks, limits, None
+    order = torch.argsort((~used).to(torch.int8), dim=1, stable=True)
+    width = max(int(used.sum(1).max()), 1)
     column = torch.argsort(order, dim=1).clamp(max=width - 1)
     return ranks.gather(1, order)[:, :width], limits.gather(1, order)[:, :width], column
 
 
+def _columns(logits: torch.Tensor, column, first: int, width: int) -> torch.Tensor:
+    """The logits of the original query columns ``first .. first + width - 1`` (``column``: see _compact)."""
+    if column is None:
+        return logits[:, first:first + width]
+    return logits.gather(1, column[:, first:first + width, None].expand(-1, -1, logits.shape[-1]))
+
+
 class _Speculation:
-    """Pending drafts and statistics of one ASSD decode; :meth:`draft` and :meth:`verify` are its steps."""
+    """Pending drafts and statistics of one ASSD decode; :meth:`draft` and :meth:`verify` are its steps.
+
+    The steps take ``rows`` (the batch rows of the call) and index the per-row state with ``sel``: the same
+    rows, or ``slice(None)`` when every row takes part (then state is read as views and updated in place:
+    a batch-1 call does no gathers or scatters of bookkeeping)."""
 
     def __init__(self, model: ASARM, batch: _Batch, session, streams: RowStreams, drafter, k: int,
-                 temperature: float, temperature_mode: str, bonus: bool, fused: bool, cover: int, rule,
-                 r_atol: float):
+                 temperature: float, temperature_mode: str, draft_temperature_ratio: float, bonus: bool,
+                 fused: bool, cover: int, rule, r_atol: float):
         self.model, self.batch, self.streams, self.drafter, self.k = model, batch, streams, drafter, k
         self.bonus, self.fused, self.cover, self.rule, self.r_atol = bonus, fused, cover, rule, r_atol
         B, device = batch.tokens.shape[0], batch.tokens.device
@@ -78,147 +100,174 @@ class _Speculation:
         self.drafts = torch.zeros(B, k, dtype=torch.long, device=device)
         self.q = torch.zeros(B, k, model.vocab_size, dtype=torch.float64, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)  # pending drafts per row
-        self.exact = torch.zeros(B, dtype=torch.bool, device=device)  # pending slot 0 is the exact conditional
-        self.draft_temps = torch.full((k,), float(temperature), dtype=torch.float64)
-        # outcome drafts are verified like any proposal, so their temperature is free: the draft temperature
-        self.proposal_temps = self.draft_temps.clone()
-        self.oracle_temp = torch.tensor([float(temperature) if temperature_mode == "target" else 1.0],
-                                        dtype=torch.float64)
-        self.first_exact = first_draft_exact(drafter)
-        if temperature_mode == "no_temp_oracle" and self.first_exact:
-            self.draft_temps[0] = 1.0  # the exact first draft is accepted unverified: it must be the T=1 conditional
+        self.oracle_temp = float(temperature) if temperature_mode == "target" else 1.0
+        # Verified drafts may come from any proposal, so their temperature is free (flatter ones overlap the
+        # target more on asarm-tiny); an exact first draft is accepted unverified: it keeps the oracle's.
+        self.proposal_temp = temperature * draft_temperature_ratio  # one number: no tensor ops per call
+        self.draft_temps = torch.full((k,), self.proposal_temp, dtype=torch.float64)
+        self.first_exact = first_draft_exact(drafter) and not fused  # fused rounds never call the drafter
+        if self.first_exact:
+            self.draft_temps[0] = self.oracle_temp
+            self.exact = torch.zeros(B, dtype=torch.bool, device=device)  # pending slot 0 is exact
         self.drafted_by_index = torch.zeros(B, k, dtype=torch.long, device=device)
         self.accepted_by_index = torch.zeros_like(self.drafted_by_index)
         self.bonus_tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.draft_calls = torch.zeros(B, dtype=torch.long, device=device)
+        self._layouts: dict[int, tuple] = {}
 
-    def probs(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        return self.model.probabilities(logits, temperatures.reshape(1, -1, 1))
+    def _sel(self, rows: torch.Tensor):
+        return slice(None) if len(rows) == len(self.count) else rows
+
+    def probs(self, logits: torch.Tensor, temperatures) -> torch.Tensor:
+        if isinstance(temperatures, torch.Tensor):
+            temperatures = temperatures.reshape(1, -1, 1)
+        return self.model.probabilities(logits, temperatures)
 
     # ---------------------------------------------------------------------------- drafting
     def draft(self, rows: torch.Tensor) -> None:
         """A drafter call for ``rows`` (which have no pending drafts)."""
         if not len(rows):
             return
-        batch, device = self.batch, rows.device
-        n = batch.n_fixed[rows]
-        count = torch.clamp(batch.stop[rows] - n, max=self.k)
+        batch, device, sel = self.batch, rows.device, self._sel(rows)
+        n = batch.n_fixed[sel]
+        count = torch.clamp(batch.stop[sel] - n, max=self.k)
         idx = torch.arange(int(count.max()), device=device)
         ranks = torch.where(idx[None, :] < count[:, None], n[:, None] + idx, -1)
         uniforms = self.streams.uniform(rows, self.k, device)[:, :len(idx)]
-        calls_before = batch.nfe[rows].clone()
+        calls_before = batch.nfe[sel].clone()
         drafts, q = self.drafter.propose(DraftRequest(
-            session=self.session, rows=rows, tokens=batch.tokens[rows], sigma=batch.sigma[rows], n_fixed=n,
-            query_ranks=ranks, query_positions=positions_of_ranks(batch.positions[rows], ranks), uniforms=uniforms,
+            session=self.session, rows=rows, tokens=batch.tokens[sel], sigma=batch.sigma[sel], n_fixed=n,
+            query_ranks=ranks, query_positions=positions_of_ranks(batch.positions[sel], ranks), uniforms=uniforms,
             to_probs=self.probs, draft_temperatures=self.draft_temps[:len(idx)],
             mask_token_id=self.model.mask_token_id, vocab_size=self.model.vocab_size))
-        batch.ngram_calls[rows] += (batch.nfe[rows] == calls_before).long()
-        self.draft_calls[rows] += 1
-        self._set_pending(rows, drafts, q, count, self.first_exact)
+        add_rows(batch.ngram_calls, sel, batch.nfe[sel] == calls_before)
+        add_rows(self.draft_calls, sel, torch.ones_like(count))
+        self._set_pending(sel, drafts, q, self._length(q, drafts, count))
+        if self.first_exact:
+            self.exact[sel] = True
 
-    def _set_pending(self, rows, drafts, q, count, exact: bool) -> None:
-        if self.rule is not None:
-            count = torch.minimum(torch.as_tensor(self.rule(q, drafts, count), device=count.device), count).clamp(min=1)
+    def _length(self, q, drafts, count) -> torch.Tensor:
+        """Drafts to verify per row: ``count``, or fewer where the draft-length rule says so (at least 1)."""
+        if self.rule is None:
+            return count
+        return torch.minimum(torch.as_tensor(self.rule(q, drafts, count), device=count.device), count).clamp(min=1)
+
+    def _set_pending(self, sel, drafts, q, count) -> None:
         width = drafts.shape[1]
-        self.drafts[rows, :width], self.q[rows, :width] = drafts, q
-        self.count[rows], self.exact[rows] = count, exact
+        self.drafts[sel, :width], self.q[sel, :width], self.count[sel] = drafts, q, count
 
     # ---------------------------------------------------------------------------- committing
-    def _commit(self, rows, values, fixed, accepted, verified) -> None:
+    def _commit(self, sel, n, values, fixed, accepted, verified) -> None:
         """Write ``values[:, :fixed]`` at ranks ``n..`` and update the statistics."""
         batch = self.batch
-        n = batch.n_fixed[rows]
-        idx = torch.arange(values.shape[1], device=rows.device)
-        ranks = torch.where(idx[None, :] < fixed[:, None], n[:, None] + idx, -1)
-        batch.tokens[rows] = _write(batch.tokens[rows], positions_of_ranks(batch.positions[rows], ranks), values)
-        batch.n_fixed[rows] += fixed
-        batch.accepted[rows] += accepted
-        batch.rounds[rows] += 1
+        idx = torch.arange(values.shape[1], device=n.device)
+        batch.write(sel, (n[:, None] + idx).masked_fill(idx >= fixed[:, None], -1), values)
+        add_rows(batch.n_fixed, sel, fixed)
+        add_rows(batch.accepted, sel, accepted)
+        add_rows(batch.rounds, sel, 1)
         width = min(values.shape[1], self.k)
-        self.drafted_by_index[rows, :width] += (idx[None, :width] < verified[:, None]).long()
-        self.accepted_by_index[rows, :width] += (idx[None, :width] < accepted[:, None]).long()
+        add_rows(self.drafted_by_index[:, :width], sel, idx[:width] < verified[:, None])
+        add_rows(self.accepted_by_index[:, :width], sel, idx[:width] < accepted[:, None])
 
     def commit_exact(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows whose only pending draft is exact commit it without a verify call; returns the others."""
+        if not self.first_exact:
+            return rows
         alone = self.exact[rows] & (self.count[rows] == 1)
         done = rows[alone]
         if len(done):
             one = torch.ones_like(done)
-            self._commit(done, self.drafts[done, :1], one, one, one)
+            self._commit(done, self.batch.n_fixed[done], self.drafts[done, :1], one, one, one)
             self.count[done] = 0
         return rows[~alone]
 
     # ---------------------------------------------------------------------------- verifying
+    def _layout(self, W: int):
+        """Query columns of a verify call whose rows hold at most ``W`` drafts: the verify columns
+        ``0..W-1``, the bonus column ``W`` (if ``bonus``), then the outcome blocks ``j = 0..C-1`` of ``k``
+        columns each (if ``fused``). Per column: rank and limit offsets from ``n``, whether the row's ``K`` is
+        added to both (the bonus column), and the fewest pending drafts ``K`` that make it used."""
+        if W not in self._layouts:
+            device, k = self.batch.tokens.device, self.k
+            idx, zero = torch.arange(W, device=device), torch.zeros(1, dtype=torch.long, device=device)
+            rank, limit, plus_k, needs = [idx], [idx], [idx * 0], [idx + 1]
+            if self.bonus:
+                rank, limit, plus_k, needs = rank + [zero], limit + [zero], plus_k + [zero + 1], needs + [zero]
+            if self.fused:
+                j = torch.arange(min(self.cover, W + 1), device=device)[:, None].expand(-1, k)
+                rank.append((j + 1 + torch.arange(k, device=device)).flatten())
+                limit.append(j.flatten())
+                plus_k.append(j.flatten() * 0)
+                needs.append(j.flatten())
+            self._layouts[W] = tuple(torch.cat(parts)[None, :] for parts in (rank, limit, plus_k, needs))
+        return self._layouts[W]
+
     def verify(self, rows: torch.Tensor) -> None:
         """One model call: verify rows, bonus row and outcome rows; commit; set the next pending drafts."""
-        batch, k, device = self.batch, self.k, rows.device
-        n, K, stop = batch.n_fixed[rows], self.count[rows], batch.stop[rows]
-        exact = self.exact[rows]
+        batch, k, sel = self.batch, self.k, self._sel(rows)
+        n, K, stop = batch.n_fixed[sel].clone(), self.count[sel].clone(), batch.stop[sel]
         W = int(K.max())
-        idx = torch.arange(W, device=device)
-        checked = (idx[None, :] >= exact[:, None].long()) & (idx[None, :] < K[:, None])
-        oracle = torch.where(checked, n[:, None] + idx, -1)  # oracle rows: limit = rank
-        ranks, limits = [oracle], [oracle]
-        has_bonus = self.bonus & (n + K < stop)
-        if self.bonus:
-            bonus_rank = torch.where(has_bonus, n + K, -1)[:, None]
-            ranks, limits = ranks + [bonus_rank], limits + [bonus_rank]
-        if self.fused:  # block j: the next round's drafts if slot j is the first rejected (j = K: none is)
-            j = torch.arange(W + 1, device=device)[None, :, None]
-            covered = (j >= exact[:, None, None].long()) & (j <= K[:, None, None]) & \
-                      (j - exact[:, None, None].long() < self.cover)
-            block = n[:, None, None] + j + 1 + torch.arange(k, device=device)
-            block = torch.where(covered & (block < stop[:, None, None]), block, -1)
-            ranks.append(block.flatten(1))
-            limits.append((n[:, None, None] + j).expand_as(block).flatten(1))
-        ranks, limits = torch.cat(ranks, 1), torch.cat(limits, 1)
-        compact_ranks, compact_limits, column = _compact(ranks, limits)
-        drafts, q = self.drafts[rows, :W], self.q[rows, :W]
-        written = _write(batch.tokens[rows], positions_of_ranks(batch.positions[rows], torch.where(
-            idx[None, :] < K[:, None], n[:, None] + idx, -1)), drafts)
-        logits = self.session.logits(rows, written, n, compact_ranks, limits=compact_limits)
-        V = logits.shape[-1]
+        rank_offset, limit_offset, plus_k, needs = self._layout(W)
+        base = n[:, None] + K[:, None] * plus_k
+        ranks, limits = base + rank_offset, base + limit_offset
+        used = (needs <= K[:, None]) & (ranks < stop[:, None])
+        exact = self.exact[sel] if self.first_exact and W else None
+        if exact is not None:
+            used[:, 0] &= ~exact  # an exact first draft is accepted by construction: not queried again
+        query_ranks, query_limits, column = _compact(ranks.masked_fill(~used, -1), limits)
+        drafts, q = self.drafts[sel, :W], self.q[sel, :W]
+        written = batch.with_values(sel, ranks[:, :W].masked_fill(needs[:, :W] > K[:, None], -1), drafts)
+        logits = self.session.logits(rows, written, n, query_ranks, limits=query_limits)
 
-        def rows_at(cols: torch.Tensor, sel=slice(None)) -> torch.Tensor:  # logits of original columns (b, c)
-            return logits[sel].gather(1, column[sel].gather(1, cols)[..., None].expand(-1, -1, V))
-
-        cols = torch.arange(W + 1, device=device).expand(len(rows), -1)
-        p = self.probs(rows_at(cols[:, :W]), self.oracle_temp.expand(W))
-        p = torch.where((exact[:, None] & (idx[None, :] == 0))[..., None], q, p)
-        bonus_p = self.probs(rows_at(cols[:, W:]), self.oracle_temp)[:, 0] if self.bonus else None
-        uniforms = self.streams.uniform(rows, 2 * k + 1, device)
-        verdict = verify_drafts(p, q, drafts, K, uniforms[:, :W], uniforms[:, k], bonus=bonus_p, has_bonus=has_bonus,
-                                r_atol=self.r_atol)
+        p = self.probs(_columns(logits, column, 0, W + int(self.bonus)), self.oracle_temp)
+        bonus_p, p = (p[:, W], p[:, :W]) if self.bonus else (None, p)
+        if exact is not None:
+            p[:, 0] = torch.where(exact[:, None], q[:, 0], p[:, 0])
+        uniforms = self.streams.uniform(rows, 2 * k + 1, rows.device)
+        verdict = verify_drafts(p, q, drafts, K, uniforms[:, :W], uniforms[:, k], bonus=bonus_p,
+                                has_bonus=used[:, W] if self.bonus else None, r_atol=self.r_atol)
         a = verdict.num_accepted
-        values = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], 1)  # kept drafts, then the next token
-        arange = torch.arange(len(rows), device=device)
-        values[arange, a] = torch.where(verdict.has_next, verdict.next_token, values[arange, a])
-        self._commit(rows, values, a + verdict.has_next.long(), a, torch.minimum(a + 1, K))
-        self.bonus_tokens[rows] += verdict.bonus.long()
-        self.count[rows] = 0
+        fixed = a + verdict.has_next
+        values = torch.cat([drafts, verdict.next_token[:, None]], 1)  # kept drafts, then the next token
+        if W:
+            values.scatter_(1, a[:, None], verdict.next_token[:, None])
+        self._commit(sel, n, values, fixed, a, torch.minimum(a + 1, K))
+        if self.bonus:
+            add_rows(self.bonus_tokens, sel, verdict.bonus)
         if self.fused:
-            self._take_outcome_drafts(rows, verdict, K, exact, rows_at, W, uniforms[:, k + 1:])
+            add_rows(self.draft_calls, sel, K == 0)  # a call without drafts is the fused form of a draft call
+            self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, logits, column, W, uniforms[:, k + 1:])
+        else:
+            self.count[sel] = 0
 
-    def _take_outcome_drafts(self, rows, verdict, K, exact, rows_at, W, uniforms) -> None:
-        """The next pending drafts of each row, from the outcome block that happened (if it was covered)."""
-        k, batch = self.k, self.batch
-        j = torch.where(verdict.rejected, verdict.num_accepted, K)
-        n = batch.n_fixed[rows]  # already advanced past this round's tokens
-        take = verdict.has_next & (j - exact.long() < self.cover) & (n < batch.stop[rows])
-        if not take.any():
-            return
-        sel = take.nonzero().flatten()
-        cols = W + int(self.bonus) + j[sel, None] * k + torch.arange(k, device=rows.device)
-        q = self.probs(rows_at(cols, sel), self.proposal_temps)
-        drafts = sample_categorical(q, uniforms[sel])
-        count = torch.clamp(batch.stop[rows[sel]] - n[sel], max=k)
-        self._set_pending(rows[sel], drafts, q, count, False)
+    def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, logits, column, W, uniforms) -> None:
+        """Each row's next pending drafts, from the outcome block that happened; none (the next call then
+        drafts for itself) where that outcome was not covered."""
+        k = self.k
+        j = torch.where(verdict.rejected, verdict.num_accepted, K)  # the outcome: first rejected slot, or K
+        count = torch.clamp(stop - n, max=k)
+        take = verdict.has_next & (count > 0)
+        if self.cover <= W:
+            take &= j < self.cover
+        if not bool(take.all()):
+            self.count[sel] = 0
+            if not take.any():
+                return
+            taken = take.nonzero().flatten()
+            rows, sel, j, count, uniforms = rows[taken], rows[taken], j[taken], count[taken], uniforms[taken]
+            logits, column = logits[taken], None if column is None else column[taken]
+        blocks = _columns(logits, column, W + int(self.bonus), min(self.cover, W + 1) * k).unflatten(1, (-1, k))
+        block = blocks.gather(1, j[:, None, None, None].expand(-1, 1, k, blocks.shape[-1]))[:, 0]
+        q = self.probs(block, self.proposal_temp)
+        drafts = sample_categorical(q, uniforms)
+        self._set_pending(sel, drafts, q, self._length(q, drafts, count))
 
 
 @torch.no_grad()
 def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None, k: int = 5,
                 drafter="self", temperature: float = 1.0, temperature_mode: str = "target", r_atol: float = 0.0,
                 bonus: bool = False, fused: bool = False, outcomes=None, draft_length=None,
+                draft_temperature_ratio: float = DEFAULT_DRAFT_TEMPERATURE_RATIO,
                 seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
                 max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
     """Any-Subset Speculative Decoding (see the module docstring for the schedules).
@@ -237,12 +286,15 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
             tempers only the other drafts (target = the T=1 joint).
         bonus: the verify call also queries rank ``n+K``; an all-accepted round commits that token too.
         fused: single-pass rounds (self drafter only; implies ``bonus``): the verify call also holds the
-            next round's drafts for each covered outcome.
+            next round's drafts for each covered outcome; the drafter is never called.
         outcomes: ``"all"`` or the number of outcomes covered, earliest rejection first (the most likely
-            order when drafts are accepted less than half the time); uncovered outcomes fall back to a
-            draft call. Only with ``fused``; default ``DEFAULT_OUTCOMES`` (2): a call holds about
-            ``outcomes x k`` outcome rows, and on asarm-tiny covering all of them bought no more tokens per
-            call but cost 15% in speed (benchmarks/RESULTS.md, bench_speculative.py).
+            order when drafts are accepted less than half the time); after an uncovered outcome the next
+            call has no drafts to verify (it drafts for itself, see above). Only with ``fused``; default
+            ``DEFAULT_OUTCOMES`` (2): a call holds about ``outcomes x k`` outcome rows.
+        draft_temperature_ratio: verified drafts (self drafts after the first, single-pass drafts) are
+            drawn at ``temperature x draft_temperature_ratio``; exact at any value > 0. Default
+            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.5): it raised acceptance on asarm-tiny
+            (benchmarks/RESULTS.md). The n-gram drafter ignores it.
         draft_length: None (always ``k``), a confidence threshold in [0, 1]
             (:class:`~asarm.sampling.draft_length.ConfidenceLength`) or a rule (see that module for the
             exactness condition).
@@ -271,6 +323,9 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     outcomes = DEFAULT_OUTCOMES if outcomes is None else outcomes
     if outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool) or outcomes < 1):
         raise ValueError(f"outcomes must be 'all' or an integer >= 1, got {outcomes!r}")
+    if not (isinstance(draft_temperature_ratio, (int, float)) and 0 < draft_temperature_ratio < float("inf")) \
+            or isinstance(draft_temperature_ratio, bool):
+        raise ValueError(f"draft_temperature_ratio must be a finite number > 0, got {draft_temperature_ratio!r}")
     rule = make_draft_length(draft_length)
     if r_atol > 0:
         warnings.warn(f"r_atol={r_atol} > 0 makes ASSD lossy: samples no longer follow the model's distribution",
@@ -279,24 +334,26 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     bonus = bonus or fused
-    run = _Speculation(model, batch, session, streams, drafter, k, temperature, temperature_mode, bonus, fused,
-                       k + 1 if outcomes == "all" else outcomes, rule, r_atol)
+    run = _Speculation(model, batch, session, streams, drafter, k, temperature, temperature_mode,
+                       draft_temperature_ratio, bonus, fused, k + 1 if outcomes == "all" else outcomes, rule, r_atol)
     name = "assd-fused" if fused else f"assd-{drafter_name(drafter)}" + ("-bonus" if bonus else "")
     name += "-adaptive" if rule is not None else ""
-    bar = _progress(batch, progress, name)
+    bar = _Progress(batch, progress, name)
 
     while len(rows := batch.active_rows()):
-        before = batch.n_fixed[rows].clone()
-        run.draft(rows[run.count[rows] == 0])
-        verify_rows = run.commit_exact(rows)
+        verify_rows = rows
+        if not fused:  # single-pass rounds never call the drafter: a call without drafts drafts itself
+            run.draft(rows[run.count[rows] == 0])
+            verify_rows = run.commit_exact(rows)
         if len(verify_rows):
             run.verify(verify_rows)
-        bar.update(int((batch.n_fixed[rows] - before).sum()))
+        bar.advance()
     bar.close()
     return batch.output(sampler=name, exact=r_atol == 0, drafted_by_index=run.drafted_by_index.cpu(),
                         accepted_by_index=run.accepted_by_index.cpu(), bonus_tokens=run.bonus_tokens.cpu(),
                         draft_calls=run.draft_calls.cpu(),
                         settings={"k": k, "temperature": temperature, "temperature_mode": temperature_mode,
                                   "r_atol": r_atol, "drafter": drafter_name(drafter), "bonus": bonus,
+                                  "draft_temperature_ratio": draft_temperature_ratio,
                                   "fused": fused, "outcomes": outcomes if fused else None,
                                   "draft_length": None if rule is None else getattr(rule, "name", repr(rule))})

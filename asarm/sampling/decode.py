@@ -12,6 +12,7 @@ the T=1 joint (``"no_temp_oracle"``) for every drafter, unless ``r_atol > 0``, w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,12 +71,14 @@ class _Batch:
         if padding_mask is not None:
             padding_mask = torch.as_tensor(padding_mask, device=device)
         n_prompt, lengths = validate_order(tokens, sigma, torch.as_tensor(n_prompt, device=device), lengths,
-                                           padding_mask, model.mask_token_id)
+                                           padding_mask, model.mask_token_id, vocab_size=model.vocab_size)
         self.sigma = sigma
         self.n_prompt = n_prompt
         self.lengths = lengths
         to_decode = (sigma >= n_prompt[:, None]) & (sigma < lengths[:, None])
-        self.tokens = tokens.masked_fill(to_decode, model.mask_token_id)
+        # column L is a scratch slot that writes of unused slots (rank -1) go to; tokens is a view without it
+        self._padded = torch.nn.functional.pad(tokens.masked_fill(to_decode, model.mask_token_id), (0, 1))
+        self.tokens = self._padded[:, :-1]
         self.positions = torch.argsort(sigma, dim=1)  # position holding each rank
         self.n_fixed = n_prompt.clone()
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
@@ -91,22 +94,53 @@ class _Batch:
     def active_rows(self) -> torch.Tensor:
         return (self.n_fixed < self.stop).nonzero().flatten()
 
+    def _slots(self, sel, ranks: torch.Tensor) -> torch.Tensor:
+        """Positions of ``ranks`` in the rows ``sel``, with the scratch column for rank -1."""
+        return torch.where(ranks >= 0, self.positions[sel].gather(1, ranks.clamp(min=0)), self.tokens.shape[1])
+
+    def write(self, sel, ranks: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` at ``ranks`` of the rows ``sel`` (a row index tensor, or ``slice(None)`` for every
+        row); slots of rank -1 are skipped."""
+        slot = self._slots(sel, ranks)
+        if isinstance(sel, slice):
+            self._padded.scatter_(1, slot, values)
+        else:
+            self._padded.index_put_((sel[:, None].expand_as(slot), slot), values)
+
+    def with_values(self, sel, ranks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The tokens of the rows ``sel`` with ``values`` written at ``ranks`` (-1: skipped), as a copy."""
+        return self._padded[sel].scatter(1, self._slots(sel, ranks), values)[:, :-1]
+
     def output(self, **kwargs) -> DecodeOutput:
         settings = kwargs.pop("settings", {})
         settings.update(n_prompt=self.n_prompt.cpu(), lengths=self.lengths.cpu(), stop=self.stop.cpu())
-        return DecodeOutput(tokens=self.tokens, nfe=self.nfe.cpu(), rounds=self.rounds.cpu(),
+        return DecodeOutput(tokens=self.tokens.contiguous(), nfe=self.nfe.cpu(), rounds=self.rounds.cpu(),
                             accepted=self.accepted.cpu(), ngram_calls=self.ngram_calls.cpu(), settings=settings,
                             **kwargs)
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
-def _progress(batch: _Batch, enabled: bool, desc: str):
-    total = int((batch.stop - batch.n_prompt).sum())
-    return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, leave=False)
+class _Progress:
+    """A tokens-decoded progress bar; costs nothing per step when disabled."""
+
+    def __init__(self, batch: _Batch, enabled: bool, desc: str):
+        self.batch, self.enabled = batch, enabled
+        self.done = int(batch.n_prompt.sum())
+        self.bar = tqdm(total=int(batch.stop.sum()) - self.done, desc=desc, unit="tok", disable=not enabled,
+                        leave=False)
+
+    def advance(self) -> None:
+        if self.enabled:
+            done = int(self.batch.n_fixed.sum())
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _to_probs(model: ASARM):
@@ -115,11 +149,14 @@ def _to_probs(model: ASARM):
     return to_probs
 
 
-def _write(tokens: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``tokens`` with ``values`` written at ``positions``; slots at position -1 are dropped."""
-    extended = torch.nn.functional.pad(tokens, (0, 1))
-    slot = torch.where(positions >= 0, positions, tokens.shape[1])
-    return extended.scatter(1, slot, values)[:, :-1]
+def add_rows(target: torch.Tensor, sel, values: torch.Tensor | int) -> None:
+    """``target[sel] += values`` in one in-place op (``sel``: row indices, or ``slice(None)`` for every row)."""
+    if isinstance(sel, slice):
+        target.add_(values)
+    elif isinstance(values, int):
+        target[sel] += values
+    else:
+        target.index_add_(0, sel, values.to(target.dtype))
 
 
 @torch.no_grad()
@@ -135,7 +172,7 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     to_probs = _to_probs(model)
     temperatures = torch.tensor([temperature], dtype=torch.float64)
-    bar = _progress(batch, progress, "sequential")
+    bar = _Progress(batch, progress, "sequential")
     while len(rows := batch.active_rows()):
         n = batch.n_fixed[rows]
         logits = session.logits(rows, batch.tokens[rows], n, n[:, None], draft=False)
@@ -144,7 +181,7 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
         batch.tokens[rows, batch.positions[rows, n]] = new
         batch.n_fixed[rows] += 1
         batch.nfe[rows] += 1
-        bar.update(len(rows))
+        bar.advance()
     bar.close()
     batch.rounds.copy_(batch.nfe)
     return batch.output(sampler="sequential", settings={"temperature": temperature})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import query_limits
+from ..masks import check_distinct_queries, query_limits
 from ..model import ASARM
 from ..orders import positions_of_ranks
 from .cached_engine import CachedEngine
@@ -44,6 +44,7 @@ class _FullSession:
                draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
         sigma, n_prompt = self.sigma[rows], self.n_prompt[rows]
         limits = query_limits(n_prompt, n_fixed, query_ranks, draft, limits)
+        check_distinct_queries(query_ranks, limits)
         b, k = query_ranks.shape
         L = tokens.shape[1]
         # A Hugging Face forward has one visibility per position (perm_mask row), shared by its content

@@ -45,7 +45,8 @@ class RowStreams:
 
     def uniform(self, rows: torch.Tensor, n: int, device=None) -> torch.Tensor:
         """``(len(rows), n)`` float64 uniforms in [0, 1), ``n`` drawn from each listed row's stream."""
-        out = torch.stack([torch.rand(n, generator=self.generators[r], dtype=torch.float64) for r in rows.tolist()])
+        draws = [torch.rand(n, generator=self.generators[r], dtype=torch.float64) for r in rows.tolist()]
+        out = draws[0][None] if len(draws) == 1 else torch.stack(draws)
         return out.to(device) if device is not None else out
 
 

@@ -49,7 +49,8 @@ def verify_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_dr
         p, q: ``(b, K, V)`` float64 target and proposal distributions (rows sum to 1; ``q_i(x_i) > 0``).
             A draft accepted by construction (an exact first draft) passes ``p_i = q_i``.
         drafts: ``(b, K)`` proposed tokens; slots ``>= num_drafts`` are ignored.
-        num_drafts: ``(b,)`` drafts to check per row (``1 <= num_drafts <= K``).
+        num_drafts: ``(b,)`` drafts to check per row (``0 <= num_drafts <= K``; 0 needs ``bonus``: the row
+            then only draws its bonus token).
         u_accept: ``(b, K)`` uniforms in [0, 1), one per slot; ``u_next``: ``(b,)``, for the residual or
             the bonus draw (only one of them happens per row).
         bonus: ``(b, V)`` distribution of the token after the last draft, used where every draft is
@@ -61,19 +62,24 @@ def verify_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_dr
     valid = slot[None, :] < num_drafts[:, None]
     index = drafts[..., None]
     p_x, q_x = p.gather(2, index).squeeze(-1), q.gather(2, index).squeeze(-1)
-    accept = u_accept < p_x / q_x + r_atol
+    accept = u_accept < (p_x / q_x + r_atol if r_atol else p_x / q_x)
     failed = valid & ~accept
     rejected = failed.any(1)
-    num_accepted = torch.where(rejected, failed.to(torch.int8).argmax(1), num_drafts)
-    rows = torch.arange(b, device=drafts.device)
-    j = num_accepted.clamp(max=K - 1)
-    residual = (p[rows, j] - q[rows, j]).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > RESIDUAL_EPS, residual, p[rows, j])
-    if bonus is not None:
-        has_bonus = torch.ones_like(rejected) if has_bonus is None else has_bonus
-        residual = torch.where(rejected[:, None], residual, bonus)
-        has_next = rejected | has_bonus
+    if not K and bonus is None:
+        raise ValueError("verify_drafts without drafts needs a bonus distribution to draw from")
+    if K:
+        num_accepted = torch.where(rejected, failed.to(torch.int8).argmax(1), num_drafts)
+        rows = torch.arange(b, device=drafts.device)
+        j = num_accepted.clamp(max=K - 1)
+        p_j = p[rows, j]
+        residual = (p_j - q[rows, j]).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > RESIDUAL_EPS, residual, p_j)
     else:
-        has_next = rejected
-    next_token = sample_categorical(residual, u_next)
+        num_accepted = num_drafts
+    if bonus is None:
+        has_next, next_dist = rejected, residual
+    else:
+        has_next = rejected | (torch.ones_like(rejected) if has_bonus is None else has_bonus)
+        next_dist = torch.where(rejected[:, None], residual, bonus) if K else bonus
+    next_token = sample_categorical(next_dist, u_next)
     return Verdict(num_accepted=num_accepted, rejected=rejected, has_next=has_next, next_token=next_token)

@@ -1,6 +1,5 @@
 import argparse
 import json
-import os
 import subprocess
 from pathlib import Path
 from collections import defaultdict
@@ -60,22 +59,28 @@ def test_outputs_and_structure(bench_run, xlnet_tokenizer):
     out, results, samples = bench_run
     for name in ("summary.md", "nfe_wallclock.png", "acceptance_by_index.png"):
         assert (out / name).stat().st_size > 0
+    assert results["files"] == ["results.json", "summary.md", "samples.jsonl", "nfe_wallclock.png",
+                                "acceptance_by_index.png"]
+    assert results["warnings"] == []
     metrics = results["metrics"]
     assert results["evaluation"] == "speculative" and metrics["plots"] == ["nfe_wallclock.png",
                                                                           "acceptance_by_index.png"]
     settings = metrics["settings"]
     assert (settings["visible"], settings["generated"], settings["num_sequences"]) == (VISIBLE, LENGTH - VISIBLE, 3)
-    assert metrics["perplexity"]["available"] and metrics["perplexity"]["reason"] is None
+    assert metrics["perplexity"]["available"] and "reason" not in metrics["perplexity"]
     assert list(metrics["samplers"]) == list(SAMPLERS)
     for name in SAMPLERS[1:]:
         ratio = metrics["samplers"][name]["wallclock_ratio"]
         assert 0 < ratio["ci95"][0] <= ratio["ratio"] <= ratio["ci95"][1]
+        assert ratio["significant"] == (not ratio["ci95"][0] <= 1 <= ratio["ci95"][1])
         assert metrics["samplers"][name]["tokens_per_call_pooled"] > 0
     for name, entry in metrics["samplers"].items():
         assert entry["n_samples"] == 6
         assert set(entry["metrics"]) == set(speculative.METRICS)
         for summary in entry["metrics"].values():
             assert summary["n"] == 6 and summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
+        seconds = entry["metrics"]["seconds"]  # geometric mean, log-scale interval: always positive
+        assert seconds["scale"] == "log" and seconds["ci95"][0] > 0
         if name == "sequential":
             assert "acceptance_by_index" not in entry
         else:
@@ -89,14 +94,42 @@ def test_outputs_and_structure(bench_run, xlnet_tokenizer):
         assert all(t["n"] == 6 and 0 <= t["wilcoxon_pvalue"] <= 1 for t in tests.values())
     summary = (out / "summary.md").read_text()
     for text in ("NFE", "model calls", "n-gram calls", "tokens/round", "wall-clock s", "gen. ppl", "entropy",
-                 "Acceptance rate by draft index", "Paired tests", "Wilcoxon p"):
+                 "Acceptance rate by draft index", "Paired tests", "Wilcoxon p", "verdict (5%)"):
         assert text in summary
+    _assert_verdicts_follow_the_tests(summary, metrics)
     assert len(samples) == 3 * 2 * len(SAMPLERS)
     for record in samples:
         assert record["gen_ppl"] > 1 and 0 < record["entropy"] <= 8
         assert not any(t in record["text"] for t in xlnet_tokenizer.all_special_tokens)
         assert record["text"] == " ".join(record["text"].split())
         assert record["seconds"] == pytest.approx(record["batch_seconds"] / record["batch_rows"])
+
+
+def _table_rows(summary, header_start):
+    """The rows of the markdown table whose header starts with ``header_start``, as dicts."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def _assert_verdicts_follow_the_tests(summary, metrics):
+    from asarm.eval.stats import significance
+
+    labels = {label: metric for metric, label in speculative.METRICS.items()}
+    rows = _table_rows(summary, "comparison")
+    assert rows
+    for row in rows:
+        test = metrics["paired"][row["comparison"]][labels[row["metric"]]]
+        assert row["verdict (5%)"] == significance(test["t_pvalue"], test["wilcoxon_pvalue"])
+    for row in _table_rows(summary, "sampler | NFE speed-up"):
+        ratio = metrics["samplers"][row["sampler"]]["wallclock_ratio"]
+        assert row["wall-clock ratio [95% CI]"].endswith("(not significant)") == (not ratio["significant"])
 
 
 def test_paired_design(bench_run):
@@ -140,8 +173,8 @@ def test_cost_accounting(bench_run):
             assert 2 * r["rounds"] - 1 <= r["nfe"] <= 2 * r["rounds"] and r["nfe"] <= generated
             assert drafted[0] == accepted[0] == r["rounds"] and r["ngram_calls"] == 0
         elif r["sampler"] == "assd-fused":
-            # a verify call per round plus the draft calls (a last lone exact draft needs no verify call)
-            assert r["draft_calls"] + r["rounds"] - 1 <= r["nfe"] <= r["draft_calls"] + r["rounds"]
+            # one call per round; the calls without drafts to verify (the first) draft for themselves
+            assert r["nfe"] == r["rounds"] and 1 <= r["draft_calls"] <= r["rounds"]
             assert r["nfe"] <= generated and r["ngram_calls"] == 0
             assert r["tokens_per_call"] == pytest.approx(generated / r["nfe"])
         else:
@@ -153,14 +186,22 @@ def test_unloadable_perplexity_model_is_recorded(tiny_model_dir, text_file, tmp_
     assert main(_argv(tiny_model_dir, text_file, out, "--num-sequences", "1", "--samplers", "sequential,assd-self",
                       "--ppl-model", "asarm-tests/no-such-lm")) == 0
     assert "WARNING: generative perplexity will not be computed" in capsys.readouterr().err
-    metrics = json.loads((out / "results.json").read_text())["metrics"]
-    assert metrics["perplexity"]["available"] is False and "no-such-lm" in metrics["perplexity"]["reason"]
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    # the loading error is a warning, kept out of the metrics and of the summary's tables
+    assert metrics["perplexity"] == {"model": "asarm-tests/no-such-lm", "available": False, "max_length": None,
+                                     "stride": None}
+    assert len(results["warnings"]) == 1 and "could not load perplexity model" in results["warnings"][0]
+    assert "could not load" not in json.dumps(metrics)
+    tables, warnings = (out / "summary.md").read_text().split("## Warnings")
+    assert "could not load" not in tables and "could not load perplexity model" in warnings
+    summary = tables
     assert all(entry["metrics"]["gen_ppl"] is None for entry in metrics["samplers"].values())
     assert metrics["entropy"]["available"]  # GPT-2's tokenizer from the data directory
     assert metrics["paired"]["assd-self vs sequential"]["nfe"]["skipped"].startswith("1 pair(s)")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["gen_ppl"] for r in samples] == [None, None] and all(r["entropy"] > 0 for r in samples)
-    assert "not computed" in (out / "summary.md").read_text()
+    assert "not computed, see Warnings" in summary
 
 
 def test_packed_text_is_the_trainer_layout(xlnet_tokenizer, text_file):
@@ -213,12 +254,47 @@ def test_bad_input_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
         main(_argv(tiny_model_dir, text_file, tmp_path, "--num-sequences", "0"))
 
 
-def test_paper_script_defaults():
+def _script_arguments(tmp_path, **env):
+    """The arguments _run_speculative_decoding.sh passes to asarm, with `python3` stubbed to print them."""
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\nprintf "ASARM_DATA_DIR=%s\\n" "$ASARM_DATA_DIR"\n')
+    stub.chmod(0o755)
     script = Path(__file__).resolve().parents[2] / "_run_speculative_decoding.sh"
-    assert os.access(script, os.X_OK)
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    for default in ("therealgabeguo/ASARM", "REVISION-nlp", "LENGTH:-512", "START_FRACTION:-0.05", "K:-5",
-                    "TEMPERATURE:-1", "NUM_SEQUENCES:-all", "PPL_MODEL:-gpt2-large", "runs/eval/speculative_paper",
-                    "ASARM_DATA_DIR", "python3 -m asarm.cli eval speculative", '"$@"', "#SBATCH"):
-        assert default in text
+    done = subprocess.run(["bash", str(script), "--engine", "full"], capture_output=True, text=True, check=True,
+                          timeout=60, env={"PATH": f"{stub.parent}:/usr/bin:/bin", **env})
+    *argv, data_dir = done.stdout.splitlines()
+    return argv, data_dir
+
+
+def _options(argv):
+    assert argv[:4] == ["-m", "asarm.cli", "eval", "speculative"]
+    return {argv[i]: argv[i + 1] for i in range(4, len(argv) - 1) if argv[i].startswith("--")}
+
+
+def test_paper_script_passes_the_paper_settings(tmp_path):
+    argv, data_dir = _script_arguments(tmp_path)
+    options = _options(argv)
+    assert {key: options[key] for key in ("--model", "--revision", "--length", "--start-fraction", "--k",
+                                          "--temperature", "--num-sequences", "--ppl-model", "--out")} == {
+        "--model": "therealgabeguo/ASARM", "--revision": "nlp", "--length": "512", "--start-fraction": "0.05",
+        "--k": "5", "--temperature": "1", "--num-sequences": "all", "--ppl-model": "gpt2-large",
+        "--out": "runs/eval/speculative_paper"}
+    assert argv[-2:] == ["--engine", "full"] and "--device" not in options and data_dir == "ASARM_DATA_DIR="
+    # the arguments it passes are accepted by the command
+    parsed = _args_from(argv[4:])
+    assert (parsed.num_sequences, parsed.length, parsed.engine) == (None, 512, "full")
+
+
+def test_paper_script_takes_environment_overrides(tmp_path):
+    argv, data_dir = _script_arguments(tmp_path, MODEL="/models/mine", REVISION="", DEVICE="cuda:1", K="3",
+                                       DATA="/data")
+    options = _options(argv)
+    assert (options["--model"], options["--device"], options["--k"]) == ("/models/mine", "cuda:1", "3")
+    assert "--revision" not in options and data_dir == "ASARM_DATA_DIR=/data"
+
+
+def _args_from(argv):
+    parser = argparse.ArgumentParser()
+    speculative.add_arguments(parser)
+    return parser.parse_args(argv)

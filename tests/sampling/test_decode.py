@@ -176,8 +176,16 @@ def test_bad_input_is_rejected_with_clear_errors(model):
     tokens, sigma, n_prompt, lengths = _batch(seed=7)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
         assd_decode(model, tokens, sigma, n_prompt, lengths, k=0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        sequential_decode(model, tokens, sigma, n_prompt, lengths, temperature=0.0)
+    for temperature in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            sequential_decode(model, tokens, sigma, n_prompt, lengths, temperature=temperature)
+    for ratio in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="draft_temperature_ratio must be"):
+            assd_decode(model, tokens, sigma, n_prompt, lengths, draft_temperature_ratio=ratio)
+    too_large = tokens.clone()
+    too_large[0, 0] = model.vocab_size
+    with pytest.raises(ValueError, match=str(model.vocab_size)):
+        assd_decode(model, too_large, sigma, n_prompt, lengths)
     with pytest.raises(ValueError, match="temperature_mode"):
         assd_decode(model, tokens, sigma, n_prompt, lengths, temperature_mode="cold")
     with pytest.raises(ValueError, match="unknown drafter"):
@@ -229,18 +237,20 @@ def test_new_modes_never_exceed_sequential_nfe(options):
 
 
 def test_fused_rounds_need_one_draft_call_per_row(model):
-    """With every outcome covered the next drafts always come from the verify call: one drafter call per
-    row (the first), and each verify call holds oracle rows, the bonus row and outcome rows that see a
-    prefix (limit < rank)."""
+    """With every outcome covered the next drafts always come from the verify call: the drafter is never
+    called, and only a row's first call holds no drafts (it draws its first token from the bonus row and
+    drafts the next ranks). Each call holds oracle rows, the bonus row and outcome rows that see a prefix
+    (limit < rank)."""
     tokens, sigma, n_prompt, lengths = _batch(seed=6)
     engine = _RecordingEngine(model)
     out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, fused=True, outcomes="all", seed=0,
                       engine=engine)
     assert torch.equal(out.draft_calls, torch.ones_like(out.draft_calls))
-    fused_calls = [(n, ranks, limits) for n, ranks, draft, limits in engine.calls if limits is not None]
-    assert len(fused_calls) == len(engine.calls) - 1
+    assert all(limits is not None and not draft for _, _, draft, limits in engine.calls)
+    first_n, first_ranks, _, first_limits = engine.calls[0]
+    assert torch.equal(first_ranks[:, 0], first_n) and torch.equal(first_limits[:, 0], first_n)  # the bonus row
     prefix_rows = 0
-    for n, ranks, limits in fused_calls:
+    for n, ranks, _, limits in engine.calls:
         used = ranks >= 0
         assert (limits[used] >= n[:, None].expand_as(ranks)[used]).all() and (limits[used] <= ranks[used]).all()
         prefix_rows += int((used & (limits < ranks)).sum())

@@ -71,6 +71,12 @@ SAMPLERS = {
     "assd-fused-k3-T0.7-target": (assd_decode, {"k": 3, "fused": True, "temperature": 0.7}, 0.7),
     "assd-fused-k3-T0.7-no_temp_oracle": (assd_decode, {"k": 3, "fused": True, "temperature": 0.7,
                                                          "temperature_mode": "no_temp_oracle"}, 1.0),
+    "assd-fused-k1": (assd_decode, {"k": 1, "fused": True}, 1.0),
+    "assd-fused-k2-ratio1": (assd_decode, {"k": 2, "fused": True, "draft_temperature_ratio": 1.0}, 1.0),
+    "assd-self-k3-ratio2": (assd_decode, {"k": 3, "draft_temperature_ratio": 2.0}, 1.0),
+    "assd-self-k3-T0.7-ratio2-no_temp_oracle": (assd_decode, {"k": 3, "temperature": 0.7,
+                                                              "draft_temperature_ratio": 2.0,
+                                                              "temperature_mode": "no_temp_oracle"}, 1.0),
     "assd-adaptive-k3": (assd_decode, {"k": 3, "draft_length": 0.4}, 1.0),
     "assd-fused-adaptive-k3": (assd_decode, {"k": 3, "fused": True, "draft_length": 0.4}, 1.0),
 }

@@ -1,6 +1,7 @@
 """The accept / residual / bonus step on hand-made distributions (exact cases, in the style of vLLM's
 rejection-sampler tests), plus its distribution on one slot."""
 
+import pytest
 import torch
 
 from asarm.sampling.rejection import verify_drafts
@@ -14,7 +15,8 @@ def dist(*rows):
 
 def run(p, q, drafts, num, u_accept, u_next, **kw):
     return verify_drafts(p[None], q[None], torch.tensor([drafts]), torch.tensor([num]),
-                         torch.tensor([u_accept], dtype=torch.float64), torch.tensor([u_next], dtype=torch.float64), **kw)
+                         torch.tensor([u_accept], dtype=torch.float64),
+                         torch.tensor([u_next], dtype=torch.float64), **kw)
 
 
 def test_always_accept_when_p_equals_q():
@@ -69,6 +71,20 @@ def test_bonus_only_when_every_draft_is_accepted_and_allowed():
     q = dist([0.25] * 4, [1.0, 0, 0, 0])
     v = run(p, q, [0, 0], 2, [0.5, 0.5], 0.1, bonus=bonus[None])
     assert bool(v.rejected) and not bool(v.bonus) and int(v.next_token) in (1, 2, 3)
+
+
+def test_no_drafts_draws_the_bonus_token():
+    """A row without drafts (a single-pass call that drafts for itself) commits one token from the bonus
+    distribution; without a bonus distribution there is nothing to draw from."""
+    bonus = dist([0.0, 0.5, 0.5, 0.0])
+    empty = torch.zeros(1, 0, V, dtype=torch.float64)
+    v = verify_drafts(empty, empty, torch.zeros(1, 0, dtype=torch.long), torch.tensor([0]),
+                      torch.zeros(1, 0, dtype=torch.float64), torch.tensor([0.75], dtype=torch.float64),
+                      bonus=bonus[None])
+    assert int(v.num_accepted) == 0 and not bool(v.rejected) and bool(v.bonus) and int(v.next_token) == 2
+    with pytest.raises(ValueError, match="needs a bonus"):
+        verify_drafts(empty, empty, torch.zeros(1, 0, dtype=torch.long), torch.tensor([0]),
+                      torch.zeros(1, 0, dtype=torch.float64), torch.tensor([0.75], dtype=torch.float64))
 
 
 def test_slots_beyond_num_drafts_are_ignored():
