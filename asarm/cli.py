@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import sys
 
@@ -19,26 +20,35 @@ from . import orders
 from .eval.runner import SamplerSpec, parse_outcomes, add_model_source_arguments, decode
 from .model import ASARM
 from .sampling import DRAFTERS
+from .sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO
 from .sampling.decode import TEMPERATURE_MODES
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
 
 __all__ = ["main", "sample", "encode_template"]
 
 SAMPLE_ALGORITHMS = ("assd", "assd-fused", "sequential")
+# Anything that looks like a blank tag (``<mask``, then ``:``, a space or ``>``) is parsed, so a
+# mistyped tag is an error instead of literal text sent to the model.
+_BLANK_TAG = re.compile(r"<mask(?=[\s:>])[^<>]*>")
 _BLANK = re.compile(r"<mask(?::(\d+))?>")
+
+
+def _blank_count(tag: str) -> int:
+    match = _BLANK.fullmatch(tag)
+    if match is None or int(match.group(1) or 1) < 1:
+        raise ValueError(f"blank tag {tag!r} is not valid: write <mask> or <mask:N> with N >= 1 and no spaces")
+    return int(match.group(1) or 1)
 
 
 def encode_template(tokenizer, text: str, mask_token_id: int) -> list[int]:
     """Token ids of ``text`` where ``<mask>`` is one blank and ``<mask:N>`` is N blanks."""
     ids: list[int] = []
     cursor = 0
-    for match in _BLANK.finditer(text):
+    for match in _BLANK_TAG.finditer(text):
+        count = _blank_count(match.group(0))
         segment = text[cursor:match.start()]
         if segment.strip():
             ids += tokenizer(segment, add_special_tokens=False)["input_ids"]
-        count = int(match.group(1) or 1)
-        if count < 1:
-            raise ValueError(f"blank {match.group(0)!r} must have a length >= 1")
         ids += [mask_token_id] * count
         cursor = match.end()
     if text[cursor:].strip():
@@ -50,7 +60,8 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
            sampler: str = "assd", drafter: str = "self", k: int = 5, temperature: float = 1.0,
            temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
            engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True, bonus: bool = False,
-           adaptive_threshold: float | None = None, outcomes: str | int | None = None) -> list[dict]:
+           adaptive_threshold: float | None = None, outcomes: str | int | None = None,
+           draft_temperature_ratio: float | None = None) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
     ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds, self drafts) or ``sequential``.
@@ -64,12 +75,22 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         raise ValueError("--adaptive-threshold does not apply to --sampler sequential")
     if sampler != "assd-fused" and outcomes is not None:
         raise ValueError("--outcomes applies to --sampler assd-fused only")
+    if sampler == "sequential" and draft_temperature_ratio is not None:
+        raise ValueError("--draft-temperature-ratio does not apply to --sampler sequential")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")
     ids = torch.tensor(encode_template(asarm.tokenizer, text, asarm.mask_token_id))
     if len(ids) == 0:
         raise ValueError("text is empty")
+    if asarm.trained_length is not None and len(ids) > asarm.trained_length:
+        print(f"asarm sample: warning: the text with its blanks is {len(ids)} tokens, longer than the "
+              f"{asarm.trained_length} tokens {model!r} was trained on; expect poor fills (use shorter blanks)",
+              file=sys.stderr)
     gen = torch.Generator().manual_seed(seed)
     blanks = ids == asarm.mask_token_id
     if masking_rate is not None:
@@ -85,7 +106,7 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
     seeds = torch.tensor([seed * 1_000_003 + b for b in range(batch_size)])
     spec = SamplerSpec(sampler, "sequential") if sampler == "sequential" else SamplerSpec(
         sampler, "assd", drafter, bonus=bonus or sampler == "assd-fused", fused=sampler == "assd-fused",
-        draft_length=adaptive_threshold, outcomes=outcomes)
+        draft_length=adaptive_threshold, outcomes=outcomes, draft_temperature_ratio=draft_temperature_ratio)
     out = decode(asarm, spec, tokens, sigma, n_prompt, seeds=seeds, k=k, temperature=temperature, engine=engine,
                  progress=progress, temperature_mode=temperature_mode, r_atol=r_atol)
     shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
@@ -101,6 +122,17 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         print(f"[{b}] nfe={result['nfe']} rounds={result['rounds']} tokens/round={result['tokens_per_round']:.2f} "
               f"tokens/call={result['tokens_per_call']:.2f}\n    {result['text']}")
     return results
+
+
+def _positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports the option name with the message)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
 
 
 def _add_sample_parser(subparsers) -> None:
@@ -120,20 +152,23 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--outcomes", type=parse_outcomes, default=None,
                    help="assd-fused: outcomes covered per call ('all' or a count; default 2)")
     p.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
+    p.add_argument("--draft-temperature-ratio", type=float, default=None,
+                   help="ASSD: verified drafts are drawn at this multiple of --temperature (exact at any value; "
+                        f"default {DEFAULT_DRAFT_TEMPERATURE_RATIO:g})")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="target",
                    help="target: sample the tempered joint; no_temp_oracle: temper drafts 2..k only (T=1 joint)")
     p.add_argument("--r-atol", type=float, default=0.0,
                    help="LOSSY: slack added to the ASSD acceptance ratio (0 = exact)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--batch-size", type=int, default=1, help="number of completions")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="number of completions (>= 1)")
     p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
                    help="cached: each fixed token computed once (fast); full: a whole-sequence pass per NFE")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=lambda a: sample(
         a.model, a.text, a.revision, a.masking_rate, a.sampler, a.drafter, a.k, a.temperature, a.temperature_mode,
         a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress, a.bonus, a.adaptive_threshold,
-        a.outcomes))
+        a.outcomes, a.draft_temperature_ratio))
 
 
 def _add_train_parser(subparsers) -> None:
@@ -141,7 +176,8 @@ def _add_train_parser(subparsers) -> None:
                               description="Train from a YAML config (configs/*.yaml) with dotted overrides, e.g. "
                                           "optim.lr=3e-4 train.max_steps=100. Several processes: torchrun "
                                           "--nproc_per_node N -m asarm.training.trainer --config ...")
-    p.add_argument("--config", required=True, help="YAML config (configs/tiny_cpu.yaml, paper_nlp.yaml, paper_code.yaml)")
+    p.add_argument("--config", required=True,
+                   help="YAML config (configs/tiny_cpu.yaml, paper_nlp.yaml, paper_code.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.run_dir=runs/x optim.lr=3e-4")
 
     def run(args):

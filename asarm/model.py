@@ -7,18 +7,20 @@ revision="nlp")``), a local directory, or build a small random model from a conf
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors import SafetensorError
 from transformers import XLNetConfig, XLNetLMHeadModel
 
 from . import masks
-from .orders import positions_by_rank, positions_of_ranks
+from .orders import check_token_ids, positions_by_rank, positions_of_ranks
 
-__all__ = ["ASARM", "ModelLoadError", "pick_device", "HUB_REPO", "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID",
-           "XLNET_BASE_SIZES", "EMBEDDED_MODELS", "DEFAULT_MODEL"]
+__all__ = ["ASARM", "ModelLoadError", "NonFiniteLogitsError", "pick_device", "hub_offline", "HUB_REPO",
+           "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID", "XLNET_BASE_SIZES", "EMBEDDED_MODELS", "DEFAULT_MODEL"]
 
 HUB_REPO = "therealgabeguo/ASARM"
 # Branches of HUB_REPO (spec section 1); "xlnet-base-cased" is the off-the-shelf baseline.
@@ -32,8 +34,27 @@ DEFAULT_MODEL = "asarm-tiny"
 _ASARM_FILE = "asarm.json"
 
 
+# One quick request decides whether the Hub is reachable: huggingface_hub itself retries every file
+# 5 times with back-off (about 23 s per file) before giving up.
+_HUB_PROBE_TIMEOUT_S = 5.0
+
+
 class ModelLoadError(OSError):
     """A checkpoint could not be loaded (missing path, offline, unknown repository or revision)."""
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or infinite logits (corrupt weights or a diverged checkpoint)."""
+
+
+def check_finite(logits: torch.Tensor) -> torch.Tensor:
+    """``logits``, unless some are NaN or infinite: those would turn into NaN scores or arbitrary samples
+    downstream, never an error. (One float64 sum is NaN or infinite exactly when some element is: finite
+    logits are far too small to overflow it. Two ops instead of isfinite's five, on every sampler call.)"""
+    if not math.isfinite(logits.sum(dtype=torch.float64).item()):
+        raise NonFiniteLogitsError("the model's logits are not finite (NaN or inf): its weights are corrupt or its "
+                                   "training diverged; use another checkpoint")
+    return logits
 
 
 def pick_device(device=None) -> torch.device:
@@ -43,13 +64,59 @@ def pick_device(device=None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_tokenizer(name_or_path: str, revision: str | None):
+def _load_tokenizer(name_or_path: str, revision: str | None, offline: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=offline)
     except (OSError, ValueError):
         return None
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set or one quick request to the Hub fails; then Hub models
+    load from the local cache only, at once, instead of after huggingface_hub's retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if _hub_offline_flag():
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - DNS, refused connection, timeout, TLS: all mean "not reachable"
+        return True
+    return False
+
+
+def _local_model_dir(source: str) -> Path | None:
+    """The directory of a local or embedded model, None for a Hub name; ModelLoadError for a path
+    that is missing or holds no model."""
+    local = Path(source).expanduser()
+    if source in EMBEDDED_MODELS and not local.exists():
+        local = EMBEDDED_MODELS[source]
+    if not local.exists():
+        if source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]:
+            raise ModelLoadError(f"model directory {source!r} does not exist")
+        return None
+    if not (local / "config.json").exists():
+        raise ModelLoadError(f"{source!r} is not a model directory: it has no config.json")
+    return local
+
+
+def _trained_length(local: Path | None) -> int | None:
+    """The sequence length a local model was trained at (asarm.json, else its training config)."""
+    if local is None:
+        return None
+    if (local / _ASARM_FILE).exists():
+        length = json.loads((local / _ASARM_FILE).read_text()).get("trained_length")
+        if length:
+            return int(length)
+    if (local / "training_config.yaml").exists():
+        import yaml
+
+        length = (yaml.safe_load((local / "training_config.yaml").read_text()) or {}).get("data", {}).get("max_length")
+        return int(length) if length else None
+    return None
 
 
 class ASARM(nn.Module):
@@ -61,6 +128,10 @@ class ASARM(nn.Module):
         mask_token_id: the placeholder id, never sampled (XLNet's ``<mask>`` = 6 by default).
     """
 
+    # the sequence length the model was trained at, when known (asarm.json / training_config.yaml);
+    # longer inputs ask XLNet for relative positions it never saw
+    trained_length: int | None = None
+
     def __init__(self, model: XLNetLMHeadModel, tokenizer=None, mask_token_id: int | None = None):
         super().__init__()
         _cast_positional_encoding(model.transformer)
@@ -71,7 +142,8 @@ class ASARM(nn.Module):
         if mask_token_id is None:
             mask_token_id = XLNET_MASK_TOKEN_ID
         if not 0 <= mask_token_id < model.config.vocab_size:
-            raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary of size {model.config.vocab_size}")
+            raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary of size "
+                             f"{model.config.vocab_size}")
         self.mask_token_id = int(mask_token_id)
 
     # ----------------------------------------------------------------------------------- loading
@@ -83,33 +155,35 @@ class ASARM(nn.Module):
 
         ``tokenizer`` overrides the tokenizer (an object or a name/path); by default it is loaded
         from the same place, falling back to ``xlnet/xlnet-base-cased`` for Hub checkpoints.
-        Raises ModelLoadError with the reason when the path, repository or revision is missing or
-        the Hub cannot be reached.
+        Raises ModelLoadError with the reason when the path, repository or revision is missing, the
+        weights are corrupt, or the Hub is unreachable (one quick check, skipped with ``HF_HUB_OFFLINE=1``;
+        then only the local Hugging Face cache is used); ValueError for a revision of a local model.
         """
         source = str(name_or_path)
-        local = Path(source).expanduser()
-        if source in EMBEDDED_MODELS and not local.exists():
-            local = EMBEDDED_MODELS[source]
-        is_local = local.exists()
-        if not is_local and (source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]):
-            raise ModelLoadError(f"model directory {source!r} does not exist")
-        if is_local and not (local / "config.json").exists():
-            raise ModelLoadError(f"{source!r} is not a model directory: it has no config.json")
+        local = _local_model_dir(source)
+        if local is not None and revision is not None:
+            raise ValueError(f"revision {revision!r} applies to Hub models only, not to the local model {source!r}; "
+                             f"drop the revision or give a Hub name")
+        offline = local is None and hub_offline()
         try:
-            model = XLNetLMHeadModel.from_pretrained(str(local) if is_local else source, revision=revision,
-                                                     dtype=dtype)
+            model = XLNetLMHeadModel.from_pretrained(str(local or source), revision=revision, dtype=dtype,
+                                                     local_files_only=offline)
+        except SafetensorError as err:
+            where = f"{local}/model.safetensors" if local else f"the cached model.safetensors of {source!r}"
+            raise ModelLoadError(f"{where} is truncated or corrupt ({err}); download or save the model again") from err
         except (OSError, ValueError) as err:
-            raise ModelLoadError(_explain_load_failure(source, revision, err)) from err
+            raise ModelLoadError(_explain_load_failure(source, revision, err, offline)) from err
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load_tokenizer(str(tokenizer), None)
+            tokenizer = _load_tokenizer(str(tokenizer), None, offline)
         elif tokenizer is None:
-            tokenizer = _load_tokenizer(str(local) if is_local else source, None if is_local else revision)
-            if tokenizer is None and not is_local:
-                tokenizer = _load_tokenizer(FALLBACK_TOKENIZER, None)
+            tokenizer = _load_tokenizer(str(local or source), revision, offline)
+            if tokenizer is None and local is None:
+                tokenizer = _load_tokenizer(FALLBACK_TOKENIZER, None, offline)
         extra = {}
-        if is_local and (local / _ASARM_FILE).exists():
+        if local is not None and (local / _ASARM_FILE).exists():
             extra = json.loads((local / _ASARM_FILE).read_text())
         out = cls(model, tokenizer, extra.get("mask_token_id"))
+        out.trained_length = _trained_length(local)
         return out.to(pick_device(device))
 
     @classmethod
@@ -147,7 +221,10 @@ class ASARM(nn.Module):
         self.model.save_pretrained(directory, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
-        (directory / _ASARM_FILE).write_text(json.dumps({"mask_token_id": self.mask_token_id}, indent=2) + "\n")
+        extra = {"mask_token_id": self.mask_token_id}
+        if self.trained_length is not None:
+            extra["trained_length"] = self.trained_length
+        (directory / _ASARM_FILE).write_text(json.dumps(extra, indent=2) + "\n")
 
     # -------------------------------------------------------------------------------- properties
     @property
@@ -176,11 +253,13 @@ class ASARM(nn.Module):
         tensor uses the draft mask (every query sees only ranks < n_visible).
         """
         tokens = tokens.to(self.device)
+        check_token_ids(tokens, self.vocab_size)
         sigma = sigma.to(self.device)
         pm = masks.perm_mask(sigma, n_prompt.to(self.device),
                              None if n_visible is None else n_visible.to(self.device), dtype=self.dtype)
         tm = masks.target_mapping(query_positions.to(self.device), tokens.shape[1], dtype=self.dtype)
-        return self.model(input_ids=tokens, perm_mask=pm, target_mapping=tm, use_mems=False).logits
+        out = self.model(input_ids=tokens, perm_mask=pm, target_mapping=tm, use_mems=False).logits
+        return check_finite(out)
 
     def log_probs(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
                   query_positions: torch.Tensor, n_visible: torch.Tensor | None = None,
@@ -194,14 +273,17 @@ class ASARM(nn.Module):
         return torch.log_softmax(self._tempered_float64(logits, temperature), dim=-1)
 
     def probabilities(self, logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """``normalize(...).exp()`` in one pass: float64 softmax without the ``<mask>`` token."""
-        return torch.softmax(self._tempered_float64(logits, temperature), dim=-1)
+        """``normalize(...).exp()`` in one pass: float64 softmax without the ``<mask>`` token. Every sampler
+        takes its probabilities from here, whatever the engine, so non-finite logits stop it here."""
+        return torch.softmax(self._tempered_float64(check_finite(logits), temperature), dim=-1)
 
     def _tempered_float64(self, logits: torch.Tensor, temperature) -> torch.Tensor:
         logits = logits.to(torch.float64, copy=True)  # a copy: the mask logit is overwritten below
-        temperature = torch.as_tensor(temperature, dtype=torch.float64)
-        if not bool((temperature == 1).all()):
-            logits /= temperature.to(logits.device)
+        if isinstance(temperature, torch.Tensor):
+            if not bool((temperature == 1).all()):
+                logits /= temperature.to(device=logits.device, dtype=torch.float64)
+        elif temperature != 1:  # a plain number: no tensor ops on the per-call path
+            logits /= temperature
         logits[..., self.mask_token_id] = float("-inf")
         return logits
 
@@ -235,15 +317,20 @@ def _cast_positional_encoding(transformer) -> None:
     transformer.relative_positional_encoding = relative_positional_encoding
 
 
-def _explain_load_failure(source: str, revision: str | None, err: Exception) -> str:
-    text = str(err)
-    lowered = text.lower()
-    if "offline" in lowered or "connect" in lowered or "resolve" in lowered or "couldn't" in lowered \
-            or "local_files_only" in lowered or "cannot find" in lowered:
-        return (f"could not load {source!r} (revision {revision!r}): the Hugging Face Hub is not reachable and the "
-                f"model is not in the local cache. Download it on a connected machine or pass a local directory. "
-                f"Cause: {text.splitlines()[0] if text else type(err).__name__}")
+def _explain_load_failure(source: str, revision: str | None, err: Exception, offline: bool) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    lowered = str(err).lower()
+    if offline:
+        why = "HF_HUB_OFFLINE is set" if _hub_offline_flag() else "the Hugging Face Hub is not reachable"
+        return (f"could not load {source!r} (revision {revision!r}): {why} and the model is not in the local cache; "
+                f"download it on a connected machine or pass a local directory")
     if "revision" in lowered or "git identifier" in lowered:
         hint = f" Known revisions of {HUB_REPO}: {', '.join(HUB_REVISIONS)}." if source == HUB_REPO else ""
         return f"revision {revision!r} does not exist for {source!r}.{hint}"
-    return f"could not load {source!r} (revision {revision!r}): {text.splitlines()[0] if text else type(err).__name__}"
+    return f"could not load {source!r} (revision {revision!r}): {text}"
+
+
+def _hub_offline_flag() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

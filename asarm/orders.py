@@ -24,6 +24,7 @@ __all__ = [
     "positions_by_rank",
     "positions_of_ranks",
     "validate_order",
+    "check_token_ids",
 ]
 
 
@@ -45,7 +46,8 @@ def _as_n_prompt(n_prompt, batch_size: int, lengths: torch.Tensor) -> torch.Tens
     if n_prompt.shape != (batch_size,):
         raise ValueError(f"n_prompt must be an int or have shape ({batch_size},), got {tuple(n_prompt.shape)}")
     if (n_prompt < 0).any() or (n_prompt > lengths).any():
-        raise ValueError(f"n_prompt must lie in [0, length] per row, got {n_prompt.tolist()} for lengths {lengths.tolist()}")
+        raise ValueError(f"n_prompt must lie in [0, length] per row, got {n_prompt.tolist()} for lengths "
+                         f"{lengths.tolist()}")
     return n_prompt
 
 
@@ -146,9 +148,22 @@ def positions_of_ranks(positions: torch.Tensor, ranks: torch.Tensor) -> torch.Te
     return torch.where(ranks >= 0, positions.gather(1, ranks.clamp(min=0)), -1)
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int | None = None) -> None:
+    """ValueError naming the offending ids when ``tokens`` holds a negative id or one ``>= vocab_size``
+    (an embedding lookup would otherwise fail with an index error deep inside the model)."""
+    bad = tokens < 0 if vocab_size is None else (tokens < 0) | (tokens >= vocab_size)
+    if bool(bad.any()):
+        ids = sorted(set(tokens[bad].tolist()))
+        shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+        limit = "" if vocab_size is None else f" 0..{vocab_size - 1}"
+        raise ValueError(f"token ids {shown} are outside the vocabulary{limit}; encode the text with the model's "
+                         f"own tokenizer")
+
+
 def validate_order(tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
                    lengths: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
-                   mask_token_id: int | None = None, min_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                   mask_token_id: int | None = None, min_prompt: int = 1,
+                   vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Check a batch handed to a sampler; return ``(n_prompt, lengths)`` as long tensors.
 
     Rows of different length are given either by ``lengths (B,)`` (padding on the right) or by
@@ -156,7 +171,8 @@ def validate_order(tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Te
 
     Raises ValueError naming the problem: wrong shapes, a row of sigma that is not a permutation,
     padding that is not ranked last, a prompt smaller than ``min_prompt`` (XLNet's query stream
-    needs at least one visible token) or a ``<mask>`` token inside the prompt.
+    needs at least one visible token), a ``<mask>`` token inside the prompt, or a token id outside
+    the vocabulary (negative ids always; ids ``>= vocab_size`` when it is given).
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must have shape (B, L), got {tuple(tokens.shape)}")
@@ -164,6 +180,7 @@ def validate_order(tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Te
         raise ValueError(f"sigma must have the shape of tokens {tuple(tokens.shape)}, got {tuple(sigma.shape)}")
     if tokens.dtype not in (torch.long, torch.int) or sigma.dtype not in (torch.long, torch.int):
         raise ValueError(f"tokens and sigma must be integer tensors, got {tokens.dtype} and {sigma.dtype}")
+    check_token_ids(tokens, vocab_size)
     batch_size, seq_len = tokens.shape
     arange = torch.arange(seq_len, device=tokens.device)
     if padding_mask is not None:

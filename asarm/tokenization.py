@@ -55,6 +55,7 @@ silently gives a 9-token vocabulary that maps everything to ``<unk>``. Use :func
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -451,9 +452,15 @@ def train_tokenizer(texts: Iterable[str] | str | os.PathLike | Sequence[str | os
                     if line.strip():
                         yield escape_specials(line)
 
+    # SentencePiece's own answer to no input is an "INTERNAL" check failure: say what is wrong instead
+    stream = sentences()
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("the text to train a tokenizer on is empty or blank; give at least one line of text")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=itertools.chain([first], stream), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type,
         unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
         control_symbols=["<cls>", "<sep>", "<mask>", "<eod>", "<eop>"],
         character_coverage=character_coverage, normalization_rule_name="identity",

@@ -50,6 +50,7 @@ def test_unknown_revision_message(monkeypatch):
                       "this model name.")
 
     monkeypatch.setattr(XLNetLMHeadModel, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr("asarm.model.hub_offline", lambda: False)  # the Hub answered
     with pytest.raises(ModelLoadError, match="revision 'nlq' does not exist.*nlp_210k_plus_75k"):
         ASARM.from_pretrained("therealgabeguo/ASARM", revision="nlq")
 

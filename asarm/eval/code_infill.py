@@ -11,8 +11,10 @@ that the canonical solution survives tokenising and decoding as a blank. ``--num
 per task and trial (trials pooled) give the unbiased pass@k. Paper settings:
 ``_run_code_infill_eval.sh`` (therealgabeguo/ASARM, revision code, k 10, all four benchmarks).
 
-The programs are untrusted model output; the sandbox (``asarm.eval.code_execution``) guards against
-accidents, not attacks: run this inside a container or VM.
+The programs are untrusted model output; each runs in the sandbox of ``asarm.eval.code_execution`` (its
+own process, user, PID and network namespaces where the kernel allows, resource limits, output through
+pipes, a pass only when the test code ran to its end). Its docstring lists what it does not isolate
+(the file system is readable), so run untrusted checkpoints inside a container or VM as well.
 """
 
 from __future__ import annotations

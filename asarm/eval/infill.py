@@ -22,7 +22,7 @@ import torch
 from ..model import ASARM
 from ..orders import infilling
 from ..tokenization import CLS_ID, SEP_ID, UNK_ID, CodeTokenizer, decode_text, encode_text
-from .runner import SamplerSpec, decode, row_seeds
+from .runner import SamplerSpec, decode, label_bars, row_seeds
 
 __all__ = ["TextCodec", "CodeCodec", "parse_limit", "add_infill_arguments", "check_arguments", "blank_length",
            "describe_blank", "InfillRow", "encode_rows", "repeat_trials", "make_batch", "InfillOutput", "infill",
@@ -242,11 +242,11 @@ def bar_chart(path: Path, panels: Mapping[str, Mapping[str, Mapping[str, float]]
         width = 0.8 / max(1, len(series))
         for j, name in enumerate(series):
             xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-            ax.bar(xs, [values.get(name, 0.0) for values in groups.values()], width, label=name)
+            heights = [values.get(name, 0.0) for values in groups.values()]
+            label_bars(ax, ax.bar(xs, heights, width, label=name), heights)
         ax.set_xticks(range(len(groups)), list(groups))
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
     axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=120)
     return path

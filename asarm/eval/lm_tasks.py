@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from ..model import ASARM
 from ..orders import infilling
-from ..paths import DataFileNotFoundError, data_file
+from ..paths import DataFileNotFoundError, data_dir, data_file
 from ..tokenization import decode_text, encode_text
 from .likelihood import log_likelihood
-from .runner import EvalRun, add_model_arguments, load_model, markdown_table, parse_choices
+from .runner import EvalRun, add_model_arguments, load_model, markdown_table, parse_choices, unset_means
 
 __all__ = ["LAMBADA_FILE", "LAMBADA_HUB", "HELLASWAG_FILE", "HELLASWAG_HUB", "TASKS", "LambadaExample",
-           "split_last_word", "load_lambada", "lambada_accuracy", "HellaSwagExample", "load_hellaswag",
+           "split_last_word", "load_lambada", "HellaSwagExample", "load_hellaswag",
            "hellaswag_accuracy", "encode_pair", "GreedyCheck", "greedy_check", "continuation_log_likelihoods",
            "add_arguments", "run"]
 
@@ -55,9 +55,8 @@ def _rows(path: str | os.PathLike | None, default_file: str, hub: tuple[str, str
         return datasets.load_dataset(name, config, split=split)
     except Exception as exc:
         raise DataFileNotFoundError(
-            f"no local file (looked for {default_file!r} in the data directory) and the Hub dataset {name!r} "
-            f"(split {split!r}) could not be loaded ({type(exc).__name__}: {exc}); pass a local file's path "
-            f"or place it there") from exc
+            f"no {default_file} in the data directory ({data_dir()}) and the Hub dataset {name!r} (split "
+            f"{split!r}) could not be loaded ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
 
 
 def _read_file(file: Path) -> list[Any]:
@@ -86,15 +85,6 @@ def load_lambada(path: str | os.PathLike | None = None, limit: int | None = None
     "text" field per line (the lambada_openai format); any other file has one passage per line."""
     rows = _rows(path, LAMBADA_FILE, LAMBADA_HUB)
     return [split_last_word(row["text"] if isinstance(row, dict) else row) for row in rows][:limit]
-
-
-def lambada_accuracy(predicted_words: Sequence[str], targets: Sequence[str]) -> float:
-    """Fraction of exact matches (after stripping surrounding whitespace; no other normalisation)."""
-    if len(predicted_words) != len(targets):
-        raise ValueError(f"{len(predicted_words)} predictions but {len(targets)} targets")
-    if not targets:
-        raise ValueError("no LAMBADA predictions to score")
-    return sum(p.strip() == t.strip() for p, t in zip(predicted_words, targets)) / len(targets)
 
 
 @dataclass(frozen=True)
@@ -234,12 +224,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tasks")
     g.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     g.add_argument("--lambada-file", default=None,
-                   help=f"LAMBADA .jsonl with a 'text' field per line (lambada_openai), or one passage per line; "
-                        f"if not given: {LAMBADA_FILE} in the data directory, else the Hub {LAMBADA_HUB[0]}")
+                   help="LAMBADA .jsonl with a 'text' field per line (lambada_openai), or one passage per line"
+                        + unset_means(f"{LAMBADA_FILE} in the data directory, else the Hub {LAMBADA_HUB[0]}"))
     g.add_argument("--hellaswag-file", default=None,
-                   help=f"HellaSwag .jsonl in the official format (ctx, endings, label); if not given: "
-                        f"{HELLASWAG_FILE} in the data directory, else the Hub {HELLASWAG_HUB[0]}")
-    g.add_argument("--limit", type=int, default=None, help="first N examples of each task (None: all)")
+                   help="HellaSwag .jsonl in the official format (ctx, endings, label)"
+                        + unset_means(f"{HELLASWAG_FILE} in the data directory, else the Hub {HELLASWAG_HUB[0]}"))
+    g.add_argument("--limit", type=int, default=None, help="first N examples of each task" + unset_means("all"))
     g.add_argument("--max-length", type=int, default=512,
                    help="tokens per row; a longer context keeps its last tokens (counted as 'truncated')")
     g.add_argument("--batch-size", type=int, default=16, help="rows scored together (HellaSwag: one row per ending)")
@@ -252,8 +242,8 @@ def _load(task: str, path: str | None, limit: int | None) -> list:
     try:
         examples = loader(path, limit)
     except DataFileNotFoundError as err:
-        raise DataFileNotFoundError(f"{task} data not found: {err}. Pass {option} PATH "
-                                    f"(or --tasks without {task})") from err
+        raise DataFileNotFoundError(f"{task} data not found: {err}. Pass {option} PATH, place the file in the data "
+                                    f"directory, or leave {task} out of --tasks") from err
     if not examples:
         raise ValueError(f"no {task} examples were loaded")
     return examples

@@ -29,12 +29,14 @@ from .. import __version__
 from ..model import ASARM, DEFAULT_MODEL
 from ..paths import data_file
 from ..sampling import DRAFTERS, assd_decode, sequential_decode
+from ..sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO
 from ..sampling.decode import DecodeOutput
 from ..sampling.engine import DEFAULT_ENGINE, ENGINES
 
 __all__ = ["SAMPLERS", "SamplerSpec", "available_samplers", "samplers_from_args", "DEFAULT_ADAPTIVE_THRESHOLD",
-           "parse_choices", "parse_samplers", "decode", "row_seeds", "add_model_source_arguments", "add_model_arguments", "add_common_arguments",
-           "load_model", "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "EvalRun"]
+           "parse_choices", "parse_samplers", "parse_outcomes", "parse_count_or_all", "decode", "row_seeds",
+           "unset_means", "add_model_source_arguments", "add_model_arguments", "add_common_arguments", "load_model",
+           "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "label_bars", "EvalRun"]
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # the paper's benchmark text; never train on it
 
@@ -55,11 +57,14 @@ class SamplerSpec:
     fused: bool = False  # single-pass rounds (implies bonus)
     draft_length: float | None = None  # adaptive length: confidence threshold (None: always k)
     outcomes: str | int | None = None  # outcomes covered by a fused call (None: assd_decode's default)
+    draft_temperature_ratio: float | None = None  # verified drafts' temperature / T (None: assd_decode's default)
 
     def assd_options(self) -> dict:
         if self.algorithm != "assd":
             return {}
         options = {"drafter": self.drafter, "bonus": self.bonus, "fused": self.fused, "draft_length": self.draft_length}
+        if self.draft_temperature_ratio is not None:
+            options["draft_temperature_ratio"] = self.draft_temperature_ratio
         return options | ({"outcomes": self.outcomes} if self.fused and self.outcomes is not None else {})
 
 
@@ -95,15 +100,19 @@ def parse_choices(value: str | Sequence[str], choices: Iterable[str], what: str)
 
 
 def parse_samplers(names: str | Sequence[str], adaptive_threshold: float | None = None,
-                   outcomes: str | int | None = None) -> list[SamplerSpec]:
+                   outcomes: str | int | None = None, draft_temperature_ratio: float | None = None
+                   ) -> list[SamplerSpec]:
     """``"sequential,assd-self"`` (or a list) -> specs, in the given order, without repeats; the adaptive
-    samplers take ``adaptive_threshold`` (default: DEFAULT_ADAPTIVE_THRESHOLD), fused ones ``outcomes``."""
+    samplers take ``adaptive_threshold`` (default: DEFAULT_ADAPTIVE_THRESHOLD), fused ones ``outcomes``,
+    every ASSD sampler ``draft_temperature_ratio``."""
     specs = available_samplers()
     out = []
     for name in parse_choices(names, specs, "sampler"):
         spec = specs[name]
         if spec.draft_length is not None and adaptive_threshold is not None:
             spec = replace(spec, draft_length=adaptive_threshold)
+        if spec.algorithm == "assd" and draft_temperature_ratio is not None:
+            spec = replace(spec, draft_temperature_ratio=draft_temperature_ratio)
         out.append(replace(spec, outcomes=outcomes) if spec.fused and outcomes is not None else spec)
     return out
 
@@ -125,12 +134,20 @@ def row_seeds(seed: int, trial: int, items: Iterable[int]) -> torch.Tensor:
     return torch.tensor([(seed * 1_000_003 + trial) * 1_000_033 + int(i) for i in items], dtype=torch.long)
 
 
+def unset_means(meaning: str) -> str:
+    """Help-text ending that says what an option left unset (default None) means, shown once whatever the
+    help formatter: ``%(default).0s`` prints nothing, but it tells ``ArgumentDefaultsHelpFormatter`` (the
+    ``asarm eval`` commands) not to append a second "(default: None)"."""
+    return f" (default%(default).0s: {meaning})"
+
+
 def add_model_source_arguments(parser) -> None:
     """``--model``, ``--revision`` and ``--device`` (every command that loads a model)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"local model directory, Hub repository or embedded model (default: {DEFAULT_MODEL})")
-    parser.add_argument("--revision", default=None, help="Hub revision, e.g. nlp or code (Hub models only)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+                        help="local model directory, Hub repository or embedded model (default: %(default)s)")
+    parser.add_argument("--revision", default=None,
+                        help="Hub revision, e.g. nlp or code (Hub models only)" + unset_means("the main branch"))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ..." + unset_means("cuda if available"))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool = True) -> None:
@@ -138,28 +155,41 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool
     g = parser.add_argument_group("model and output")
     add_model_source_arguments(g)
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is much faster when other jobs share the CPU)")
+                   help="CPU threads for torch; 1 is much faster when other jobs share the CPU"
+                        + unset_means("torch's choice"))
     if seed:
         g.add_argument("--seed", type=int, default=0, help="base seed (orders, prompts and sampling)")
-    g.add_argument("--out", default=out, help="output directory (results.json, summary.md, samples, plots)")
+    g.add_argument("--out", default=out, help="output directory (results.json, summary.md, samples.jsonl, plots)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def parse_outcomes(value: str) -> str | int:
-    if value == "all":
-        return value
+def _count_or_all(value: str, all_means):
+    """A positive integer, or ``all`` (returned as ``all_means``)."""
+    if value.strip().lower() == "all":
+        return all_means
     try:
         count = int(value)
     except ValueError:
         count = 0
     if count < 1:
-        raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 1, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
     return count
 
 
+def parse_outcomes(value: str) -> str | int:
+    """``--outcomes``: a count, or ``all``."""
+    return _count_or_all(value, "all")
+
+
+def parse_count_or_all(value: str) -> int | None:
+    """A ``--num-sequences``-style option: a positive count, or ``all`` (None)."""
+    return _count_or_all(value, None)
+
+
 def samplers_from_args(args: argparse.Namespace) -> list[SamplerSpec]:
-    """The specs of ``--samplers`` with ``--adaptive-threshold`` and ``--outcomes`` applied."""
-    return parse_samplers(args.samplers, args.adaptive_threshold, args.outcomes)
+    """The specs of ``--samplers`` with ``--adaptive-threshold``, ``--outcomes`` and
+    ``--draft-temperature-ratio`` applied."""
+    return parse_samplers(args.samplers, args.adaptive_threshold, args.outcomes, args.draft_temperature_ratio)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "sequential,assd-self,assd-ngram",
@@ -177,7 +207,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
                         "reaches this (exact)")
     g.add_argument("--outcomes", type=parse_outcomes, default=None,
                    help="assd-fused: outcomes whose next drafts one call holds ('all' or a count, earliest "
-                        "rejection first; default 2); others fall back to a draft call")
+                        "rejection first); others fall back to a draft call" + unset_means("2"))
+    g.add_argument("--draft-temperature-ratio", type=float, default=DEFAULT_DRAFT_TEMPERATURE_RATIO,
+                   help="ASSD: verified drafts are drawn at this multiple of --temperature (exact at any value; "
+                        "> 1 flattens them, which raises acceptance on asarm-tiny)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="rows decoded together")
     g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")
@@ -273,10 +306,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def label_bars(ax, bars, values: Sequence[float], fmt: str = "{:.3g}") -> None:
+    """Write each bar's value on it and draw the zero line, so a panel whose values are all zero (a
+    pass@k of 0 everywhere) still shows its bars, named on the x axis, with their values."""
+    ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2, fontsize="small")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if not any(values):
+        ax.set_ylim(0.0, 1.0)  # autoscaling would centre the zero line in an empty, tiny range
+    else:
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * 1.08)  # room for the labels above the tallest bar
+
+
 class EvalRun:
     """An evaluation's output directory. ``samples(...)`` appends raw records to ``samples.jsonl``;
-    ``finish(metrics, summary)`` writes ``results.json`` (arguments, version, machine, timings,
-    metrics) and ``summary.md``."""
+    ``path(name)`` names any other output file (plots); ``warn(message)`` records a problem that does
+    not stop the run; ``finish(metrics, summary)`` writes ``results.json`` (arguments, version, machine,
+    timings, metrics, warnings, files) and ``summary.md``, and closes with a line listing every file written."""
 
     def __init__(self, name: str, args: argparse.Namespace | dict, out: str | os.PathLike | None = None):
         self.name = name
@@ -286,22 +332,42 @@ class EvalRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.samples_path = self.dir / "samples.jsonl"
         self.samples_path.write_text("")
+        self.warnings: list[str] = []
+        self._outputs = ["samples.jsonl"]
         self.started = time.time()
 
     def path(self, name: str) -> Path:
+        """Where to write the output file ``name``; once it exists, the closing line and results.json list it."""
+        if name not in self._outputs:
+            self._outputs.append(name)
         return self.dir / name
+
+    def warn(self, message: str) -> None:
+        """Print ``message`` to stderr now and keep it for results.json ("warnings") and summary.md (a
+        Warnings section): error text such as a Hub connection error goes here, never into the metrics."""
+        self.warnings.append(" ".join(message.split()))
+        print(f"WARNING: {message}", file=sys.stderr)
 
     def samples(self, records: Iterable[dict]) -> None:
         with self.samples_path.open("a") as f:
             for record in records:
                 f.write(json.dumps(_jsonable(record)) + "\n")
 
+    def _summary_text(self, summary: str) -> str:
+        text = f"# asarm eval {self.name}\n\n{summary}"
+        if self.warnings:
+            text += "\n## Warnings\n\n" + "".join(f"- {w}\n" for w in self.warnings)
+        return text
+
     def finish(self, metrics: dict, summary: str) -> dict:
+        files = ["results.json", "summary.md"] + [name for name in self._outputs if (self.dir / name).exists()]
         results = {"evaluation": self.name, "asarm_version": __version__, "args": _jsonable(self.args),
                    "machine": machine_info(),
                    "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
-                   "seconds": round(time.time() - self.started, 2), "metrics": _jsonable(metrics)}
-        _write_atomic(self.path("results.json"), json.dumps(results, indent=2) + "\n")
-        _write_atomic(self.path("summary.md"), f"# asarm eval {self.name}\n\n{summary}")
-        print(f"\n{summary}\nwrote {self.dir}/results.json, summary.md, samples.jsonl")
+                   "seconds": round(time.time() - self.started, 2), "metrics": _jsonable(metrics),
+                   "warnings": self.warnings, "files": files}
+        _write_atomic(self.dir / "results.json", json.dumps(results, indent=2) + "\n")
+        text = self._summary_text(summary)
+        _write_atomic(self.dir / "summary.md", text)
+        print(f"\n{text}\nwrote {len(files)} files to {self.dir}: {', '.join(files)}")
         return results

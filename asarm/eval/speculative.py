@@ -7,8 +7,9 @@ is tokenized with the model's tokenizer and packed into consecutive chunks of ``
 the way the trainer packs its data (one document a line, ``</s>`` after each:
 ``runner.packed_text``). Each chunk shows
 ``length - floor(length * (1 - start_fraction))`` random positions (26 of 512 in the paper) and the
-rest is decoded left to right (``orders.any_subset``). Paired design: for each (sequence, trial) every sampler gets the same
-order and the same per-row seed (``runner.row_seeds``), so per-sample differences are paired.
+rest is decoded left to right (``orders.any_subset``). Paired design: for each (sequence, trial) every
+sampler gets the same order and the same per-row seed (``runner.row_seeds``), so per-sample differences
+are paired.
 
 Timing: one untimed warm-up decode per sampler, ``torch.cuda.synchronize`` around each timed decode
 on CUDA, and the sampler order rotated by one per (trial, batch) so no sampler always runs first.
@@ -17,14 +18,14 @@ paper's per-sample latency).
 
 Quality: the decoded text (special tokens stripped, see ``asarm.eval.perplexity``) is scored by a
 causal LM (``--ppl-model``, GPT-2 large by default; when it cannot be loaded the run goes on and
-records a null perplexity with the reason), and its unigram entropy (bits) is taken over GPT-2 tokens.
+records null perplexities, with the reason among the run's warnings), and its unigram entropy (bits)
+is taken over GPT-2 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from typing import Any, Sequence
 
@@ -34,37 +35,28 @@ from tqdm.auto import tqdm
 from .. import orders
 from . import runner
 from .perplexity import decode_clean, entropy_tokenizer, try_load_causal_lm
-from .stats import paired_comparison, paired_ratio, summarize, unigram_entropy
+from .stats import geometric_summary, paired_comparison, paired_ratio, significance, summarize, unigram_entropy
 
 __all__ = ["add_arguments", "run", "check_arguments", "aggregate"]
 
 BASELINE = "sequential"
 # Per-sample metrics: record key -> table label.
 METRICS = {"nfe": "NFE", "model_calls": "model calls", "ngram_calls": "n-gram calls", "rounds": "rounds",
-           "tokens_per_round": "tokens/round", "tokens_per_call": "tokens/model call", "seconds": "wall-clock s", "gen_ppl": "gen. ppl",
-           "entropy": "entropy (bits)"}
+           "tokens_per_round": "tokens/round", "tokens_per_call": "tokens/model call",
+           "seconds": "wall-clock s", "gen_ppl": "gen. ppl", "entropy": "entropy (bits)"}
+# Positive metrics summarised by their geometric mean with a log-scale interval, which stays positive.
+LOG_SCALE_METRICS = ("seconds",)
 PAIRED_METRICS = ("nfe", "seconds", "gen_ppl", "entropy")
-
-
-def _count_or_all(value: str) -> int | None:
-    if value.strip().lower() == "all":
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
-    return count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("benchmark (paper: --length 512 --num-sequences all --model therealgabeguo/ASARM "
                                   "--revision nlp)")
     g.add_argument("--text-file", default=None,
-                   help="plain-text file to chunk instead of WikiText-2 raw test (data directory, else the Hub)")
+                   help="plain-text file to chunk" + runner.unset_means("WikiText-2 raw test from the data directory, "
+                                                                        "else the Hub"))
     g.add_argument("--length", type=int, default=128, help="tokens per sequence (the paper: 512)")
-    g.add_argument("--num-sequences", type=_count_or_all, default=8,
+    g.add_argument("--num-sequences", type=runner.parse_count_or_all, default=8,
                    help="consecutive chunks to decode, or 'all' (the paper: all)")
     g.add_argument("--start-fraction", type=float, default=0.05,
                    help="fraction of each sequence shown at random positions; the rest is decoded left to right")
@@ -73,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="causal LM (Hub name or local directory) scoring the decoded text; 'none' disables it")
     g.add_argument("--ppl-batch-size", type=int, default=8, help="texts (windows) scored together")
     g.add_argument("--ppl-stride", type=int, default=None,
-                   help="window stride for texts longer than the LM's context; None: half the context")
+                   help="window stride for texts longer than the LM's context" + runner.unset_means("half the context"))
     runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1,
                                 samplers="sequential,assd-self,assd-ngram,assd-fused")
 
@@ -150,10 +142,13 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _summary(values: Sequence[float | None]) -> dict | None:
+def _summary(values: Sequence[float | None], log_scale: bool = False) -> dict | None:
+    """Mean and 95% CI of the values present; ``log_scale``: geometric mean, interval on the log scale."""
     values = [v for v in values if v is not None]
     if not values:
         return None
+    if log_scale:
+        return {**geometric_summary(values), "scale": "log"}
     s = summarize(values)
     return {"n": s.n, "mean": s.mean, "std": _finite(s.std), "ci95": [_finite(s.ci95[0]), _finite(s.ci95[1])]}
 
@@ -178,7 +173,8 @@ def aggregate(records: Sequence[dict], samplers: Sequence[str], k: int) -> tuple
     for name, rows in by_sampler.items():
         rows = list(rows.values())
         entry: dict[str, Any] = {"n_samples": len(rows),
-                                 "metrics": {m: _summary([r[m] for r in rows]) for m in METRICS}}
+                                 "metrics": {m: _summary([r[m] for r in rows], m in LOG_SCALE_METRICS)
+                                             for m in METRICS}}
         generated, rounds = sum(r["generated_tokens"] for r in rows), sum(r["rounds"] for r in rows)
         entry["tokens_per_round_pooled"] = generated / rounds if rounds else None
         calls = sum(r["model_calls"] for r in rows)
@@ -197,9 +193,8 @@ def aggregate(records: Sequence[dict], samplers: Sequence[str], k: int) -> tuple
                 continue
             paired[f"{name} vs {BASELINE}"] = {m: _paired(by_sampler[name], by_sampler[BASELINE], m)
                                                for m in PAIRED_METRICS}
-            for metric, label in (("nfe", "speedup_nfe"), ("seconds", "speedup_wallclock")):
-                mine = per_sampler[name]["metrics"][metric]
-                per_sampler[name][label] = base[metric]["mean"] / mine["mean"] if mine and mine["mean"] else None
+            mine = per_sampler[name]["metrics"]["nfe"]
+            per_sampler[name]["speedup_nfe"] = base["nfe"]["mean"] / mine["mean"] if mine and mine["mean"] else None
             pairs = [key for key in by_sampler[name] if key in by_sampler[BASELINE]]
             per_sampler[name]["wallclock_ratio"] = paired_ratio(
                 [by_sampler[BASELINE][key]["seconds"] for key in pairs],
@@ -220,43 +215,24 @@ def _fmt_ratio(ratio: dict | None) -> str:
     if ratio is None:
         return "n/a"
     lo, hi = ratio["ci95"]
-    return f"{ratio['ratio']:.3g}" + ("" if lo is None else f" [{lo:.3g}, {hi:.3g}]")
+    if lo is None:
+        return f"{ratio['ratio']:.3g}"
+    verdict = "" if ratio["significant"] else " (not significant)"
+    return f"{ratio['ratio']:.3g} [{lo:.3g}, {hi:.3g}]{verdict}"
 
 
 def _fmt_number(value: float | None, spec: str = ".4g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexity: dict, entropy: dict,
-                      k: int) -> str:
-    lines = [f"Model `{settings['model']}` on {settings['device']} ({settings['engine']} engine); text: "
-             f"{settings['text_source']}.",
-             f"{settings['num_sequences']} sequences x {settings['trials']} trial(s) of {settings['length']} tokens: "
-             f"{settings['visible']} visible at random positions, {settings['generated']} decoded left to right; "
-             f"k={k}, T={settings['temperature']}, batch size {settings['batch_size']}.",
-             f"Generative perplexity: {perplexity['model']}"
-             + ("" if perplexity["available"] else f" (not computed: {perplexity['reason']})") + "; entropy tokens: "
-             + entropy["tokenizer"] + ".", "", "## Per sampler (mean [95% CI])", ""]
-    rows = [{"sampler": name, "n": entry["n_samples"], **{label: _fmt(entry["metrics"][m])
-                                                           for m, label in METRICS.items()}}
-            for name, entry in per_sampler.items()]
-    lines.append(runner.markdown_table(rows))
-    speedups = [{"sampler": name, "NFE speed-up": _fmt_number(e.get("speedup_nfe")),
-                 "wall-clock speed-up": _fmt_number(e.get("speedup_wallclock")),
-                 "wall-clock ratio [95% CI]": _fmt_ratio(e.get("wallclock_ratio")),
-                 "tokens/round (pooled)": _fmt_number(e["tokens_per_round_pooled"]),
-                 "tokens/model call (pooled)": _fmt_number(e["tokens_per_call_pooled"])}
-                for name, e in per_sampler.items() if name != BASELINE]
-    if speedups:
-        lines += [f"## Versus {BASELINE} (speed-ups: ratio of means; wall-clock ratio: {BASELINE} time / sampler "
-                  f"time, geometric mean of the paired ratios, t interval on the log scale)", "",
-                  runner.markdown_table(speedups)]
-    acceptance = [{"sampler": name, **{f"draft {i + 1}": _fmt_number(rate, ".3f")
-                                       for i, rate in enumerate(e["acceptance_by_index"])}}
-                  for name, e in per_sampler.items() if "acceptance_by_index" in e]
-    if acceptance:
-        lines += ["## Acceptance rate by draft index (accepted / drafted, pooled over samples)", "",
-                  runner.markdown_table(acceptance)]
+def _quality_line(perplexity: dict, entropy: dict) -> str:
+    ppl = perplexity["model"] + ("" if perplexity["available"] else " (not computed, see Warnings)")
+    tokens = entropy["tokenizer"] if entropy["available"] else "none (not computed, see Warnings)"
+    return f"Generative perplexity: {ppl}; entropy tokens: {tokens}."
+
+
+def _paired_rows(paired: dict) -> tuple[list[dict], list[str]]:
+    """Table rows of the paired tests, each with its verdict, and lines for the comparisons not tested."""
     tests, skipped = [], []
     for comparison, metrics in paired.items():
         for metric, c in metrics.items():
@@ -268,12 +244,46 @@ def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexit
                           "mean diff": f"{c['mean_diff']:.4g}",
                           "95% CI": "n/a" if lo is None else f"[{lo:.4g}, {hi:.4g}]",
                           "t": _fmt_number(c["t_statistic"]), "t-test p": _fmt_number(c["t_pvalue"]),
-                          "Wilcoxon p": _fmt_number(c["wilcoxon_pvalue"])})
+                          "Wilcoxon p": _fmt_number(c["wilcoxon_pvalue"]),
+                          "verdict (5%)": significance(c["t_pvalue"], c["wilcoxon_pvalue"])})
+    return tests, skipped
+
+
+def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexity: dict, entropy: dict,
+                      k: int) -> str:
+    lines = [f"Model `{settings['model']}` on {settings['device']} ({settings['engine']} engine); text: "
+             f"{settings['text_source']}.",
+             f"{settings['num_sequences']} sequences x {settings['trials']} trial(s) of {settings['length']} tokens: "
+             f"{settings['visible']} visible at random positions, {settings['generated']} decoded left to right; "
+             f"k={k}, T={settings['temperature']}, batch size {settings['batch_size']}.",
+             _quality_line(perplexity, entropy), "",
+             "## Per sampler (mean [95% CI]; wall-clock: geometric mean, interval on the log scale)", ""]
+    rows = [{"sampler": name, "n": entry["n_samples"], **{label: _fmt(entry["metrics"][m])
+                                                           for m, label in METRICS.items()}}
+            for name, entry in per_sampler.items()]
+    lines.append(runner.markdown_table(rows))
+    speedups = [{"sampler": name, "NFE speed-up": _fmt_number(e.get("speedup_nfe")),
+                 "wall-clock ratio [95% CI]": _fmt_ratio(e.get("wallclock_ratio")),
+                 "tokens/round (pooled)": _fmt_number(e["tokens_per_round_pooled"]),
+                 "tokens/model call (pooled)": _fmt_number(e["tokens_per_call_pooled"])}
+                for name, e in per_sampler.items() if name != BASELINE]
+    if speedups:
+        lines += [f"## Versus {BASELINE} (NFE speed-up: ratio of means; wall-clock ratio: {BASELINE} time / sampler "
+                  f"time, geometric mean of the paired ratios, t interval on the log scale; not significant: the "
+                  f"interval holds 1)", "",
+                  runner.markdown_table(speedups)]
+    acceptance = [{"sampler": name, **{f"draft {i + 1}": _fmt_number(rate, ".3f")
+                                       for i, rate in enumerate(e["acceptance_by_index"])}}
+                  for name, e in per_sampler.items() if "acceptance_by_index" in e]
+    if acceptance:
+        lines += ["## Acceptance rate by draft index (accepted / drafted, pooled over samples)", "",
+                  runner.markdown_table(acceptance)]
+    tests, skipped = _paired_rows(paired)
     if tests or skipped:
-        lines += [f"## Paired tests against {BASELINE} (two-sided; difference = sampler - {BASELINE})", ""]
+        lines += [f"## Paired tests against {BASELINE} (two-sided; difference = sampler - {BASELINE}; verdict: "
+                  f"significant when both p < 0.05, not significant when neither is)", ""]
         if tests:
-            lines.append(runner.markdown_table(tests, ["comparison", "metric", "pairs", "mean diff", "95% CI", "t",
-                                                       "t-test p", "Wilcoxon p"]))
+            lines.append(runner.markdown_table(tests))
         lines += skipped
     return "\n".join(lines) + "\n"
 
@@ -289,7 +299,7 @@ def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
         cis = [per_sampler[n]["metrics"][metric]["ci95"] for n in names]
         errors = [[m - lo if lo is not None else 0.0 for m, (lo, _) in zip(means, cis)],
                   [hi - m if hi is not None else 0.0 for m, (_, hi) in zip(means, cis)]]
-        ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
+        runner.label_bars(ax, ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue"), means)
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=15)
 
@@ -298,7 +308,7 @@ def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
     FigureCanvasAgg(fig)
     ax_nfe, ax_time = fig.subplots(1, 2)
     bars(ax_nfe, "nfe", "NFE per sample (95% CI)")
-    bars(ax_time, "seconds", "wall-clock s per sample (95% CI)")
+    bars(ax_time, "seconds", "wall-clock s per sample (geo. mean, 95% CI)")
     fig.tight_layout()
     fig.savefig(run.path("nfe_wallclock.png"), dpi=120)
     written.append("nfe_wallclock.png")
@@ -329,17 +339,16 @@ def run(args: argparse.Namespace) -> dict:
     print(f"speculative benchmark: {num_sequences} sequences x {args.trials} trial(s) of {length} tokens "
           f"({visible} visible), samplers {', '.join(s.name for s in specs)}, on {model.device}")
 
+    run_dir = runner.EvalRun("speculative", args)
     # Loaded before decoding so that a failure is reported at once, not after a long run.
     lm, ppl_reason = try_load_causal_lm(args.ppl_model, model.device, stride=args.ppl_stride,
                                         batch_size=args.ppl_batch_size)
     if lm is None:
-        print(f"WARNING: generative perplexity will not be computed: {ppl_reason}\n  (--ppl-model takes a local "
-              f"model directory; --ppl-model none skips it)", file=sys.stderr)
+        run_dir.warn(f"generative perplexity will not be computed: {ppl_reason} (--ppl-model takes a local model "
+                     f"directory; --ppl-model none skips it)")
     entropy_tok, entropy_source = entropy_tokenizer(lm)
     if entropy_tok is None:
-        print(f"WARNING: unigram entropy will not be computed: {entropy_source}", file=sys.stderr)
-
-    run_dir = runner.EvalRun("speculative", args)
+        run_dir.warn(f"unigram entropy will not be computed: {entropy_source}")
     sigmas = [orders.any_subset(visible, length, batch_size=num_sequences,
                                 generator=torch.Generator().manual_seed(_order_seed(args.seed, trial)))
               for trial in range(args.trials)]
@@ -380,9 +389,10 @@ def run(args: argparse.Namespace) -> dict:
                 "k": args.k, "temperature": args.temperature, "batch_size": args.batch_size, "samplers": names,
                 "warmup": "one untimed decode per sampler",
                 "sampler_order": "rotated by one per (trial, batch)"}
-    perplexity = {"model": args.ppl_model, "available": lm is not None, "reason": ppl_reason,
+    perplexity = {"model": args.ppl_model, "available": lm is not None,
                   "max_length": lm.max_length if lm else None, "stride": lm.stride if lm else None}
-    entropy = {"tokenizer": entropy_source, "available": entropy_tok is not None, "unit": "bits"}
+    entropy = {"tokenizer": entropy_source if entropy_tok is not None else None, "available": entropy_tok is not None,
+               "unit": "bits"}
     metrics = {"settings": settings, "samplers": per_sampler, "paired": paired, "perplexity": perplexity,
                "entropy": entropy}
     metrics["plots"] = _plots(run_dir, per_sampler, args.k)

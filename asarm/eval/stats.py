@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Hashable, Iterable, Sequence
 
 import numpy as np
-from scipy import stats as sps
 
-__all__ = ["unigram_entropy", "Summary", "summarize", "PairedComparison", "paired_comparison"]
+__all__ = ["unigram_entropy", "Summary", "summarize", "PairedComparison", "paired_comparison", "geometric_summary",
+           "paired_ratio", "significance", "ALPHA"]
+
+ALPHA = 0.05  # two-sided significance level of every verdict below (and of the 95% intervals)
 
 
 def unigram_entropy(tokens: Iterable[Hashable], unit: str = "bits") -> float:
@@ -54,9 +56,11 @@ def _summary(x: np.ndarray) -> Summary:
     n, mean = x.size, float(x.mean())
     if n == 1:
         return Summary(1, mean, math.nan, math.nan, (math.nan, math.nan))
+    from scipy import stats as sps  # lazy: scipy belongs to the eval extra
+
     std = float(x.std(ddof=1))
     sem = std / math.sqrt(n)
-    half = float(sps.t.ppf(0.975, n - 1)) * sem
+    half = float(sps.t.ppf(1 - ALPHA / 2, n - 1)) * sem
     return Summary(n, mean, std, sem, (mean - half, mean + half))
 
 
@@ -90,6 +94,8 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], zero_method: str =
         raise ValueError(f"paired samples need equal lengths, got {x.size} and {y.size}")
     if x.size < 2:
         raise ValueError("paired tests need at least 2 pairs")
+    from scipy import stats as sps
+
     diff = _summary(x - y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # zero-variance differences: nan, documented
@@ -99,14 +105,39 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], zero_method: str =
                             float(t.pvalue), float(w.statistic), float(w.pvalue))
 
 
+def geometric_summary(values: Iterable[float], name: str = "values") -> dict:
+    """Geometric mean of positive values (e.g. seconds, or paired ratios of seconds) with a Student-t 95%
+    interval taken on the log scale and mapped back: the interval is always positive. ``ci95`` holds
+    None for a single value. ``significant``: the interval excludes 1 (for ratios; a paired t-test of the
+    log ratios at ``ALPHA``)."""
+    x = _as_array(values, name)
+    if (x <= 0).any():
+        raise ValueError(f"{name} must be positive for a log-scale interval")
+    s = _summary(np.log(x))
+    lo, hi = (float(np.exp(v)) if np.isfinite(v) else None for v in s.ci95)
+    return {"n": s.n, "mean": float(np.exp(s.mean)), "ci95": [lo, hi],
+            "significant": None if lo is None else not lo <= 1.0 <= hi}
+
+
 def paired_ratio(baseline: Sequence[float], other: Sequence[float]) -> dict:
-    """Speed ratio ``baseline / other`` of paired positive measurements (e.g. seconds), as the geometric
-    mean of the per-pair ratios with a t interval on the log scale: the interval is always positive."""
+    """Speed ratio ``baseline / other`` of paired positive measurements (e.g. seconds): the geometric mean
+    of the per-pair ratios with its log-scale interval (:func:`geometric_summary`, key ``ratio``)."""
     a, b = _as_array(baseline, "baseline"), _as_array(other, "other")
     if len(a) != len(b) or (a <= 0).any() or (b <= 0).any():
         raise ValueError("paired_ratio needs two equally long sequences of positive values")
-    logs = np.log(a / b)
-    s = _summary(logs)
-    lo, hi = s.ci95
-    return {"n": s.n, "ratio": float(np.exp(s.mean)),
-            "ci95": [float(np.exp(lo)) if np.isfinite(lo) else None, float(np.exp(hi)) if np.isfinite(hi) else None]}
+    summary = geometric_summary(a / b, "ratios")
+    return {"n": summary["n"], "ratio": summary["mean"], "ci95": summary["ci95"],
+            "significant": summary["significant"]}
+
+
+def significance(*p_values: float | None, alpha: float = ALPHA) -> str:
+    """The verdict of two-sided tests on the same pairs: "significant" when every available p-value is
+    below ``alpha``, "not significant" when none is, "tests disagree" otherwise; "n/a" without a p-value
+    (None or nan, e.g. a t-test of differences that are all zero)."""
+    available = [p for p in p_values if p is not None and not math.isnan(p)]
+    if not available:
+        return "n/a"
+    below = sum(p < alpha for p in available)
+    if below == len(available):
+        return "significant"
+    return "not significant" if below == 0 else "tests disagree"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .objectives import ObjectiveConfig
+from .objectives import ObjectiveConfig, check_slot_weights, mixture_probabilities
 
 __all__ = ["ModelSection", "DataSection", "OptimSection", "MaskingSection", "EvalSection", "LogSection",
            "RunSection", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
@@ -102,6 +102,18 @@ class MaskingSection:
     reduction: str = _OBJECTIVE_DEFAULTS.reduction
     per_sequence: bool = _OBJECTIVE_DEFAULTS.per_sequence
     min_prompt: int = _OBJECTIVE_DEFAULTS.min_prompt
+    # objective mixture, e.g. {joint: 0.7, parallel: 0.3}: each sequence draws its objective with these
+    # weights (normalised); when given it replaces `objective`, and parallel rows use `prompt_attn`
+    mixture: dict[str, float] | None = None
+    # parallel loss weight per draft slot [w1, w2, ...]; slots past the list take the last; [] = all 1
+    slot_weights: list[float] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        # checked here so that a bad value fails when the config loads, naming its key
+        probabilities = {self.objective: 1.0}
+        if self.mixture is not None:
+            probabilities = mixture_probabilities(self.mixture, "masking.mixture")
+        check_slot_weights(self.slot_weights, "masking.slot_weights", probabilities)
 
 
 @dataclass
@@ -165,6 +177,11 @@ def _coerce(value, hint, where: str):
                 return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping such as {{a: 1, b: 2}}, got {value!r}")
+        key_hint, value_hint = args or (str, str)
+        return {_coerce(k, key_hint, where): _coerce(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -239,7 +256,10 @@ def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:
             if not isinstance(node, dict) or part not in node:
                 raise ValueError(f"unknown config key {key!r}")
             node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node or isinstance(node[parts[-1]], dict):
+        # a section cannot be replaced by a value; inside a mapping-valued field (masking.mixture.joint)
+        # new keys are allowed, the field's own check judges them
+        in_field = len(parts) > 2
+        if not isinstance(node, dict) or len(parts) < 2 or (parts[-1] not in node and not in_field):
             raise ValueError(f"unknown config key {key!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -254,10 +274,20 @@ def load_config(path: str | os.PathLike | None = None, overrides=None) -> TrainC
     data = {}
     if path is not None:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML ({_yaml_problem(err)}); fix the file") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the config must be a mapping")
+            raise ValueError(f"{path}: the config must be a mapping of sections (model:, data:, train:, ...)")
     return apply_overrides(config_from_dict(data), overrides)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``problem at line L, column C`` of a parser error, in one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict | None = None) -> None:

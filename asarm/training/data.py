@@ -58,8 +58,9 @@ EOS_TOKEN_ID = 2
 _SPLITS = ("train", "heldout", "all")
 
 
-class DataSourceError(RuntimeError):
-    """A document source cannot be opened (missing files, Hub unreachable, unknown dataset or field)."""
+class DataSourceError(OSError):
+    """A document source cannot be opened (missing files, Hub unreachable, unknown dataset or field).
+    An OSError, so the commands report it in one line like other unreadable files."""
 
 
 def _content_hash_unit(text: str) -> float:

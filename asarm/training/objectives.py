@@ -28,6 +28,18 @@ Every sequence of a micro-batch draws its own masking rate ``r`` and its own ord
       tokens are causal, so this trains on a context encoding that sampling never produces.
     * ``"causal"``: no bidirectional block (``perm_mask(sigma, 0, num_visible)``).
 
+Mixture (``mixture``, e.g. ``{"joint": 0.7, "parallel": 0.3}``): each sequence draws its objective
+with these probabilities (weights are normalised), from the same generator as its rate and order, so a
+resumed run draws the same. Both objectives predict the ranks ``L - num_predict .. L - 1``; a joint row
+is the parallel mask with no draft limit (``n_visible = L``, the oracle mask). A mixture with a single
+non-zero weight draws nothing and is exactly that objective. With ``per_sequence=False`` the micro-batch
+shares one drawn objective, like its rate and order.
+
+Slot weights (``slot_weights``, parallel rows only): the target at draft slot ``i`` (the ``i``-th
+predicted rank after the visible part, from 0) has loss weight ``slot_weights[i]``; slots past the list
+take its last entry. They multiply the loss scale below; the ``"mean"`` reduction still divides by the
+number of targets, so the weights set the slots' relative importance and their overall level.
+
 Loss: cross-entropy on the target rows, with the ``<mask>`` logit removed (``exclude_mask_logit``,
 as in ``ASARM.log_probs``: the samplers never draw it). Per-sequence scale ``loss_scale``: ``"none"``,
 ``"masking_rate"`` (times ``r``) or ``"snr"`` (divided by the signal-to-noise ratio ``(1 - r) / r``,
@@ -39,6 +51,7 @@ paper's objective); ``"mean"``: the weighted sum divided by the number of target
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,7 +60,8 @@ import torch.nn.functional as F
 from .. import masks, orders
 
 __all__ = ["OBJECTIVES", "ORDERS", "PROMPT_ATTN", "LOSS_SCALES", "REDUCTIONS", "ObjectiveConfig", "ObjectiveBatch",
-           "num_predict_for_rates", "build_objective_batch", "loss_from_logits", "compute_loss"]
+           "mixture_probabilities", "check_slot_weights", "num_predict_for_rates", "build_objective_batch",
+           "loss_from_logits", "compute_loss"]
 
 OBJECTIVES = ("joint", "parallel")
 ORDERS = ("any_subset", "any_permutation")
@@ -75,6 +89,8 @@ class ObjectiveConfig:
     min_prompt: int = 1
     exclude_mask_logit: bool = True
     mask_token_id: int = 6  # used when the model does not say (ASARM.mask_token_id wins)
+    mixture: dict[str, float] | None = None  # objective -> weight; when given it replaces `objective`
+    slot_weights: tuple[float, ...] = ()  # parallel loss weight per draft slot (module doc); () = all 1
 
     def __post_init__(self):
         for name, allowed in (("objective", OBJECTIVES), ("order", ORDERS), ("prompt_attn", PROMPT_ATTN),
@@ -87,6 +103,13 @@ class ObjectiveConfig:
         if self.min_prompt < 1:
             raise ValueError(f"min_prompt must be >= 1 (XLNet's query stream needs a visible token), "
                              f"got {self.min_prompt}")
+        self.slot_weights = check_slot_weights(self.slot_weights, "slot_weights", self.probabilities())
+
+    def probabilities(self) -> dict[str, float]:
+        """``{objective: probability}`` of each sequence's objective, in ``OBJECTIVES`` order."""
+        if self.mixture is None:
+            return {self.objective: 1.0}
+        return mixture_probabilities(self.mixture, "mixture")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +124,9 @@ class ObjectiveBatch:
     ``num_predict`` are unused: all-zero ``target_mapping`` rows, position -1, target 0);
     ``weights (B, K)`` = ``valid`` times the sequence's loss scale. ``query_positions (B, K)``: target
     positions in rank order.
-    ``n_visible (B,)``: ranks every target sees (parallel) or ``None`` (joint: the oracle mask).
+    ``n_visible (B,)``: ranks every target sees at most (parallel rows; ``L`` on joint rows of a
+    mixture, which the masks read as the oracle mask), or ``None`` when every row is joint.
+    ``parallel (B,)``: which rows drew the parallel objective.
     """
 
     perm_mask: torch.Tensor
@@ -116,7 +141,47 @@ class ObjectiveBatch:
     num_predict: torch.Tensor
     rates: torch.Tensor
     scale: torch.Tensor
+    parallel: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+
+def mixture_probabilities(mixture, key: str = "mixture") -> dict[str, float]:
+    """The normalised ``{objective: probability}`` of a mixture of weights, in ``OBJECTIVES`` order (so the
+    draws do not depend on how the mapping was written). Raises a one-line ValueError naming ``key``."""
+    example = "e.g. {joint: 0.7, parallel: 0.3}"
+    if not isinstance(mixture, dict) or not mixture:
+        raise ValueError(f"{key} must map objective names to weights ({example}), got {mixture!r}")
+    unknown = sorted(str(name) for name in mixture if name not in OBJECTIVES)
+    if unknown:
+        raise ValueError(f"{key}: unknown objective(s) {unknown}; known: {list(OBJECTIVES)}")
+    weights = {}
+    for name, weight in mixture.items():
+        try:
+            weights[name] = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}.{name} must be a number, got {weight!r}") from None
+        if not math.isfinite(weights[name]) or weights[name] < 0:
+            raise ValueError(f"{key}.{name} must be a finite weight >= 0, got {weight!r}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"{key}: the weights are all zero; give at least one objective a positive weight")
+    return {name: weights[name] / total for name in OBJECTIVES if name in weights}
+
+
+def check_slot_weights(slot_weights, key: str = "slot_weights", probabilities: dict | None = None) -> tuple:
+    """``slot_weights`` as a tuple of floats, validated (one-line ValueError naming ``key``). With
+    ``probabilities`` (of the objectives), weights without any parallel row are refused: they would do nothing."""
+    try:
+        weights = tuple(float(w) for w in (slot_weights or ()))
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a list of numbers, got {slot_weights!r}") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"{key} must be finite weights >= 0, got {list(weights)}")
+    if weights and not any(weights):
+        raise ValueError(f"{key}: the weights are all zero, which would switch the parallel loss off")
+    if weights and probabilities is not None and probabilities.get("parallel", 0.0) == 0.0:
+        raise ValueError(f"{key} weighs the parallel objective's draft slots, but no sequence uses that objective")
+    return weights
 
 
 def num_predict_for_rates(rates: torch.Tensor, seq_len: int, min_prompt: int = 1) -> torch.Tensor:
@@ -146,12 +211,36 @@ def _rates_for(cfg: ObjectiveConfig, batch_size: int, rates, generator) -> torch
     return rates
 
 
+def _draw_objectives(probabilities: dict[str, float], draws: int, generator) -> torch.Tensor:
+    """``(draws,)`` bool: which rows use the parallel objective. A single objective draws nothing, so
+    that a mixture of weights 1 and 0 reproduces that objective's batches (and random stream) exactly."""
+    if len(probabilities) == 1 or max(probabilities.values()) == 1.0:
+        return torch.full((draws,), probabilities.get("parallel", 0.0) == 1.0)
+    names = list(probabilities)
+    cumulative = torch.tensor(list(probabilities.values()), dtype=torch.float64).cumsum(0)
+    u = torch.rand(draws, generator=generator, dtype=torch.float64)
+    # right=True: u at a boundary goes to the next objective, so a zero-weight objective is never drawn;
+    # the clamp covers a cumulative sum that rounds to just below 1
+    choice = torch.searchsorted(cumulative, u, right=True).clamp(max=len(names) - 1)
+    return choice == names.index("parallel") if "parallel" in names else torch.zeros(draws, dtype=torch.bool)
+
+
+def _slot_weights(cfg: ObjectiveConfig, k: int, parallel: torch.Tensor) -> torch.Tensor | None:
+    """``(B, k)`` float32 weights of the draft slots on parallel rows (1 on joint rows), or None."""
+    if not cfg.slot_weights:
+        return None
+    weights = list(cfg.slot_weights[:k]) + [cfg.slot_weights[-1]] * max(0, k - len(cfg.slot_weights))
+    per_slot = torch.tensor(weights, dtype=torch.float32, device=parallel.device)
+    return torch.where(parallel[:, None], per_slot[None, :], torch.ones((), device=parallel.device))
+
+
 def build_objective_batch(tokens: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator | None = None,
                           rates=None, dtype: torch.dtype = torch.float32) -> ObjectiveBatch:
     """Masks, targets and weights for ``tokens (B, L)`` (full-length packed chunks).
 
-    Randomness (rates when not given, prompt sizes, orders) comes from ``generator`` (a CPU
-    generator; orders are drawn on the CPU and the masks built on ``tokens.device``).
+    Randomness (rates when not given, each row's objective in a mixture, prompt sizes, orders) comes
+    from ``generator`` (a CPU generator; orders are drawn on the CPU and the masks built on
+    ``tokens.device``).
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must have shape (B, L), got {tuple(tokens.shape)}")
@@ -161,33 +250,33 @@ def build_objective_batch(tokens: torch.Tensor, cfg: ObjectiveConfig, generator:
     draws = rates.numel()  # B, or 1 when shared by the micro-batch
     num_predict = num_predict_for_rates(rates, seq_len, cfg.min_prompt)
     order_fn = orders.any_subset if cfg.order == "any_subset" else orders.any_permutation
+    probabilities = cfg.probabilities()
+    parallel = _draw_objectives(probabilities, draws, generator)
 
-    if cfg.objective == "joint":
-        n_prompt = seq_len - num_predict
-        n_visible = None
-        first_target = n_prompt
-    else:
-        n_visible = seq_len - num_predict
-        span = n_visible - cfg.min_prompt + 1
+    # both objectives predict the last num_predict ranks: joint rows after a prompt of all the rest,
+    # parallel rows after a random prompt plus already decoded context
+    first_target = seq_len - num_predict
+    n_prompt = first_target.clone()
+    if probabilities.get("parallel", 0.0) > 0:  # drawn for every row, so the stream does not depend on the draw
+        span = first_target - cfg.min_prompt + 1
         u = torch.rand(draws, generator=generator, dtype=torch.float64)
-        n_prompt = cfg.min_prompt + torch.minimum(torch.floor(u * span).long(), span - 1)
-        first_target = n_visible
+        drawn = cfg.min_prompt + torch.minimum(torch.floor(u * span).long(), span - 1)
+        n_prompt = torch.where(parallel, drawn, n_prompt)
     sigma = order_fn(n_prompt, seq_len, batch_size=draws, generator=generator)
 
-    if draws != batch_size:  # shared rate and order
-        expand = lambda t: None if t is None else t.expand(batch_size, *t.shape[1:]).clone()  # noqa: E731
-        rates, num_predict, n_prompt, sigma = map(expand, (rates, num_predict, n_prompt, sigma))
-        n_visible, first_target = expand(n_visible), expand(first_target)
+    if draws != batch_size:  # shared rate, objective and order
+        expand = lambda t: t.expand(batch_size, *t.shape[1:]).clone()  # noqa: E731
+        rates, num_predict, n_prompt, sigma, first_target, parallel = map(
+            expand, (rates, num_predict, n_prompt, sigma, first_target, parallel))
 
     sigma = sigma.to(device)
-    n_prompt_d = n_prompt.to(device)
-    if cfg.objective == "joint":
-        pm = masks.perm_mask(sigma, n_prompt_d, None, dtype=dtype)
-    else:
-        n_visible_d = n_visible.to(device)
-        block = {"prompt_only": n_prompt_d, "prompt_and_decoded": n_visible_d,
-                 "causal": torch.zeros_like(n_prompt_d)}[cfg.prompt_attn]
-        pm = masks.perm_mask(sigma, block, n_visible_d, dtype=dtype)
+    n_prompt_d, first_d, parallel_d = n_prompt.to(device), first_target.to(device), parallel.to(device)
+    # a joint row is the draft mask without a limit (n_visible = L): the oracle mask
+    n_visible = torch.where(parallel_d, first_d, seq_len)
+    block = {"prompt_only": n_prompt_d, "prompt_and_decoded": first_d,
+             "causal": torch.zeros_like(n_prompt_d)}[cfg.prompt_attn]
+    block = torch.where(parallel_d, block, n_prompt_d)
+    pm = masks.perm_mask(sigma, block, n_visible, dtype=dtype)
 
     k = int(num_predict.max())
     steps = torch.arange(k)
@@ -208,10 +297,14 @@ def build_objective_batch(tokens: torch.Tensor, cfg: ObjectiveConfig, generator:
     else:  # divide by the signal-to-noise ratio (1 - r) / r
         scale = rates / (1.0 - rates)
     weights = valid_d.to(torch.float32) * scale.to(device=device, dtype=torch.float32)[:, None]
+    slot = _slot_weights(cfg, k, parallel_d)
+    if slot is not None:
+        weights = weights * slot
     return ObjectiveBatch(perm_mask=pm, target_mapping=tm, targets=targets, weights=weights, valid=valid_d,
                           query_positions=positions, sigma=sigma, n_prompt=n_prompt_d,
-                          n_visible=None if n_visible is None else n_visible.to(device),
-                          num_predict=num_predict.to(device), rates=rates.to(device), scale=scale.to(device))
+                          n_visible=n_visible if bool(parallel.any()) else None,
+                          num_predict=num_predict.to(device), rates=rates.to(device), scale=scale.to(device),
+                          parallel=parallel_d)
 
 
 def loss_from_logits(logits: torch.Tensor, batch: ObjectiveBatch, cfg: ObjectiveConfig,
@@ -251,6 +344,8 @@ def loss_from_logits(logits: torch.Tensor, batch: ObjectiveBatch, cfg: Objective
             "accuracy": correct / num_targets.clamp(min=1),
             "num_targets": num_targets,
             "mean_masking_rate": batch.rates.float().mean(),
+            "parallel_fraction": batch.parallel.float().mean() if batch.parallel is not None
+            else torch.zeros((), device=logits.device),
         }
     return loss, stats
 

@@ -40,8 +40,8 @@ import torch
 
 from .. import orders
 from ..model import ASARM
-from ..paths import data_file
-from .config import TrainConfig, load_config, save_config
+from ..paths import DataFileNotFoundError, data_dir, data_file
+from .config import TrainConfig, config_to_dict, load_config, save_config
 from .data import (CodeDirectorySource, JsonlSource, PackedStream, StreamLoader, TextFileSource, hub_source,
                    make_encoder)
 from .objectives import ObjectiveConfig, compute_loss
@@ -50,6 +50,12 @@ from .schedule import MaskingRateSchedule
 __all__ = ["train", "run_training", "Trainer", "latest_checkpoint", "main"]
 
 CHECKPOINT_PREFIX = "step_"
+# Config keys a resumed run may change: they set how far the run goes, what it logs and evaluates and
+# where its directory is, never the training up to the checkpoint. (A new train.max_steps re-stretches
+# the linear learning-rate decay from the resumed step on.) Any other change is refused.
+RESUMABLE_KEYS = ("train.max_steps", "train.stop_at", "train.save_every", "train.keep_last", "train.resume",
+                  "train.run_dir", "train.compile")
+RESUMABLE_SECTIONS = ("log", "eval")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -121,8 +127,35 @@ def _lr_lambda(warmup: int, total: int, decay: str):
     return factor
 
 
+def _data_path(path: str, key: str) -> str:
+    """``path`` resolved in the data directory; a missing file names the config key and the directory."""
+    try:
+        return str(data_file(path))
+    except DataFileNotFoundError:
+        where = "ASARM_DATA_DIR" if os.environ.get("ASARM_DATA_DIR") else "the data directory"
+        raise DataFileNotFoundError(f"{key}: {path!r} is neither a file nor in {where} ({data_dir()}); put it there, "
+                                    f"point ASARM_DATA_DIR at the folder holding it, or give its path") from None
+
+
 def _resolve_paths(paths) -> list[str]:
-    return [str(data_file(p)) if not any(c in str(p) for c in "*?[") else str(p) for p in paths]
+    return [_data_path(p, "data.paths") if not any(c in str(p) for c in "*?[") else str(p) for p in paths]
+
+
+def _no_training_data(cfg: TrainConfig) -> ValueError:
+    d = cfg.data
+    what = d.hub_preset if d.source == "hub" else d.root if d.source == "code_dir" else ", ".join(d.paths)
+    return ValueError(f"the training split of {what} has no document for this process: the text is empty or blank, "
+                      f"or too short (data.heldout_fraction={d.heldout_fraction} keeps the last documents for "
+                      f"evaluation); add text or lower data.heldout_fraction")
+
+
+def _config_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """``key (old -> new)`` for every setting that differs and may not change on resume."""
+    old, cur = config_to_dict(saved), config_to_dict(new)
+    return [f"{section}.{key} ({old[section][key]!r} -> {value!r})"
+            for section, fields in cur.items() if section not in RESUMABLE_SECTIONS
+            for key, value in fields.items()
+            if f"{section}.{key}" not in RESUMABLE_KEYS and old[section][key] != value]
 
 
 def build_source(cfg: TrainConfig, split: str):
@@ -134,7 +167,8 @@ def build_source(cfg: TrainConfig, split: str):
     if d.source == "jsonl":
         return JsonlSource(_resolve_paths(d.paths), field=d.field, heldout_mode=d.heldout_mode, **common)
     if d.source == "code_dir":
-        return CodeDirectorySource(str(data_file(d.root)), patterns=d.patterns, heldout_mode=d.heldout_mode, **common)
+        return CodeDirectorySource(_data_path(d.root, "data.root"), patterns=d.patterns, heldout_mode=d.heldout_mode,
+                                   **common)
     if d.source == "hub":
         if not d.hub_preset:
             raise ValueError("data.source=hub needs data.hub_preset")
@@ -164,7 +198,12 @@ class Trainer:
         self.is_main = acc.is_main_process
         self.run_dir = Path(run.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume_from = self._checkpoint_to_resume()
         if self.is_main:
+            if self.resume_from is None:
+                self._start_over()
+            else:
+                self._trim_metrics(int(self._trainer_state(self.resume_from)["step"]))
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         set_seed(run.seed)  # python, numpy, torch (same on every rank: identical initial weights)
@@ -196,7 +235,8 @@ class Trainer:
                                          loss_scale=m.loss_scale, reduction=m.reduction, per_sequence=m.per_sequence,
                                          min_masking_rate=m.final_min_masking_rate,
                                          max_masking_rate=m.final_max_masking_rate, min_prompt=m.min_prompt,
-                                         mask_token_id=self.asarm.mask_token_id)
+                                         mask_token_id=self.asarm.mask_token_id, mixture=m.mixture,
+                                         slot_weights=tuple(m.slot_weights))
         self.generator = torch.Generator().manual_seed(run.seed * 1000003 + self.rank)
         self.encode = make_encoder(self.tokenizer, code=cfg.data.code)
         self.stream = PackedStream(build_source(cfg, "train"), self.encode, max_length=cfg.data.max_length,
@@ -220,6 +260,9 @@ class Trainer:
                 docs = build_source(self.cfg, "train").documents()
                 if mc.tokenizer_max_documents:
                     docs = (d for i, d in zip(range(mc.tokenizer_max_documents), docs))
+                docs = list(docs)
+                if not docs:
+                    raise _no_training_data(self.cfg)
                 tmp = self.run_dir / "tokenizer.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 train_tokenizer(list(docs), mc.tokenizer_vocab_size, tmp, code=self.cfg.data.code)
@@ -245,6 +288,7 @@ class Trainer:
                                            n_head=mc.n_head, d_inner=mc.d_inner, dropout=mc.dropout),
                                       tokenizer=self.tokenizer, seed=self.cfg.train.seed, init_std=mc.init_std,
                                       device="cpu", dtype=torch.float32)
+        model.trained_length = self.cfg.data.max_length  # saved with every checkpoint (asarm.json)
         return model.to(self.accelerator.device)
 
     # -- checkpoints
@@ -287,11 +331,16 @@ class Trainer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        state = self._trainer_state(path)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, resuming with "
                              f"{self.world_size}: the data streams cannot be resumed exactly")
         loaded = ASARM.from_pretrained(path / "model", device="cpu", dtype=torch.float32, tokenizer=self.tokenizer)
+        sizes = ("vocab_size", "d_model", "n_layer", "n_head", "d_inner")
+        theirs, ours = ([getattr(m.config, k) for k in sizes] for m in (loaded, self.asarm))
+        if theirs != ours:
+            raise ValueError(f"checkpoint {path} holds a model of sizes {dict(zip(sizes, theirs))}, the config asks "
+                             f"for {dict(zip(sizes, ours))}; use a new train.run_dir or train.resume=none")
         self.asarm.model.load_state_dict(loaded.model.state_dict())
         del loaded
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
@@ -302,7 +351,13 @@ class Trainer:
         _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False), self.generator)
         self.step = int(state["step"])
 
-    def maybe_resume(self) -> Path | None:
+    @staticmethod
+    def _trainer_state(path: Path) -> dict:
+        return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint ``train.resume`` names, after checking that the run it belongs to had the
+        same config (up to RESUMABLE_KEYS): a resume otherwise ignores the new settings."""
         resume = self.cfg.train.resume
         if resume in (None, "", "none", "no", "false"):
             return None
@@ -310,9 +365,42 @@ class Trainer:
         if path is None:
             return None
         if not _complete(path):
-            raise ValueError(f"{path} is not a complete checkpoint")
-        self.load_checkpoint(path)
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint (no trainer_state.json)")
+        saved = path.parent.parent / "config.yaml"
+        if saved.is_file():
+            changes = _config_changes(load_config(saved), self.cfg)
+            if changes:
+                raise ValueError(f"{path} was trained with other settings: {', '.join(changes)}; resuming would "
+                                 f"ignore them: use a new train.run_dir, or train.resume=none to start over there")
         return path
+
+    def _start_over(self) -> None:
+        """A run that does not resume replaces what an earlier run left in its directory (a stale
+        tokenizer, checkpoints the pruning would prefer to the new ones, duplicate metrics)."""
+        old = [p for p in (self.ckpt_dir, self.run_dir / "tokenizer", self.run_dir / "tb",
+                           self.run_dir / "metrics.jsonl") if p.exists()]
+        if old:
+            print(f"asarm train: starting over in {self.run_dir}: removing {', '.join(p.name for p in old)}",
+                  flush=True)
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (written before a crash), so that after any number
+        of resumes metrics.jsonl holds each step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            _atomic_write_text(path, "".join(kept))
+
+    def maybe_resume(self) -> Path | None:
+        """Load the checkpoint chosen at construction, if any."""
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        return self.resume_from
 
     # -- logging
     def _open_loggers(self) -> None:
@@ -400,6 +488,15 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         run = cfg.train
         resumed = self.maybe_resume()
+        stop = min(run.max_steps, run.stop_at) if run.stop_at is not None else run.max_steps
+        if resumed is not None and self.is_main:
+            print(f"asarm train: resumed {self.run_dir} at step {self.step} ({resumed})", flush=True)
+        if resumed is not None and self.step >= stop:
+            if self.is_main:
+                key = "train.stop_at" if stop < run.max_steps else "train.max_steps"
+                print(f"asarm train: nothing to do: the checkpoint is at step {self.step} and {key}={stop}; raise "
+                      f"{key} to train longer", flush=True)
+            return {"step": self.step, "losses": {}, "checkpoint": str(resumed), "run_dir": str(self.run_dir)}
         if self.is_main:
             save_config(cfg, self.run_dir / "config.yaml",
                         extra={"world_size": self.world_size, "effective_batch": self.effective_batch,
@@ -407,7 +504,6 @@ class Trainer:
                                "parameters": sum(p.numel() for p in self.asarm.parameters()),
                                "resumed_from": str(resumed) if resumed else None})
         self._open_loggers()
-        stop = min(run.max_steps, run.stop_at) if run.stop_at is not None else run.max_steps
         progress = None
         if self.is_main and cfg.log.progress:
             from tqdm.auto import tqdm
@@ -426,7 +522,10 @@ class Trainer:
                 try:
                     tokens = next(batches)
                 except StopIteration:
-                    raise RuntimeError("the training data ran out (set data.epochs: null to loop forever)") from None
+                    if cfg.data.epochs is None:  # an endless stream only ends when it has no document at all
+                        raise _no_training_data(cfg) from None
+                    raise ValueError(f"the training data ran out after data.epochs={cfg.data.epochs} before "
+                                     f"train.max_steps={run.max_steps}; raise data.epochs or set it to null") from None
                 tokens = tokens.to(acc.device)
                 rates = self.schedule.sample(self.step, a, run.grad_accum, self.rank, self.world_size,
                                              batch_size=tokens.shape[0], per_sequence=cfg.masking.per_sequence,
@@ -485,7 +584,6 @@ class Trainer:
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
-    from .config import config_to_dict
     return config_to_dict(cfg)
 
 
@@ -504,7 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.max_steps=10")
     args = parser.parse_args(argv)
-    train(args.config, args.overrides)
+    try:
+        train(args.config, args.overrides)
+    except (ValueError, OSError) as err:  # the same one-line report as `asarm train`
+        print(f"asarm train: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 import asarm.eval.lm_tasks as lm
 from asarm.cli import main
 from asarm.eval.lm_tasks import (HellaSwagExample, LambadaExample, continuation_log_likelihoods, encode_pair,
-                                 greedy_check, hellaswag_accuracy, lambada_accuracy, load_hellaswag, load_lambada,
+                                 greedy_check, hellaswag_accuracy, load_hellaswag, load_lambada,
                                  split_last_word)
 from asarm.model import ASARM
 from asarm.paths import DataFileNotFoundError
@@ -37,14 +37,6 @@ def test_lambada_default_file_in_data_dir(tmp_path, monkeypatch):
     (tmp_path / "lambada" / "lambada_test.jsonl").write_text(json.dumps({"text": "x y"}) + "\n")
     monkeypatch.setenv("ASARM_DATA_DIR", str(tmp_path))
     assert load_lambada() == [LambadaExample("x", "y")]
-
-
-def test_lambada_accuracy():
-    assert lambada_accuracy(["dog", " cat", "Cow"], ["dog", "cat", "cow"]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError):
-        lambada_accuracy(["a"], ["a", "b"])
-    with pytest.raises(ValueError):
-        lambada_accuracy([], [])
 
 
 def _fake_datasets(monkeypatch, load_dataset):
@@ -304,7 +296,11 @@ def test_cli_missing_data_names_the_option(task, option, tmp_path, monkeypatch, 
     _fake_datasets(monkeypatch, _offline)
     # the data are loaded before the model, so the model never needs to exist
     assert main(["eval", "lm-tasks", "--tasks", task, "--model", str(tmp_path / "no-model")]) == 2
-    assert option in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    default_file = {"lambada": lm.LAMBADA_FILE, "hellaswag": lm.HELLASWAG_FILE}[task]
+    assert len(err) == 1 and err[0].startswith(f"asarm eval: error: {task} data not found: no {default_file} in "
+                                               f"the data directory ({tmp_path})")
+    assert f"Pass {option} PATH" in err[0] and "--tasks" in err[0]
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys):

@@ -94,3 +94,41 @@ def test_paired_ratio_is_a_positive_interval_around_the_geometric_mean():
     assert noisy["ci95"][0] > 0
     with pytest.raises(ValueError, match="positive"):
         paired_ratio([1.0, -1.0], [1.0, 1.0])
+
+
+def test_geometric_summary_interval_is_positive_and_on_the_log_scale():
+    from asarm.eval.stats import geometric_summary
+
+    seconds = [0.01, 2.0, 0.05, 1.0]  # spread so wide that a t interval of the mean goes below zero
+    assert summarize(seconds).ci95[0] < 0
+    g = geometric_summary(seconds)
+    logs = np.log(seconds)
+    half = sps.t.ppf(0.975, 3) * logs.std(ddof=1) / 2
+    assert g["mean"] == pytest.approx(math.exp(logs.mean()))
+    assert g["ci95"] == pytest.approx([math.exp(logs.mean() - half), math.exp(logs.mean() + half)])
+    assert 0 < g["ci95"][0] < g["mean"] < g["ci95"][1]
+    assert geometric_summary([3.0]) == {"n": 1, "mean": pytest.approx(3.0), "ci95": [None, None],
+                                        "significant": None}
+    with pytest.raises(ValueError, match="positive"):
+        geometric_summary([1.0, 0.0])
+
+
+def test_paired_ratio_says_whether_it_is_significant():
+    from asarm.eval.stats import paired_ratio
+
+    assert paired_ratio([2.0, 2.1, 1.9, 2.0], [1.0, 1.0, 1.0, 1.1])["significant"] is True
+    assert paired_ratio([1.0, 2.0, 1.0, 2.0], [2.0, 1.0, 2.0, 1.0])["significant"] is False
+
+
+def test_significance_verdicts():
+    from asarm.eval.stats import significance
+
+    assert significance(0.01, 0.03) == "significant"
+    assert significance(0.2, 0.6) == "not significant"
+    assert significance(0.01, 0.2) == "tests disagree"
+    # differences all zero: the t-test has no p-value, the Wilcoxon test says nothing is there
+    assert significance(float("nan"), 1.0) == "not significant"
+    assert significance(None, float("nan")) == "n/a"
+    # the verdict follows the tests of paired_comparison
+    r = paired_comparison([1.0, 2.0, 3.0, 4.0, 5.0], [1.1, 1.9, 3.2, 3.9, 5.0])
+    assert significance(r.t_pvalue, r.wilcoxon_pvalue) == "not significant"

@@ -54,8 +54,13 @@ def check_row(batch, b, tokens, cfg, rate):
     num_predict = math.floor(L * rate + 1e-9)
     num_predict = min(max(num_predict, 1), L - 1)
     assert int(batch.num_predict[b]) == num_predict
-    if cfg.objective == "joint":
-        assert n_prompt == L - num_predict and batch.n_visible is None
+    objective = "parallel" if bool(batch.parallel[b]) else "joint"  # a mixture draws it per row
+    if cfg.mixture is None:
+        assert objective == cfg.objective
+    if objective == "joint":
+        assert n_prompt == L - num_predict
+        # n_visible = L on the joint rows of a mixed batch: no draft limit, the oracle mask
+        assert batch.n_visible is None if not batch.parallel.any() else int(batch.n_visible[b]) == L
         first, n_visible, block = n_prompt, None, n_prompt
     else:
         n_visible = int(batch.n_visible[b])
@@ -80,6 +85,8 @@ def check_row(batch, b, tokens, cfg, rate):
             row[pos] = 1.0
             assert batch.target_mapping[b, t].tolist() == row
             scale = {"none": 1.0, "masking_rate": rate, "snr": rate / (1 - rate)}[cfg.loss_scale]
+            if objective == "parallel" and cfg.slot_weights:  # draft slot t; past the list: the last weight
+                scale *= cfg.slot_weights[min(t, len(cfg.slot_weights) - 1)]
             assert float(batch.weights[b, t]) == pytest.approx(scale, rel=1e-6)
         else:  # an unused slot: no query at all (a repeated position would corrupt XLNet's query stream)
             assert not batch.valid[b, t] and float(batch.weights[b, t]) == 0.0
@@ -222,3 +229,124 @@ def test_config_validation():
         build_objective_batch(random_tokens(2, 8), ObjectiveConfig(), rates=torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="entries"):
         build_objective_batch(random_tokens(2, 8), ObjectiveConfig(), rates=torch.tensor([0.5, 0.6, 0.7]))
+
+
+# ----------------------------------------------------------------------------- mixture and slot weights
+def batch_fields(batch):
+    return {name: getattr(batch, name) for name in ("perm_mask", "target_mapping", "targets", "weights", "valid",
+                                                    "query_positions", "sigma", "n_prompt", "n_visible",
+                                                    "num_predict", "rates", "scale", "parallel")}
+
+
+def assert_same_batch(a, b):
+    for name, value in batch_fields(a).items():
+        other = getattr(b, name)
+        assert (value is None and other is None) or torch.equal(value, other), name
+
+
+@pytest.mark.parametrize("order,prompt_attn,per_sequence",
+                         list(itertools.product(["any_subset", "any_permutation"],
+                                                ["prompt_only", "prompt_and_decoded", "causal"], [True, False])))
+def test_mixture_masks_and_targets_match_reference(order, prompt_attn, per_sequence):
+    L, B = 13, 16
+    tokens = random_tokens(B, L, seed=2)
+    rates = torch.tensor([0.2, 0.5, 0.77, 0.99] * 4)
+    seen = set()
+    for seed, scale in zip(range(4), ["none", "masking_rate", "snr", "none"]):
+        cfg = ObjectiveConfig(mixture={"joint": 0.5, "parallel": 0.5}, order=order, prompt_attn=prompt_attn,
+                              per_sequence=per_sequence, loss_scale=scale, slot_weights=(3.0, 2.0, 0.5))
+        batch = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(seed), rates=rates)
+        for b in range(B):
+            check_row(batch, b, tokens, cfg, rates[b].item() if per_sequence else rates[0].item())
+        seen.update(batch.parallel.tolist())
+        if not per_sequence:  # one objective for the micro-batch, like its rate and order
+            assert (batch.parallel == batch.parallel[0]).all()
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("objective", ["joint", "parallel"])
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_mixture_of_one_objective_is_that_objective_exactly(tiny, objective, per_sequence):
+    tokens = random_tokens(6, 16, seed=3)
+    other = "parallel" if objective == "joint" else "joint"
+    plain = ObjectiveConfig(objective=objective, per_sequence=per_sequence)
+    for mixture in ({objective: 1.0, other: 0.0}, {objective: 0.25}, {other: 0, objective: 7}):
+        mixed = ObjectiveConfig(mixture=mixture, per_sequence=per_sequence)
+        for seed in range(3):  # rates drawn from the generator too: the whole random stream must match
+            g_plain, g_mixed = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            loss_a, stats_a = compute_loss(tiny, tokens, plain, g_plain)
+            loss_b, stats_b = compute_loss(tiny, tokens, mixed, g_mixed)
+            assert_same_batch(stats_a["batch"], stats_b["batch"])
+            assert torch.equal(loss_a, loss_b)
+            assert torch.equal(g_plain.get_state(), g_mixed.get_state())
+            assert bool(stats_b["batch"].parallel.all()) == (objective == "parallel")
+
+
+def test_mixture_draw_follows_the_weights():
+    tokens = random_tokens(4000, 8, seed=4)
+    cfg = ObjectiveConfig(mixture={"joint": 0.7, "parallel": 0.3})
+    batch = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(0))
+    fraction = batch.parallel.double().mean().item()
+    assert abs(fraction - 0.3) < 0.03  # 4 standard deviations of a binomial mean at n = 4000
+    # the draw depends on the normalised weights, not on how the mapping is written
+    same = ObjectiveConfig(mixture={"parallel": 3, "joint": 7})
+    assert torch.equal(build_objective_batch(tokens, same, torch.Generator().manual_seed(0)).parallel,
+                       batch.parallel)
+    again = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(0))
+    assert_same_batch(again, batch)
+    other_seed = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(1))
+    assert not torch.equal(other_seed.parallel, batch.parallel)
+
+
+def test_slot_weights_of_ones_change_nothing(tiny):
+    tokens = random_tokens(4, 16, seed=5)
+    rates = torch.tensor([0.3, 0.5, 0.8, 0.95])
+    for mixture in (None, {"joint": 0.5, "parallel": 0.5}):
+        base = ObjectiveConfig(objective="parallel", mixture=mixture, reduction="sum", loss_scale="snr")
+        loss, stats = compute_loss(tiny, tokens, base, torch.Generator().manual_seed(1), rates=rates)
+        for ones in ((1.0,), (1.0, 1.0, 1.0)):
+            cfg = ObjectiveConfig(objective="parallel", mixture=mixture, reduction="sum", loss_scale="snr",
+                                  slot_weights=ones)
+            loss_1, stats_1 = compute_loss(tiny, tokens, cfg, torch.Generator().manual_seed(1), rates=rates)
+            assert torch.equal(loss, loss_1) and torch.equal(stats["batch"].weights, stats_1["batch"].weights)
+
+
+def test_slot_weights_by_hand():
+    # V = 5 ids (mask id 4); every target scores logit a_t, every other id 0, so with the <mask> logit
+    # dropped the target's NLL at slot t is log(e^a_t + 3) - a_t
+    V, mask_id = 5, 4
+    tokens = torch.tensor([[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]])
+    rates = torch.tensor([0.5, 0.34])  # 3 and 2 targets
+    a = [2.0, 0.0, -1.0]
+    nll = [math.log(math.exp(x) + 3) - x for x in a]
+    for weights, per_slot in (((2.0, 0.5), [2.0, 0.5, 0.5]), ((0.0, 1.0, 4.0, 9.0), [0.0, 1.0, 4.0])):
+        for reduction in ("sum", "mean"):
+            cfg = ObjectiveConfig(objective="parallel", reduction=reduction, slot_weights=weights,
+                                  mask_token_id=mask_id)
+            batch = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(0), rates=rates)
+            logits = torch.zeros(2, 3, V)
+            for b in range(2):
+                for t in range(int(batch.num_predict[b])):
+                    logits[b, t, int(batch.targets[b, t])] = a[t]
+            loss, stats = loss_from_logits(logits, batch, cfg)
+            weighted = sum(w * x for w, x in zip(per_slot, nll)) + sum(w * x for w, x in zip(per_slot[:2], nll))
+            want = weighted / 2 if reduction == "sum" else weighted / 5
+            assert loss.item() == pytest.approx(want, rel=1e-6)
+            # the reported NLL stays unweighted
+            assert stats["nll_per_sequence"].tolist() == pytest.approx([sum(nll), sum(nll[:2])], rel=1e-6)
+
+
+def test_mixture_and_slot_weight_validation():
+    for bad, words in (({"joint": 1, "mlm": 1}, "unknown objective"), ({"joint": -0.5}, "mixture.joint"),
+                       ({"joint": 0, "parallel": 0}, "all zero"), ({}, "mixture must map"),
+                       ({"joint": float("nan")}, "finite"), ({"joint": "lots"}, "must be a number")):
+        with pytest.raises(ValueError, match=words):
+            ObjectiveConfig(mixture=bad)
+    for bad, words in (((1.0, -1.0),), "slot_weights must be finite"), (((0.0, 0.0),), "all zero"):
+        with pytest.raises(ValueError, match=words):
+            ObjectiveConfig(objective="parallel", slot_weights=bad[0])
+    with pytest.raises(ValueError, match="slot_weights weighs the parallel"):
+        ObjectiveConfig(objective="joint", slot_weights=(2.0,))
+    with pytest.raises(ValueError, match="slot_weights weighs the parallel"):
+        ObjectiveConfig(objective="parallel", mixture={"joint": 1, "parallel": 0}, slot_weights=(2.0,))
+    assert ObjectiveConfig(mixture={"joint": 1, "parallel": 3}).probabilities() == {"joint": 0.25, "parallel": 0.75}

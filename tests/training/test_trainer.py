@@ -73,10 +73,55 @@ def test_config_overrides_and_types():
         apply_overrides(TrainConfig(), ["train.max_steps=lots"])
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "paper_nlp", "paper_code"])
+@pytest.mark.parametrize("name", ["tiny_cpu", "tiny_cpu_mixture", "paper_nlp", "paper_code"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.train.max_steps > 0 and cfg.data.max_length > 0
+
+
+def test_mixture_config_keys():
+    cfg = load_config(REPO / "configs" / "tiny_cpu_mixture.yaml")
+    assert cfg.masking.mixture == {"joint": 0.7, "parallel": 0.3} and cfg.masking.prompt_attn == "prompt_only"
+    weighted = apply_overrides(cfg, ["masking.mixture.parallel=3e-1", "masking.slot_weights=[2, 1.5]"])
+    assert weighted.masking.mixture == {"joint": 0.7, "parallel": 0.3} and weighted.masking.slot_weights == [2.0, 1.5]
+    with pytest.raises(ValueError, match="masking.slot_weights weighs the parallel"):
+        apply_overrides(weighted, ["masking.mixture=null"])  # back to the joint objective alone
+    assert apply_overrides(cfg, ["masking.mixture=null"]).masking.mixture is None
+    assert apply_overrides(cfg, ["masking.mixture={joint: 1}"]).masking.mixture == {"joint": 1.0}
+    for override, message in (("masking.mixture={joint: 1, mlm: 1}", "masking.mixture: unknown objective"),
+                              ("masking.mixture.joint=-1", "masking.mixture.joint must be a finite weight"),
+                              ("masking.mixture={joint: 0, parallel: 0}", "masking.mixture: the weights are all zero"),
+                              ("masking.mixture=joint", "masking.mixture must be a mapping"),
+                              ("masking.slot_weights=[1, -1]", "masking.slot_weights must be finite")):
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(cfg, [override])
+    with pytest.raises(ValueError, match="masking.slot_weights weighs the parallel"):
+        apply_overrides(TrainConfig(), ["masking.slot_weights=[2]"])  # the default objective is joint
+
+
+def test_mixture_config_trains(tmp_path, small_text, tokenizer_dir, monkeypatch):
+    from asarm.training import trainer as trainer_module
+
+    drawn = []  # which sequences of each micro-batch drew the parallel objective
+
+    def spy(*args, **kwargs):
+        loss, stats = compute_loss(*args, **kwargs)
+        drawn.extend(stats["batch"].parallel.tolist())
+        return loss, stats
+
+    compute_loss = trainer_module.compute_loss
+    monkeypatch.setattr(trainer_module, "compute_loss", spy)
+    run_dir = tmp_path / "mix"
+    overrides = tiny_overrides(run_dir, small_text, tokenizer_dir, **{"train.max_steps": 2, "train.save_every": 2,
+                                                                      "model.tokenizer_vocab_size": 0,
+                                                                      "masking.slot_weights": "[2.0, 1.0]"})
+    cfg = load_config(REPO / "configs" / "tiny_cpu_mixture.yaml", overrides)
+    out = run_training(cfg)
+    assert sorted(out["losses"]) == [1, 2] and all(0 < v < 50 for v in out["losses"].values())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["masking"]["mixture"] == {"joint": 0.7, "parallel": 0.3}
+    assert saved["masking"]["slot_weights"] == [2.0, 1.0]
+    assert len(drawn) == 8 and set(drawn) == {True, False}  # 2 steps x 2 micro-batches x 2 sequences
 
 
 def test_exact_resume_atomic_checkpoints_and_saved_config(tmp_path, small_text, tokenizer_dir):
@@ -87,7 +132,7 @@ def test_exact_resume_atomic_checkpoints_and_saved_config(tmp_path, small_text, 
                                                             "log.tensorboard": True})))
     assert sorted(full["losses"]) == [1, 2, 3, 4, 5, 6]
     # lr x effective_batch / 32 (batch 2 x accumulation 2), linear warm-up over 2 steps then linear decay
-    records = [json.loads(l) for l in (full_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (full_dir / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["kind"] == "train"]
     peak = 1e-3 * 4 / 32
     assert lrs == pytest.approx([peak / 2, peak, peak, peak * 3 / 4, peak / 2, peak / 4])
@@ -138,8 +183,8 @@ def test_exact_resume_atomic_checkpoints_and_saved_config(tmp_path, small_text, 
     assert reloaded.train.max_steps == 6 and reloaded.model.d_model == 32
 
     # evaluation: oracle NLL per token and ASSD NFE in metrics.jsonl
-    evals = [json.loads(l) for l in (full_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "eval"]
+    evals = [json.loads(line) for line in (full_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["step"] == 6
     assert 0 < evals[0]["nll_per_token"] < 20 and evals[0]["assd_nfe"] >= 1 and len(evals[0]["samples"]) == 1
 
@@ -191,3 +236,37 @@ def test_two_process_exact_resume(tmp_path, small_text, tokenizer_dir):
     b = ASARM.from_pretrained(split_dir / "checkpoints" / "step_4" / "model", device="cpu")
     for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(pa, pb), name
+
+
+def test_resume_rules(tmp_path, small_text, tokenizer_dir, capsys):
+    """A resume refuses changed settings (naming them and the two ways out), allows the ones in
+    RESUMABLE_KEYS, says where it resumed and when there is nothing to do, and leaves every step
+    once in metrics.jsonl; train.resume=none starts over."""
+    run_dir = tmp_path / "run"
+
+    def run(**extra):
+        return train(None, tiny_overrides(run_dir, small_text, tokenizer_dir,
+                                          **{"train.max_steps": 3, "train.save_every": 2, **extra}))
+
+    run(**{"train.stop_at": 2})
+    # a crash after step 3 was logged but before its checkpoint
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"kind": "train", "step": 3, "loss": 0.0}) + "\n")
+    capsys.readouterr()
+    for change, named in (({"optim.lr": 5e-3}, "optim.lr (0.001 -> 0.005)"),
+                          ({"model.d_model": 64}, "model.d_model (32 -> 64)")):
+        with pytest.raises(ValueError, match="other settings") as err:
+            run(**change)
+        assert named in str(err.value) and "train.run_dir" in str(err.value) and "train.resume=none" in str(err.value)
+    out = run(**{"train.max_steps": 4, "eval.every": 0, "log.every": 1})  # allowed changes
+    assert "resumed" in capsys.readouterr().out and sorted(out["losses"]) == [3, 4]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    for max_steps in (4, 3):
+        again = run(**{"train.max_steps": max_steps})
+        assert again["losses"] == {} and again["step"] == 4
+        assert f"nothing to do: the checkpoint is at step 4 and train.max_steps={max_steps}" in capsys.readouterr().out
+    fresh = run(**{"train.resume": "none", "optim.lr": 5e-3})
+    assert "starting over" in capsys.readouterr().out and sorted(fresh["losses"]) == [1, 2, 3]
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_2", "step_3"]
