@@ -13,6 +13,7 @@ import importlib
 import math
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from .model import ASARM
 from .sampling import DRAFTERS
 from .sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO
 from .sampling.decode import TEMPERATURE_MODES
+from .sampling.trace import render_html, render_text
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
 
 __all__ = ["main", "sample", "encode_template"]
@@ -61,10 +63,12 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
            temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
            engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True, bonus: bool = False,
            adaptive_threshold: float | None = None, outcomes: str | int | None = None,
-           draft_temperature_ratio: float | None = None) -> list[dict]:
+           draft_temperature_ratio: float | None = None, trace: str | None = None,
+           show_rounds: bool = False) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
-    ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds, self drafts) or ``sequential``.
+    ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds, self drafts) or ``sequential``. ``trace``: write
+    a picture of the decode (an HTML file); ``show_rounds``: print every round (the samples do not change).
     Returns one dict per completion (text, nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
     """
     if sampler not in SAMPLE_ALGORITHMS:
@@ -108,11 +112,18 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         sampler, "assd", drafter, bonus=bonus or sampler == "assd-fused", fused=sampler == "assd-fused",
         draft_length=adaptive_threshold, outcomes=outcomes, draft_temperature_ratio=draft_temperature_ratio)
     out = decode(asarm, spec, tokens, sigma, n_prompt, seeds=seeds, k=k, temperature=temperature, engine=engine,
-                 progress=progress, temperature_mode=temperature_mode, r_atol=r_atol)
+                 progress=progress, temperature_mode=temperature_mode, r_atol=r_atol,
+                 trace=trace is not None or show_rounds)
     shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
     print(f"prompt: {asarm.tokenizer.decode(shown.tolist())}")
     if not out.exact:
         print(f"WARNING: r_atol={r_atol} > 0: lossy sampling, not the model's distribution")
+    if show_rounds:
+        print(render_text(out.trace, out.tokens, asarm.tokenizer))
+    if trace is not None:
+        Path(trace).write_text(render_html(out.trace, out.tokens, asarm.tokenizer, title=f"asarm sample: {sampler}"),
+                               encoding="utf-8")
+        print(f"wrote {trace}")
     results = []
     for b in range(batch_size):
         result = {"text": asarm.tokenizer.decode(out.tokens[b].tolist()), "nfe": int(out.nfe[b]),
@@ -165,10 +176,14 @@ def _add_sample_parser(subparsers) -> None:
     p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
                    help="cached: each fixed token computed once (fast); full: a whole-sequence pass per NFE")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--trace", metavar="FILE.html", default=None,
+                   help="write a self-contained page showing each round: tokens coloured by origin (prompt, "
+                        "accepted draft, residual, bonus, sequential), the decode order, accepted lengths")
+    p.add_argument("--show-rounds", action="store_true", help="print every round (drafts, accepted, committed)")
     p.set_defaults(func=lambda a: sample(
         a.model, a.text, a.revision, a.masking_rate, a.sampler, a.drafter, a.k, a.temperature, a.temperature_mode,
         a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress, a.bonus, a.adaptive_threshold,
-        a.outcomes, a.draft_temperature_ratio))
+        a.outcomes, a.draft_temperature_ratio, a.trace, a.show_rounds))
 
 
 def _add_train_parser(subparsers) -> None:

@@ -46,6 +46,7 @@ from .drafters import DraftRequest, drafter_name, first_draft_exact, make_drafte
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
 from .rejection import verify_drafts
+from .trace import TraceRecorder
 
 __all__ = ["assd_decode", "DEFAULT_OUTCOMES", "DEFAULT_DRAFT_TEMPERATURE_RATIO"]
 
@@ -54,14 +55,17 @@ DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the targ
 
 
 class _CountingSession:
-    """An engine session that counts the model calls each batch row takes part in."""
+    """An engine session that counts the model calls each batch row takes part in (and, when tracing,
+    records the ranks they query)."""
 
-    def __init__(self, session, calls: torch.Tensor):
-        self.session, self.calls = session, calls
+    def __init__(self, session, calls: torch.Tensor, recorder: TraceRecorder | None):
+        self.session, self.calls, self.recorder = session, calls, recorder
 
-    def logits(self, rows, *args, **kwargs):
+    def logits(self, rows, tokens, n_fixed, query_ranks, **kwargs):
         self.calls.index_add_(0, rows, torch.ones_like(rows))
-        return self.session.logits(rows, *args, **kwargs)
+        if self.recorder is not None:
+            self.recorder.query(rows, query_ranks)
+        return self.session.logits(rows, tokens, n_fixed, query_ranks, **kwargs)
 
 
 def _compact(ranks: torch.Tensor, limits: torch.Tensor):
@@ -92,11 +96,12 @@ class _Speculation:
 
     def __init__(self, model: ASARM, batch: _Batch, session, streams: RowStreams, drafter, k: int,
                  temperature: float, temperature_mode: str, draft_temperature_ratio: float, bonus: bool,
-                 fused: bool, cover: int, rule, r_atol: float):
+                 fused: bool, cover: int, rule, r_atol: float, trace: bool):
         self.model, self.batch, self.streams, self.drafter, self.k = model, batch, streams, drafter, k
         self.bonus, self.fused, self.cover, self.rule, self.r_atol = bonus, fused, cover, rule, r_atol
         B, device = batch.tokens.shape[0], batch.tokens.device
-        self.session = _CountingSession(session, batch.nfe)
+        self.recorder = TraceRecorder(batch.positions, batch.n_prompt, batch.nfe) if trace else None
+        self.session = _CountingSession(session, batch.nfe, self.recorder)
         self.drafts = torch.zeros(B, k, dtype=torch.long, device=device)
         self.q = torch.zeros(B, k, model.vocab_size, dtype=torch.float64, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)  # pending drafts per row
@@ -176,9 +181,12 @@ class _Speculation:
         alone = self.exact[rows] & (self.count[rows] == 1)
         done = rows[alone]
         if len(done):
-            one = torch.ones_like(done)
-            self._commit(done, self.batch.n_fixed[done], self.drafts[done, :1], one, one, one)
+            one, n, drafts = torch.ones_like(done), self.batch.n_fixed[done], self.drafts[done, :1]
+            self._commit(done, n, drafts, one, one, one)
             self.count[done] = 0
+            if self.recorder is not None:
+                q_x = self.q[done, :1].gather(2, drafts[..., None])[..., 0]
+                self.recorder.round(done, n, drafts, one, [["draft"]] * len(done), drafts, q_x, one, one)
         return rows[~alone]
 
     # ---------------------------------------------------------------------------- verifying
@@ -232,6 +240,8 @@ class _Speculation:
         if W:
             values.scatter_(1, a[:, None], verdict.next_token[:, None])
         self._commit(sel, n, values, fixed, a, torch.minimum(a + 1, K))
+        if self.recorder is not None:
+            self._record(rows, n, values, fixed, verdict, K, drafts, q)
         if self.bonus:
             add_rows(self.bonus_tokens, sel, verdict.bonus)
         if self.fused:
@@ -239,6 +249,15 @@ class _Speculation:
             self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, logits, column, W, uniforms[:, k + 1:])
         else:
             self.count[sel] = 0
+
+    def _record(self, rows, n, values, fixed, verdict, K, drafts, q) -> None:
+        """The trace of a verify round: accepted drafts, then the residual, bonus or (no drafts) exact token."""
+        next_origin = torch.where(verdict.rejected, 0, torch.where(K > 0, 1, 2)).tolist()
+        origins = [["draft"] * int(a) + [("residual", "bonus", "sequential")[o]]
+                   for a, o in zip(verdict.num_accepted.tolist(), next_origin)]
+        q_x = q.gather(2, drafts[..., None])[..., 0]
+        verified = torch.minimum(verdict.num_accepted + 1, K)
+        self.recorder.round(rows, n, values, fixed, origins, drafts, q_x, verified, verdict.num_accepted)
 
     def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, logits, column, W, uniforms) -> None:
         """Each row's next pending drafts, from the outcome block that happened; none (the next call then
@@ -269,7 +288,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
                 bonus: bool = False, fused: bool = False, outcomes=None, draft_length=None,
                 draft_temperature_ratio: float = DEFAULT_DRAFT_TEMPERATURE_RATIO,
                 seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
-                max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
+                max_new_tokens: int | None = None, progress: bool = False, trace: bool = False) -> DecodeOutput:
     """Any-Subset Speculative Decoding (see the module docstring for the schedules).
 
     Per round (n tokens fixed) the pending drafts for ranks ``n..n+K-1`` (``K <= k``) are verified by one
@@ -306,6 +325,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         engine: ``"cached"`` (default), ``"full"`` (a plain Hugging Face forward per NFE, the reference's
             cost model; same outputs up to floating-point tolerance), or an engine object.
         max_new_tokens: stop each row after that many tokens (the rest stay ``<mask>``).
+        trace: record every round in ``DecodeOutput.trace`` (:mod:`asarm.sampling.trace`; same tokens).
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -335,7 +355,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     bonus = bonus or fused
     run = _Speculation(model, batch, session, streams, drafter, k, temperature, temperature_mode,
-                       draft_temperature_ratio, bonus, fused, k + 1 if outcomes == "all" else outcomes, rule, r_atol)
+                       draft_temperature_ratio, bonus, fused, k + 1 if outcomes == "all" else outcomes, rule, r_atol,
+                       trace)
     name = "assd-fused" if fused else f"assd-{drafter_name(drafter)}" + ("-bonus" if bonus else "")
     name += "-adaptive" if rule is not None else ""
     bar = _Progress(batch, progress, name)
@@ -351,7 +372,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     bar.close()
     return batch.output(sampler=name, exact=r_atol == 0, drafted_by_index=run.drafted_by_index.cpu(),
                         accepted_by_index=run.accepted_by_index.cpu(), bonus_tokens=run.bonus_tokens.cpu(),
-                        draft_calls=run.draft_calls.cpu(),
+                        draft_calls=run.draft_calls.cpu(), trace=None if run.recorder is None else run.recorder.trace,
                         settings={"k": k, "temperature": temperature, "temperature_mode": temperature_mode,
                                   "r_atol": r_atol, "drafter": drafter_name(drafter), "bonus": bonus,
                                   "draft_temperature_ratio": draft_temperature_ratio,

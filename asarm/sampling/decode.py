@@ -22,6 +22,7 @@ from ..model import ASARM
 from ..orders import validate_order
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
+from .trace import DecodeTrace, TraceRecorder
 
 __all__ = ["DecodeOutput", "LossySamplingWarning", "sequential_decode", "TEMPERATURE_MODES"]
 
@@ -45,6 +46,7 @@ class DecodeOutput:
     accepted_by_index: torch.Tensor | None = None  # (B, k) drafts accepted, per draft index
     bonus_tokens: torch.Tensor | None = None  # (B,) tokens committed from bonus rows (ASSD)
     draft_calls: torch.Tensor | None = None  # (B,) drafter calls (ASSD; single-pass rounds need fewer)
+    trace: DecodeTrace | None = None  # what each round did (samplers' trace=True; see asarm.sampling.trace)
     sampler: str = "sequential"
     exact: bool = True  # False when a lossy option (r_atol > 0) was used
     settings: dict = field(default_factory=dict)
@@ -162,10 +164,12 @@ def add_rows(target: torch.Tensor, sel, values: torch.Tensor | int) -> None:
 @torch.no_grad()
 def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None,
                       temperature: float = 1.0, seed=None, generator: torch.Generator | None = None,
-                      engine=DEFAULT_ENGINE, max_new_tokens: int | None = None, progress: bool = False) -> DecodeOutput:
+                      engine=DEFAULT_ENGINE, max_new_tokens: int | None = None, progress: bool = False,
+                      trace: bool = False) -> DecodeOutput:
     """One oracle pass per token, in each row's order: NFE = length - n_prompt exactly.
 
-    ``max_new_tokens`` stops each row after that many tokens (the rest stay ``<mask>``)."""
+    ``max_new_tokens`` stops each row after that many tokens (the rest stay ``<mask>``); ``trace=True``
+    records every step in ``DecodeOutput.trace`` (same tokens as without it)."""
     _check_temperature(temperature)
     batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
@@ -173,6 +177,7 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
     to_probs = _to_probs(model)
     temperatures = torch.tensor([temperature], dtype=torch.float64)
     bar = _Progress(batch, progress, "sequential")
+    recorder = TraceRecorder(batch.positions, batch.n_prompt, batch.nfe) if trace else None
     while len(rows := batch.active_rows()):
         n = batch.n_fixed[rows]
         logits = session.logits(rows, batch.tokens[rows], n, n[:, None], draft=False)
@@ -181,7 +186,11 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
         batch.tokens[rows, batch.positions[rows, n]] = new
         batch.n_fixed[rows] += 1
         batch.nfe[rows] += 1
+        if recorder is not None:
+            recorder.query(rows, n[:, None])
+            recorder.round(rows, n, new[:, None], torch.ones_like(n), [["sequential"]] * len(rows))
         bar.advance()
     bar.close()
     batch.rounds.copy_(batch.nfe)
-    return batch.output(sampler="sequential", settings={"temperature": temperature})
+    return batch.output(sampler="sequential", settings={"temperature": temperature},
+                        trace=None if recorder is None else recorder.trace)
