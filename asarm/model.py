@@ -103,6 +103,21 @@ def _local_model_dir(source: str) -> Path | None:
     return local
 
 
+def _hub_metadata_dir(repo: str, revision: str | None, offline: bool) -> Path | None:
+    """The cached snapshot folder of a Hub model's optional asarm files (asarm.json, training_config.yaml),
+    so that a Hub load knows what a local load knows; None when the repository has neither."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    folder = None
+    for name in (_ASARM_FILE, "training_config.yaml"):
+        try:
+            folder = Path(hf_hub_download(repo, name, revision=revision, local_files_only=offline)).parent
+        except (EntryNotFoundError, LocalEntryNotFoundError, OSError):  # optional: absent from the repository
+            continue
+    return folder
+
+
 def _trained_length(local: Path | None) -> int | None:
     """The sequence length a local model was trained at (asarm.json, else its training config)."""
     if local is None:
@@ -179,11 +194,12 @@ class ASARM(nn.Module):
             tokenizer = _load_tokenizer(str(local or source), revision, offline)
             if tokenizer is None and local is None:
                 tokenizer = _load_tokenizer(FALLBACK_TOKENIZER, None, offline)
+        metadata = local if local is not None else _hub_metadata_dir(source, revision, offline)
         extra = {}
-        if local is not None and (local / _ASARM_FILE).exists():
-            extra = json.loads((local / _ASARM_FILE).read_text())
+        if metadata is not None and (metadata / _ASARM_FILE).exists():
+            extra = json.loads((metadata / _ASARM_FILE).read_text())
         out = cls(model, tokenizer, extra.get("mask_token_id"))
-        out.trained_length = _trained_length(local)
+        out.trained_length = _trained_length(metadata)
         return out.to(pick_device(device))
 
     @classmethod

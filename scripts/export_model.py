@@ -1,11 +1,17 @@
-"""Export a training run's latest checkpoint as a self-contained model directory.
+"""Export a training run's latest checkpoint as a self-contained model directory; optionally push it to the Hub.
 
-    python scripts/export_model.py runs/tiny_cpu asarm/models/asarm-tiny
+    python scripts/export_model.py runs/tiny_cpu asarm/models/asarm-tiny --force
+    python scripts/export_model.py runs/my_run exports/my-model --push-to-hub me/my-model --revision v1 --private \\
+        --eval-results runs/eval/nll/results.json --eval-results runs/eval/speculative/results.json
+    python scripts/export_model.py asarm/models/asarm-tiny --push-to-hub me/asarm-tiny   # an exported model as is
 
-Copies the weights, tokenizer and asarm.json of ``RUN_DIR/checkpoints/latest`` together with the
-run's resolved ``config.yaml`` (as ``training_config.yaml``) and ``metrics.jsonl`` (as
-``training_log.jsonl``) into DEST, replacing DEST atomically. This is how the embedded default
-model ``asarm-tiny`` was produced.
+SOURCE is a run directory (its ``checkpoints/latest``, resolved ``config.yaml`` and ``metrics.jsonl``) or an
+already exported model directory. DEST receives the weights, tokenizer and asarm.json, the config as
+``training_config.yaml``, the log as ``training_log.jsonl`` and a generated model card ``README.md``
+(a hand-written card already there is kept), and is replaced atomically. The embedded default model
+``asarm/models/asarm-tiny`` is replaced only with ``--force``. With ``--push-to-hub`` the directory
+(a temporary one without DEST) is uploaded in one commit to branch ``--revision`` (created if missing);
+it loads back with ``ASARM.from_pretrained(REPO, revision=...)``.
 """
 
 from __future__ import annotations
@@ -14,39 +20,122 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from asarm.training.trainer import latest_checkpoint
+from asarm.hub import (CARD_MARKER, PublishError, check_hub_reachable, check_repo_id, load_eval_results, model_card,
+                       push)
+from asarm.model import EMBEDDED_MODELS
 
 
-def export(run_dir: Path, dest: Path) -> Path:
-    checkpoint = latest_checkpoint(run_dir)
+def find_model(source: Path) -> tuple[Path, Path | None, Path | None]:
+    """(model files, training config, training log) of a run directory or an exported model directory."""
+    if not source.is_dir():
+        raise PublishError(f"{source} does not exist or is not a directory (expected a run or model directory)")
+    if (source / "config.json").is_file():
+        return source, _existing(source / "training_config.yaml"), _existing(source / "training_log.jsonl")
+    from asarm.training.trainer import latest_checkpoint  # heavy import, only for run directories
+
+    checkpoint = latest_checkpoint(source)
     if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/latest)")
+        raise PublishError(f"{source} has no checkpoint (checkpoints/latest) and is not a model directory")
+    return checkpoint / "model", _existing(source / "config.yaml"), _existing(source / "metrics.jsonl")
+
+
+def check_dest(dest: Path, model_dir: Path, force: bool) -> None:
+    """Refuse destinations whose replacement would lose something: the embedded default model (every
+    command's default, tracked in the checkout) and any existing directory that is not a model."""
+    if any(dest.resolve() == path.resolve() for path in EMBEDDED_MODELS.values()) and not force:
+        raise PublishError(f"refusing to overwrite the embedded model {dest} (the default of every command); "
+                           f"pass --force to replace it")
+    if dest.resolve() == model_dir.resolve():
+        raise PublishError(f"{dest} is the source itself; give another DEST, or omit DEST to push it as is")
+    if dest.exists() and not (dest.is_dir() and ((dest / "config.json").is_file() or not any(dest.iterdir()))):
+        raise PublishError(f"{dest} exists and is not a model directory; refusing to replace it")
+
+
+def export(source: Path, dest: Path, card: str, force: bool = False) -> Path:
+    """Copy the model of ``source`` into ``dest`` (atomically) with its config, log and model card;
+    returns the model files' directory."""
+    model_dir, config, log = find_model(source)
+    check_dest(dest, model_dir, force)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(checkpoint / "model", tmp)
-    shutil.copy(run_dir / "config.yaml", tmp / "training_config.yaml")
-    shutil.copy(run_dir / "metrics.jsonl", tmp / "training_log.jsonl")
+    shutil.copytree(model_dir, tmp)
+    if config is not None and config != model_dir / "training_config.yaml":
+        shutil.copy(config, tmp / "training_config.yaml")
+    if log is not None and log != model_dir / "training_log.jsonl":
+        shutil.copy(log, tmp / "training_log.jsonl")
+    old_card = _hand_written_card(dest) or _hand_written_card(tmp)
+    # the card reads the files just copied, so it describes exactly what is exported
+    (tmp / "README.md").write_text(old_card or card(tmp), encoding="utf-8")
     if dest.exists():
-        # keep a hand-written model card
-        if (dest / "README.md").exists():
-            shutil.copy(dest / "README.md", tmp / "README.md")
         shutil.rmtree(dest)
     os.replace(tmp, dest)
-    return checkpoint
+    return model_dir
+
+
+def _hand_written_card(directory: Path) -> str | None:
+    card = directory / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8")
+    return None if CARD_MARKER in text else text
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, metavar="SOURCE", help="run directory or exported model directory")
+    parser.add_argument("dest", type=Path, nargs="?", metavar="DEST", help="model directory to write")
+    parser.add_argument("--force", action="store_true", help="allow replacing the embedded asarm-tiny model")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="push to this Hub repository (owner/name)")
+    parser.add_argument("--revision", metavar="BRANCH", help="branch to push to, created if missing (default main)")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repository private (an existing one keeps its visibility)")
+    parser.add_argument("--license", default="apache-2.0", help="license in the model card (default apache-2.0)")
+    parser.add_argument("--eval-results", type=Path, action="append", default=[], metavar="FILE",
+                        help="results.json of `asarm eval nll` or `asarm eval speculative` for the card (repeat)")
+    args = parser.parse_args(argv)
+    if args.dest is None and not args.push_to_hub:
+        parser.error("give DEST, --push-to-hub REPO, or both")
+    if not args.push_to_hub and (args.revision or args.private):
+        parser.error("--revision and --private apply to --push-to-hub only")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    repo = check_repo_id(args.push_to_hub) if args.push_to_hub else None
+    load_eval_results(args.eval_results)  # a bad results file fails before any copying or network
+    if repo:
+        check_hub_reachable(repo)
+
+    def card(directory: Path) -> str:
+        return model_card(directory, repo, args.revision, args.license, args.eval_results)
+
+    with tempfile.TemporaryDirectory(prefix="asarm-export-") as scratch:
+        dest = args.dest or Path(scratch) / args.source.resolve().name
+        model_dir = export(args.source, dest, card, args.force)
+        size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
+        print(f"exported {model_dir} to {dest} ({size / 2**20:.1f} MB)")
+        if repo:
+            url = push(dest, repo, args.revision, args.private, args.license)
+            revision = f', revision="{args.revision}"' if args.revision else ""
+            print(f"pushed to {url}; load it with ASARM.from_pretrained(\"{repo}\"{revision})")
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("dest", type=Path)
-    args = parser.parse_args(argv)
-    checkpoint = export(args.run_dir, args.dest)
-    size = sum(f.stat().st_size for f in args.dest.iterdir())
-    print(f"exported {checkpoint} to {args.dest} ({size / 2**20:.1f} MB)")
-    return 0
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except PublishError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

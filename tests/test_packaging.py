@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Import names of the packages that only the train, eval and dev extras install.
-EXTRA_MODULES = {"accelerate", "datasets", "tensorboard", "rouge_score", "matplotlib", "pytest", "ruff"}
+# Import names of the packages that only the extras (train, eval, dev, wandb) install.
+EXTRA_MODULES = {"accelerate", "datasets", "tensorboard", "rouge_score", "matplotlib", "pytest", "ruff", "lm_eval",
+                 "wandb"}
 
 # Any `import X` / `from X import ...` executed by asarm's own code raises for X in EXTRA_MODULES (imports
 # that transformers makes for itself are left alone), then the embedded model samples through the CLI.
@@ -49,12 +50,12 @@ def test_torch_is_a_range_in_the_library_and_pinned_for_ci():
     torch_requirement = [r for r in project["dependencies"] if _requirement_names([r]) == {"torch"}]
     assert torch_requirement == ["torch>=2.1"]
     extras = project["optional-dependencies"]
-    assert {"train", "eval", "dev"} <= set(extras)
+    assert {"train", "eval", "dev", "wandb"} <= set(extras)
     core = _requirement_names(project["dependencies"])
     assert not core & {"accelerate", "datasets", "tensorboard", "rouge-score", "matplotlib", "pytest", "ruff"}
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert "torch==2.13.0" in lines and "-e .[train,eval,dev]" in lines
+    assert "torch==2.13.0" in lines and "-e .[train,eval,dev,wandb]" in lines
 
 
 def test_ci_script_lints_then_runs_the_readme_test_command(tmp_path):

@@ -1,41 +1,39 @@
-"""Left-to-right tasks: LAMBADA (greedy last-word exact match, with its log-likelihood) and HellaSwag
-(ending log-likelihoods, summed and per character), scored exactly with the oracle mask.
+"""Left-to-right tasks through lm-evaluation-harness: LAMBADA (greedy last-word exact match and per-word
+perplexity, ``lambada_openai``'s scoring) and HellaSwag (``hellaswag``'s acc and acc_norm over the endings),
+both scored exactly with the oracle mask by the ``asarm`` lm-eval model (:mod:`asarm.eval.lm_eval_model`).
 
 Each loader reads ``path`` if given; else a conventional file in the data directory
 (``lambada/lambada_test.jsonl``, ``hellaswag/hellaswag_val.jsonl``); else the Hugging Face Hub via
 ``datasets``. If the Hub cannot be reached, DataFileNotFoundError says what to download or pass.
 
-The context is visible and the continuation (``" " + word`` or ``" " + ending``) is decoded left to
-right, so one teacher-forced oracle pass per row gives every conditional needed. Nothing is sampled,
-so the results are deterministic (no seed).
+``run`` loads the rows first (so missing data fail at once, without lm-eval or the model), writes them as
+JSON lines into the output directory and hands lm-eval one task per dataset over that local file:
+LAMBADA as ``lambada_openai`` formulates it (context = the passage up to its last word, continuation =
+``" " + word``, ``acc`` = greedy reproduces the word, ``perplexity`` = exp of the mean negative
+log-likelihood), HellaSwag as ``hellaswag`` does (continuation ``" " + ending``, ``acc`` on the summed
+log-likelihood, ``acc_norm`` on it divided by the ending's length in characters) but with ``ctx`` as given
+(no activity label, no text clean-up). Nothing is sampled, so the results are deterministic (no seed).
+lm-eval is an optional dependency, imported only here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike
-from tqdm.auto import tqdm
 
-from ..model import ASARM
-from ..orders import infilling
 from ..paths import DataFileNotFoundError, data_dir, data_file
-from ..tokenization import decode_text, encode_text
-from .likelihood import log_likelihood
 from .runner import EvalRun, add_model_arguments, load_model, markdown_table, parse_choices, unset_means
 
 __all__ = ["LAMBADA_FILE", "LAMBADA_HUB", "HELLASWAG_FILE", "HELLASWAG_HUB", "TASKS", "LambadaExample",
-           "split_last_word", "load_lambada", "HellaSwagExample", "load_hellaswag",
-           "hellaswag_accuracy", "encode_pair", "GreedyCheck", "greedy_check", "continuation_log_likelihoods",
-           "add_arguments", "run"]
+           "split_last_word", "load_lambada", "HellaSwagExample", "load_hellaswag", "hellaswag_accuracy",
+           "task_configs", "add_arguments", "run"]
 
 LAMBADA_FILE = "lambada/lambada_test.jsonl"
 LAMBADA_HUB = ("EleutherAI/lambada_openai", "default", "test")  # (dataset, config, split)
@@ -127,98 +125,6 @@ def hellaswag_accuracy(scores: ArrayLike, lengths: ArrayLike, labels: ArrayLike)
             "acc_norm": float(np.mean((scores / lengths).argmax(1) == labels))}
 
 
-# ------------------------------------------------------------------------------------- scoring
-Pair = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
-
-
-def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int], bool]:
-    """``(context_ids, continuation_ids, truncated)`` with at most ``max_length`` tokens in all.
-
-    The two are tokenised separately so the continuation's tokens are well defined. XLNet's
-    SentencePiece tokenizer drops the leading space of ``" " + word`` and starts the word with a
-    "▁" piece, which is exactly how the word is tokenised inside the whole passage (pieces never
-    span a space), so ``context_ids + continuation_ids`` equals the passage's own tokens. A context
-    too long keeps its last tokens (``truncated`` is then True).
-    """
-    context_ids, continuation_ids = encode_text(context, tokenizer), encode_text(continuation, tokenizer)
-    if not continuation_ids:
-        raise ValueError(f"the continuation {continuation!r} has no tokens")
-    room = max_length - len(continuation_ids)
-    if room < 1:
-        raise ValueError(f"the continuation {continuation[:80]!r} has {len(continuation_ids)} tokens, which leaves "
-                         f"no room for context within --max-length {max_length}")
-    if not context_ids:
-        # XLNet's query stream needs at least one visible token.
-        raise ValueError(f"the context {context[:80]!r} has no tokens")
-    return context_ids[-room:], continuation_ids, len(context_ids) > room
-
-
-def _batches(model: ASARM, pairs: Sequence[Pair], batch_size: int, progress: bool, desc: str
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(tokens, visible, lengths, n_context)`` per batch: rows ``context + continuation``, right-padded
-    (padding holds the last ranks, so no real token sees it)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    with tqdm(total=len(pairs), desc=desc, unit="row", disable=not progress) as bar:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            n_context = torch.tensor([len(c) for c, _ in chunk])
-            lengths = torch.tensor([len(c) + len(t) for c, t in chunk])
-            tokens = torch.full((len(chunk), int(lengths.max())), model.mask_token_id, dtype=torch.long)
-            for row, (context, target) in enumerate(chunk):
-                tokens[row, :lengths[row]] = torch.tensor(context + target)
-            visible = torch.arange(tokens.shape[1])[None, :] < n_context[:, None]
-            yield tokens, visible, lengths, n_context
-            bar.update(len(chunk))
-
-
-@dataclass(frozen=True)
-class GreedyCheck:
-    correct: bool              # greedy decoding of len(continuation) tokens reproduces the continuation
-    log_likelihood: float      # log p(continuation | context), nats, left to right
-    greedy_prefix: list[int]   # greedy's tokens up to and including its first wrong one (all when correct)
-
-
-def greedy_check(model: ASARM, pairs: Sequence[Pair], batch_size: int = 16, progress: bool = False
-                 ) -> list[GreedyCheck]:
-    """Whether greedy left-to-right decoding of each continuation's length reproduces it exactly.
-
-    Greedy picks ``y_i = argmax p(. | context, y_<i)``. If ``y_<i`` equals the true ``x_<i``, then
-    ``y_i = argmax p(. | context, x_<i)``; so by induction the output is ``x`` iff at every position
-    the argmax of the conditional given the context and the TRUE previous tokens is the true token,
-    and the first position where that fails is where greedy leaves ``x``. The oracle mask gives all of
-    these conditionals in one teacher-forced pass. The argmax is over the vocabulary without
-    ``<mask>`` (``log_probs`` excludes it, as every sampler does).
-    """
-    results = []
-    for tokens, visible, lengths, n_context in _batches(model, pairs, batch_size, progress, "lambada"):
-        sigma, n_prompt = infilling(visible, lengths)  # visible prefix, then the continuation left to right
-        num_targets = lengths - n_context
-        slots = torch.arange(int(num_targets.max()))
-        valid = slots[None, :] < num_targets[:, None]
-        positions = torch.where(valid, n_context[:, None] + slots, -1)  # -1: unused query slot
-        logp = model.log_probs(tokens, sigma, n_prompt, positions)
-        truth = tokens.gather(1, positions.clamp(min=0))
-        picked = logp.gather(2, truth[..., None].to(logp.device)).squeeze(-1).cpu()
-        argmax = logp.argmax(-1).cpu()
-        for row in range(len(tokens)):
-            n = int(num_targets[row])
-            wrong = (argmax[row, :n] != truth[row, :n]).nonzero().flatten().tolist()
-            end = wrong[0] + 1 if wrong else n
-            prefix = truth[row, :end].tolist()
-            prefix[-1] = int(argmax[row, end - 1])
-            results.append(GreedyCheck(not wrong, float(picked[row, :n].sum()), prefix))
-    return results
-
-
-def continuation_log_likelihoods(model: ASARM, pairs: Sequence[Pair], batch_size: int = 16, progress: bool = False,
-                                 desc: str = "score") -> torch.Tensor:
-    """Exact ``log p(continuation | context)`` (left to right) per pair, ``(N,)`` float64 nats."""
-    scores = [log_likelihood(model, tokens, visible, lengths)
-              for tokens, visible, lengths, _ in _batches(model, pairs, batch_size, progress, desc)]
-    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-
-
 # ----------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tasks")
@@ -249,44 +155,71 @@ def _load(task: str, path: str | None, limit: int | None) -> list:
     return examples
 
 
-def _run_lambada(model: ASARM, examples: list[LambadaExample], args, out: EvalRun) -> dict:
-    encoded = [encode_pair(model.tokenizer, ex.context, " " + ex.target, args.max_length) for ex in examples]
-    checks = greedy_check(model, [(c, t) for c, t, _ in encoded], args.batch_size, not args.no_progress)
-    out.samples({"task": "lambada", "index": i, "target": ex.target,
-                 # on a miss: greedy's output up to its first wrong token (the rest would need more passes)
-                 "prediction": decode_text(check.greedy_prefix, model.tokenizer), "correct": check.correct,
-                 "log_likelihood": check.log_likelihood, "target_tokens": len(target),
-                 "context_tokens": len(context), "context_truncated": cut}
-                for i, (ex, (context, target, cut), check) in enumerate(zip(examples, encoded, checks)))
-    log_likelihoods = np.array([c.log_likelihood for c in checks])
-    num_tokens = sum(len(t) for _, t, _ in encoded)
-    return {"examples": len(examples), "acc": float(np.mean([c.correct for c in checks])),
-            # per word, as lm-eval-harness reports LAMBADA perplexity
-            "ppl": math.exp(-float(log_likelihoods.mean())),
-            "nll_per_token": -float(log_likelihoods.sum()) / num_tokens,
-            "truncated": sum(cut for _, _, cut in encoded)}
+def task_configs(files: dict[str, Path]) -> list[dict]:
+    """lm-eval task configs over local JSON-lines files (``lambada``: rows with ``context`` and ``target``;
+    ``hellaswag``: rows with ``context``, ``endings`` and ``label``), formulated as ``lambada_openai`` and
+    ``hellaswag`` are."""
+    configs = {
+        "lambada": {"output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{' ' + target}}",
+                    "target_delimiter": "", "metric_list": [
+                        {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                        {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]},
+        "hellaswag": {"output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_target": "{{label}}",
+                      "doc_to_choice": "{{endings}}", "metric_list": [
+                          {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                          {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]},
+    }
+    return [{"task": f"asarm_{task}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(file)}},
+             "test_split": "test", **configs[task], "metadata": {"version": 1.0}} for task, file in files.items()]
 
 
-def _run_hellaswag(model: ASARM, examples: list[HellaSwagExample], args, out: EvalRun) -> dict:
-    if len({len(ex.endings) for ex in examples}) != 1:
-        raise ValueError("every HellaSwag example needs the same number of endings")
-    encoded = [[encode_pair(model.tokenizer, ex.context, " " + ending, args.max_length) for ending in ex.endings]
-               for ex in examples]
-    pairs = [(c, t) for row in encoded for c, t, _ in row]
-    scores = continuation_log_likelihoods(model, pairs, args.batch_size, not args.no_progress, "hellaswag")
-    scores = scores.reshape(len(examples), -1).numpy()
-    # acc_norm divides by the ending's length in characters, as lm-eval-harness does.
-    chars = np.array([[len(" " + ending) for ending in ex.endings] for ex in examples])
-    labels = np.array([ex.label for ex in examples])
+def _lm_eval():
+    try:
+        import lm_eval
+        from . import lm_eval_model
+    except ImportError as err:
+        raise ValueError(f"asarm eval lm-tasks runs on lm-eval, which is not installed ({err}); "
+                         f"pip install 'lm-eval>=0.4.13,<0.5'") from err
+    return lm_eval, lm_eval_model
+
+
+def _samples(results: dict, task: str) -> list[dict]:
+    return sorted(results["samples"][f"asarm_{task}"], key=lambda s: s["doc_id"])
+
+
+def _lambada_metrics(results: dict, lm, examples: list[LambadaExample], out: EvalRun) -> dict:
+    encoded = [lm.encode_pair(ex.context, " " + ex.target) for ex in examples]
+    cut = [len(lm.windows(c, t)[0][0]) < len(c) for c, t in encoded]
+    samples = _samples(results, "lambada")
+    lls = np.array([s["resps"][0][0][0] for s in samples])
+    correct = [bool(s["resps"][0][0][1]) for s in samples]
+    out.samples({"task": "lambada", "index": i, "target": ex.target, "correct": ok, "log_likelihood": float(ll),
+                 "target_tokens": len(t), "context_tokens": len(c), "context_truncated": truncated}
+                for i, (ex, (c, t), truncated, ll, ok) in enumerate(zip(examples, encoded, cut, lls, correct)))
+    task = results["results"]["asarm_lambada"]
+    return {"examples": len(examples), "acc": float(task["acc,none"]),
+            # per word, as lm-eval reports LAMBADA perplexity: exp(-mean log-likelihood)
+            "ppl": float(task["perplexity,none"]),
+            "nll_per_token": -float(lls.sum()) / sum(len(t) for _, t in encoded), "truncated": sum(cut)}
+
+
+def _hellaswag_metrics(results: dict, lm, examples: list[HellaSwagExample], out: EvalRun) -> dict:
+    samples = _samples(results, "hellaswag")
+    scores = np.array([[r[0][0] for r in s["resps"]] for s in samples])
+    # acc_norm divides by the ending's length in characters (without the leading space), as lm-eval does
+    chars = np.array([[len(e) for e in ex.endings] for ex in examples])
+    encoded = [[lm.encode_pair(ex.context, " " + e) for e in ex.endings] for ex in examples]
+    cut = [any(len(lm.windows(c, t)[0][0]) < len(c) for c, t in row) for row in encoded]
     predictions, predictions_norm = scores.argmax(1), (scores / chars).argmax(1)
     out.samples({"task": "hellaswag", "index": i, "label": ex.label, "prediction": int(predictions[i]),
                  "prediction_norm": int(predictions_norm[i]), "correct": bool(predictions[i] == ex.label),
                  "correct_norm": bool(predictions_norm[i] == ex.label), "scores": scores[i].tolist(),
-                 "chars": chars[i].tolist(), "ending_tokens": [len(t) for _, t, _ in encoded[i]],
-                 "context_truncated": any(cut for _, _, cut in encoded[i])}
+                 "chars": chars[i].tolist(), "ending_tokens": [len(t) for _, t in encoded[i]],
+                 "context_truncated": cut[i]}
                 for i, ex in enumerate(examples))
-    return {"examples": len(examples), **hellaswag_accuracy(scores, chars, labels),
-            "truncated": sum(any(cut for _, _, cut in row) for row in encoded)}
+    task = results["results"]["asarm_hellaswag"]
+    return {"examples": len(examples), "acc": float(task["acc,none"]), "acc_norm": float(task["acc_norm,none"]),
+            "truncated": sum(cut)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -295,17 +228,28 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
-    # Load the data before the model, so a missing file fails at once.
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # Load the data before lm-eval and the model, so missing data fail at once.
     files = {"lambada": args.lambada_file, "hellaswag": args.hellaswag_file}
     data = {task: _load(task, files[task], args.limit) for task in tasks}
+    if "hellaswag" in data and len({len(ex.endings) for ex in data["hellaswag"]}) != 1:
+        raise ValueError("every HellaSwag example needs the same number of endings")
+    lm_eval, lm_eval_model = _lm_eval()
     model = load_model(args)
     out = EvalRun("lm-tasks", args)
-    runners = {"lambada": _run_lambada, "hellaswag": _run_hellaswag}
-    metrics = {task: runners[task](model, data[task], args, out) for task in tasks}
+    local = {task: out.path(f"{task}_docs.jsonl") for task in tasks}
+    for task, file in local.items():
+        file.write_text("".join(json.dumps(asdict(ex)) + "\n" for ex in data[task]))
+    lm = lm_eval_model.ASARMLM(model=model, batch_size=args.batch_size, max_length=args.max_length)
+    results = lm_eval.simple_evaluate(model=lm, tasks=task_configs(local), log_samples=True, bootstrap_iters=0)
+    runners = {"lambada": _lambada_metrics, "hellaswag": _hellaswag_metrics}
+    metrics = {task: runners[task](results, lm, data[task], out) for task in tasks}
     rows = [{"task": task, **m} for task, m in metrics.items()]
     columns = ["task", "examples", "acc", "acc_norm", "ppl", "nll_per_token", "truncated"]
-    summary = (f"Model `{args.model}`. LAMBADA: greedy last-word exact match (acc) and per-word perplexity; "
-               f"HellaSwag: argmax of the summed (acc) and per-character (acc_norm) ending log-likelihood.\n\n"
+    summary = (f"Model `{args.model}`, scored by lm-eval {lm_eval.__version__} (model `asarm`). LAMBADA: greedy "
+               f"last-word exact match (acc) and per-word perplexity; HellaSwag: argmax of the summed (acc) and "
+               f"per-character (acc_norm) ending log-likelihood.\n\n"
                + markdown_table(rows, columns)
                + f"\n'truncated': examples whose context was cut to its last tokens to fit --max-length "
                  f"{args.max_length}.\n")

@@ -11,6 +11,7 @@ batch size or the other rows, so every sampler sees the same prompts, orders and
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -36,7 +37,8 @@ from ..sampling.engine import DEFAULT_ENGINE, ENGINES
 __all__ = ["SAMPLERS", "SamplerSpec", "available_samplers", "samplers_from_args", "DEFAULT_ADAPTIVE_THRESHOLD",
            "parse_choices", "parse_samplers", "parse_outcomes", "parse_count_or_all", "decode", "row_seeds",
            "unset_means", "add_model_source_arguments", "add_model_arguments", "add_common_arguments", "load_model",
-           "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "label_bars", "EvalRun"]
+           "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "label_bars", "EvalRun",
+           "flatten_metrics"]
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # the paper's benchmark text; never train on it
 
@@ -119,11 +121,11 @@ def parse_samplers(names: str | Sequence[str], adaptive_threshold: float | None 
 
 def decode(model: ASARM, spec: SamplerSpec, tokens, sigma, n_prompt, *, seeds, k: int = 5,
            temperature: float = 1.0, engine=DEFAULT_ENGINE, lengths=None, max_new_tokens: int | None = None,
-           progress: bool = False, **assd_options) -> DecodeOutput:
+           progress: bool = False, trace: bool = False, **assd_options) -> DecodeOutput:
     """Run one sampler (a :class:`SamplerSpec`, e.g. of :data:`SAMPLERS`) on a batch; ``assd_options``
     (``temperature_mode``, ``r_atol``) go to ASSD only."""
     common = dict(temperature=temperature, seed=seeds, engine=engine, max_new_tokens=max_new_tokens,
-                  progress=progress)
+                  progress=progress, trace=trace)
     if spec.algorithm == "sequential":
         return sequential_decode(model, tokens, sigma, n_prompt, lengths, **common)
     return assd_decode(model, tokens, sigma, n_prompt, lengths, k=k, **spec.assd_options(), **common, **assd_options)
@@ -161,6 +163,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool
         g.add_argument("--seed", type=int, default=0, help="base seed (orders, prompts and sampling)")
     g.add_argument("--out", default=out, help="output directory (results.json, summary.md, samples.jsonl, plots)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--wandb", action="store_true",
+                   help="also log the arguments and the metrics (as scalars) to Weights & Biases, project "
+                        "$WANDB_PROJECT or asarm; WANDB_MODE=offline needs no account (the wandb extra)")
 
 
 def _count_or_all(value: str, all_means):
@@ -318,16 +323,38 @@ def label_bars(ax, bars, values: Sequence[float], fmt: str = "{:.3g}") -> None:
         ax.set_ylim(bottom, top * 1.08)  # room for the labels above the tallest bar
 
 
+def flatten_metrics(value: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) metrics dict as ``{"a/b/0": x}`` scalars; strings and None are left out."""
+    value = _jsonable(value)
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    elif isinstance(value, (bool, int, float)):
+        return {prefix: float(value) if isinstance(value, bool) else value}
+    else:
+        return {}
+    out = {}
+    for key, item in items:
+        out.update(flatten_metrics(item, f"{prefix}/{key}" if prefix else str(key)))
+    return out
+
+
 class EvalRun:
     """An evaluation's output directory. ``samples(...)`` appends raw records to ``samples.jsonl``;
     ``path(name)`` names any other output file (plots); ``warn(message)`` records a problem that does
     not stop the run; ``finish(metrics, summary)`` writes ``results.json`` (arguments, version, machine,
-    timings, metrics, warnings, files) and ``summary.md``, and closes with a line listing every file written."""
+    timings, metrics, warnings, files) and ``summary.md``, and closes with a line listing every file written.
+    With ``--wandb`` (``args["wandb"]``) ``finish`` also logs a Weights & Biases run: the arguments as its
+    config, the metrics flattened to scalars as its summary, results.json and summary.md as its files."""
 
     def __init__(self, name: str, args: argparse.Namespace | dict, out: str | os.PathLike | None = None):
         self.name = name
         self.args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
         self.args.pop("func", None)
+        self.wandb = bool(self.args.get("wandb"))
+        if self.wandb and importlib.util.find_spec("wandb") is None:  # before the evaluation, not after it
+            raise ValueError("--wandb needs the wandb package: pip install 'asarm[wandb]'")
         self.dir = Path(out if out is not None else self.args["out"])
         self.dir.mkdir(parents=True, exist_ok=True)
         self.samples_path = self.dir / "samples.jsonl"
@@ -370,4 +397,25 @@ class EvalRun:
         text = self._summary_text(summary)
         _write_atomic(self.dir / "summary.md", text)
         print(f"\n{text}\nwrote {len(files)} files to {self.dir}: {', '.join(files)}")
+        if self.wandb:
+            self._log_wandb(results)
         return results
+
+    def _log_wandb(self, results: dict) -> None:
+        import wandb
+
+        # the output directory holds the wandb files too, unless WANDB_DIR says otherwise
+        try:
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "asarm", name=f"eval-{self.name}",
+                             job_type="eval", dir=None if os.environ.get("WANDB_DIR") else str(self.dir),
+                             config={"evaluation": self.name, "asarm_version": __version__, **results["args"]})
+        except wandb.errors.Error as err:  # no API key, no network: results.json is written, say why wandb is not
+            raise ValueError(f"--wandb: {err} (the results are in {self.dir}; WANDB_MODE=offline logs without an "
+                             f"account)") from None
+        try:
+            run.summary.update({**flatten_metrics(results["metrics"]), "seconds": results["seconds"],
+                                "warnings": len(self.warnings)})
+            for name in ("results.json", "summary.md"):
+                run.save(str(self.dir / name), base_path=str(self.dir), policy="now")
+        finally:
+            run.finish()

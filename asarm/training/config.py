@@ -130,10 +130,16 @@ class EvalSection:
 
 @dataclass
 class LogSection:
+    """``wandb``: also log to Weights & Biases (needs the ``wandb`` extra; ``WANDB_MODE=offline`` works
+    without an account). The run's id is kept in ``run_dir/wandb_run_id``, so a resume continues the same
+    wandb run; ``wandb_run_name`` None: the run directory's name; ``wandb_entity`` None: wandb's default."""
+
     every: int = 10
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "asarm"
+    wandb_run_name: str | None = None
+    wandb_entity: str | None = None
     progress: bool = True
 
 

@@ -13,6 +13,8 @@ Run directory (``train.run_dir``)
     ``config.yaml``      the resolved config (plus derived values under ``resolved``)
     ``metrics.jsonl``    one JSON line per optimizer step (``kind: "train"``) and per evaluation
     ``tb/``              TensorBoard scalars (when ``tensorboard`` is installed)
+    ``wandb/``, ``wandb_run_id``  with ``log.wandb``: the Weights & Biases run files (unless ``WANDB_DIR`` is
+        set) and the run's id, which a resume reads to continue the same wandb run
     ``tokenizer/``       a SentencePiece tokenizer trained on the training text (``model.tokenizer_vocab_size``)
     ``checkpoints/step_N/``  ``model/`` (``ASARM.save_pretrained``), ``optimizer.pt``, ``scheduler.pt``,
         ``trainer_state.json``, ``rng_rank{r}.pt`` and ``data_rank{r}.pt`` per rank; written into
@@ -56,6 +58,7 @@ CHECKPOINT_PREFIX = "step_"
 RESUMABLE_KEYS = ("train.max_steps", "train.stop_at", "train.save_every", "train.keep_last", "train.resume",
                   "train.run_dir", "train.compile")
 RESUMABLE_SECTIONS = ("log", "eval")
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the wandb run a resume continues
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -141,6 +144,15 @@ def _resolve_paths(paths) -> list[str]:
     return [_data_path(p, "data.paths") if not any(c in str(p) for c in "*?[") else str(p) for p in paths]
 
 
+def _check_wandb_installed() -> None:
+    """Fail at start-up, in one line, when ``log.wandb`` is on but wandb is missing (not after the model
+    is built, nor on rank 0 alone, which would leave the other ranks waiting)."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("log.wandb=true needs the wandb package: pip install 'asarm[wandb]' (or set log.wandb=false)")
+
+
 def _no_training_data(cfg: TrainConfig) -> ValueError:
     d = cfg.data
     what = d.hub_preset if d.source == "hub" else d.root if d.source == "code_dir" else ", ".join(d.paths)
@@ -189,6 +201,8 @@ class Trainer:
         run = cfg.train
         if run.grad_accum < 1:
             raise ValueError("train.grad_accum must be >= 1")
+        if cfg.log.wandb:
+            _check_wandb_installed()
         # XLNet's segment parameters (no token_type_ids) and mask_emb get no gradient: DDP must know
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.accelerator = Accelerator(gradient_accumulation_steps=run.grad_accum,
@@ -248,6 +262,7 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.wandb = None
+        self.resolved: dict = {}  # derived settings, saved under `resolved` in config.yaml and sent to wandb
 
     # -- construction
     def _tokenizer(self):
@@ -413,12 +428,30 @@ class Trainer:
             except ImportError:
                 print("asarm train: tensorboard is not installed; TensorBoard logging is off", file=sys.stderr)
         if self.cfg.log.wandb:
-            try:
-                import wandb
-                self.wandb = wandb.init(project=self.cfg.log.wandb_project, dir=str(self.run_dir),
-                                        config=_config_dict(self.cfg), resume="allow")
-            except ImportError:
-                print("asarm train: wandb is not installed; wandb logging is off", file=sys.stderr)
+            self.wandb = self._open_wandb()
+
+    def _open_wandb(self):
+        """A wandb run holding the resolved config. A resumed run continues the wandb run it started (its
+        id is kept in the run directory), so the curve stays one run; a run that starts over begins a new one."""
+        import wandb
+
+        lc = self.cfg.log
+        id_file = self.run_dir / WANDB_ID_FILE
+        run_id = None
+        if self.resume_from is not None and id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip() or None
+        try:
+            run = wandb.init(project=lc.wandb_project, entity=lc.wandb_entity, job_type="train",
+                             name=lc.wandb_run_name or self.run_dir.name, id=run_id,
+                             resume="allow" if run_id else None,
+                             # the run directory holds the wandb files too, unless WANDB_DIR says otherwise
+                             dir=None if os.environ.get("WANDB_DIR") else str(self.run_dir))
+        except wandb.errors.Error as err:  # no API key, no network: one line, not a traceback
+            raise ValueError(f"log.wandb: {err} (WANDB_MODE=offline logs without an account)") from None
+        # after init, with allow_val_change: a resume may change log.*, eval.* or train.max_steps
+        run.config.update({**_config_dict(self.cfg), "resolved": self.resolved}, allow_val_change=True)
+        _atomic_write_text(id_file, run.id + "\n")
+        return run
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -497,12 +530,12 @@ class Trainer:
                 print(f"asarm train: nothing to do: the checkpoint is at step {self.step} and {key}={stop}; raise "
                       f"{key} to train longer", flush=True)
             return {"step": self.step, "losses": {}, "checkpoint": str(resumed), "run_dir": str(self.run_dir)}
+        self.resolved = {"world_size": self.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
+                         "device": str(acc.device), "vocab_size": self.asarm.vocab_size,
+                         "parameters": sum(p.numel() for p in self.asarm.parameters()),
+                         "resumed_from": str(resumed) if resumed else None}
         if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml",
-                        extra={"world_size": self.world_size, "effective_batch": self.effective_batch,
-                               "lr": self.lr, "device": str(acc.device), "vocab_size": self.asarm.vocab_size,
-                               "parameters": sum(p.numel() for p in self.asarm.parameters()),
-                               "resumed_from": str(resumed) if resumed else None})
+            save_config(cfg, self.run_dir / "config.yaml", extra=self.resolved)
         self._open_loggers()
         progress = None
         if self.is_main and cfg.log.progress:
@@ -578,6 +611,8 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
+            # the last logged value of every metric is in the summary already; add where the run ended
+            self.wandb.summary.update({"step": self.step, "checkpoint": str(final)})
             self.wandb.finish()
         acc.wait_for_everyone()
         return {"step": self.step, "losses": losses, "checkpoint": str(final), "run_dir": str(self.run_dir)}

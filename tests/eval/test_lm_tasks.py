@@ -8,8 +8,7 @@ import torch
 
 import asarm.eval.lm_tasks as lm
 from asarm.cli import main
-from asarm.eval.lm_tasks import (HellaSwagExample, LambadaExample, continuation_log_likelihoods, encode_pair,
-                                 greedy_check, hellaswag_accuracy, load_hellaswag, load_lambada,
+from asarm.eval.lm_tasks import (HellaSwagExample, LambadaExample, hellaswag_accuracy, load_hellaswag, load_lambada,
                                  split_last_word)
 from asarm.model import ASARM
 from asarm.paths import DataFileNotFoundError
@@ -156,54 +155,10 @@ def _hand_log_likelihood(model, context, target):
     return sum(float(_step_log_probs(model, context, target[:i])[tok]) for i, tok in enumerate(target))
 
 
-@pytest.mark.parametrize("passage", ["He opened the door and saw his dog",
-                                     'She whispered, "never again." Then she left "home."',
-                                     "It cost 1,000 dollars in 1999, or so they said: naïveté",
-                                     "Tabs\tand  double  spaces   are gone"])
-def test_encode_pair_matches_the_whole_passage(xlnet_tokenizer, passage):
-    example = split_last_word(passage)
-    context, target, truncated = encode_pair(xlnet_tokenizer, example.context, " " + example.target, 512)
-    assert context + target == encode_text(passage, xlnet_tokenizer) and not truncated
-    # the leading space is not a token of its own: the word starts a new "▁" piece, as without the space
-    assert target == encode_text(example.target, xlnet_tokenizer)
-    assert xlnet_tokenizer.convert_ids_to_tokens(target)[0].startswith("▁")
-
-
-def test_encode_pair_truncates_the_context_from_the_left(xlnet_tokenizer):
-    full = encode_text("one two three four five six", xlnet_tokenizer)
-    context, target, truncated = encode_pair(xlnet_tokenizer, "one two three four five six", " seven", 4)
-    assert context == full[-3:] and len(target) == 1 and truncated
-    with pytest.raises(ValueError, match="no room"):
-        encode_pair(xlnet_tokenizer, "one", " seven", 1)
-    with pytest.raises(ValueError, match="context"):
-        encode_pair(xlnet_tokenizer, " ", " seven", 4)
-
-
-def test_greedy_check_equals_explicit_greedy_decoding(model):
-    """One teacher-forced pass decides greedy exact match: check it against a real greedy loop on
-    continuations that greedy reproduces, leaves at the first, middle or last token, or never meets."""
-    gen = torch.Generator().manual_seed(0)
-    contexts = [torch.randint(20, 30000, (n,), generator=gen).tolist() for n in (5, 9, 3, 7, 4, 6)]
-    greedy = [_greedy_decode(model, c, 4) for c in contexts]
-
-    def changed(tokens, i):
-        return tokens[:i] + [tokens[i] + 1] + tokens[i + 1:]
-
-    targets = [greedy[0], greedy[1][:2], changed(greedy[2], 0), changed(greedy[3], 1), changed(greedy[4], 3),
-               torch.randint(20, 30000, (3,), generator=gen).tolist()]
-    pairs = list(zip(contexts, targets))
-    checks = greedy_check(model, pairs, batch_size=4)  # batches of mixed lengths, so padded rows
-    assert [c.correct for c in checks] == [True, True, False, False, False, False]
-    for (context, target), check in zip(pairs, checks):
-        decoded = _greedy_decode(model, context, len(target))
-        assert check.correct == (decoded == target)
-        # the prefix is what greedy emits up to its first wrong token
-        assert check.greedy_prefix == decoded[:len(check.greedy_prefix)]
-        n_right = next((i for i, (a, b) in enumerate(zip(decoded, target)) if a != b), len(target))
-        assert len(check.greedy_prefix) == min(n_right + 1, len(target))
-        assert check.log_likelihood == pytest.approx(_hand_log_likelihood(model, context, target), abs=1e-6)
-    assert continuation_log_likelihoods(model, pairs, batch_size=5).tolist() == pytest.approx(
-        [c.log_likelihood for c in checks], abs=1e-6)  # float32 model, other batches
+def _pair(tokenizer, context, continuation, max_length):
+    """The token ids the lm-eval model scores: apart, the context cut to its last tokens to fit."""
+    context_ids, target = encode_text(context, tokenizer), encode_text(continuation, tokenizer)
+    return context_ids[-(max_length - len(target)):], target
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -234,6 +189,8 @@ def _samples(out, task):
 
 
 def test_cli_end_to_end(model, model_dir, tmp_path, xlnet_tokenizer):
+    """The lm-eval-backed command agrees with hand-computed LAMBADA and HellaSwag scores (one pass per token)."""
+    pytest.importorskip("lm_eval")
     passages = ["The cat sat on the mat and looked at the dog",
                 "He said hello",
                 "A very long passage " + "with many words " * 6 + "ends here"]
@@ -257,24 +214,25 @@ def test_cli_end_to_end(model, model_dir, tmp_path, xlnet_tokenizer):
     assert [r["target"] for r in rows] == ["dog", "hello", "here"] and rows[2]["context_truncated"]
     for passage, row in zip(passages, rows):
         ex = split_last_word(passage)
-        context, target, _ = encode_pair(xlnet_tokenizer, ex.context, " " + ex.target, 16)
+        context, target = _pair(xlnet_tokenizer, ex.context, " " + ex.target, 16)
         decoded = _greedy_decode(model, context, len(target))
-        assert row["correct"] == (decoded == target) == (row["prediction"] == ex.target)
+        assert row["correct"] == (decoded == target)
         assert row["log_likelihood"] == pytest.approx(_hand_log_likelihood(model, context, target), abs=1e-6)
     assert metrics["lambada"]["acc"] == pytest.approx(np.mean([r["correct"] for r in rows]))
     assert metrics["lambada"]["ppl"] == pytest.approx(np.exp(-np.mean([r["log_likelihood"] for r in rows])))
 
     rows = _samples(out, "hellaswag")
     for (ctx, endings), row in zip(HELLASWAG_ROWS, rows):
-        expected = [_hand_log_likelihood(model, *encode_pair(xlnet_tokenizer, ctx, " " + e, 16)[:2]) for e in endings]
+        expected = [_hand_log_likelihood(model, *_pair(xlnet_tokenizer, ctx, " " + e, 16)) for e in endings]
         assert row["scores"] == pytest.approx(expected, abs=1e-6)
-        assert row["chars"] == [len(e) + 1 for e in endings]
+        assert row["chars"] == [len(e) for e in endings]  # lm-eval's acc_norm: the ending without its space
         assert row["prediction"] == int(np.argmax(expected)) and row["correct"] == (row["prediction"] == row["label"])
     assert metrics["hellaswag"]["acc"] == pytest.approx(np.mean([r["correct"] for r in rows]))
     assert metrics["hellaswag"]["acc_norm"] == pytest.approx(np.mean([r["correct_norm"] for r in rows]))
 
 
 def test_cli_hellaswag_accuracy_compares_labels_not_loop_indices(model_dir, tmp_path):
+    pytest.importorskip("lm_eval")
     hellaswag = tmp_path / "hellaswag.jsonl"
     _write_hellaswag(hellaswag, [0, 0, 0])
     assert _run_cli(model_dir, tmp_path / "first", "--tasks", "hellaswag", "--hellaswag-file", str(hellaswag)) == 0
@@ -308,3 +266,14 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
     assert "piqa" in capsys.readouterr().err
     assert main(["eval", "lm-tasks", "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def test_cli_without_lm_eval_says_what_to_install(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    monkeypatch.delitem(sys.modules, "asarm.eval.lm_eval_model", raising=False)
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text(json.dumps({"text": "He said hello"}) + "\n")
+    assert main(["eval", "lm-tasks", "--tasks", "lambada", "--lambada-file", str(lambada), "--model",
+                 str(model_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'lm-eval" in err[0]
