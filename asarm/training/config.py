@@ -157,6 +157,13 @@ class RunSection:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path of a checkpoint directory
 
+    def __post_init__(self):
+        # YAML reads a bare `no` as the boolean false, which arrives here as "False"
+        if self.mixed_precision in ("False", "false"):
+            self.mixed_precision = "no"
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
 
 @dataclass
 class TrainConfig:

@@ -270,3 +270,29 @@ def test_resume_rules(tmp_path, small_text, tokenizer_dir, capsys):
     assert "starting over" in capsys.readouterr().out and sorted(fresh["losses"]) == [1, 2, 3]
     assert sorted(train_losses(run_dir)) == [1, 2, 3]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_2", "step_3"]
+
+
+def test_paper_mixture_recipe_runs_at_tiny_size_on_cpu(tmp_path, small_text, tiny_model_dir):
+    """configs/paper_nlp_mixture.yaml (fine-tune therealgabeguo/ASARM@nlp with the objective mixture) with only
+    its scale swapped out: a tiny local checkpoint instead of the Hub one, a local text instead of OpenWebText,
+    fp32 on the CPU. Its mixture, slot weights and schedule are used as shipped."""
+    overrides = {"model.init": str(tiny_model_dir), "model.revision": "null", "data.source": "text",
+                 "data.paths": f"[{small_text}]", "data.unit": "line", "data.heldout_mode": "tail",
+                 "data.heldout_fraction": 0.1, "data.max_length": 32, "data.batch_size": 2, "data.num_workers": 0,
+                 "train.grad_accum": 1, "train.max_steps": 2, "train.save_every": 2, "train.mixed_precision": "no",
+                 "train.run_dir": str(tmp_path / "run"), "eval.every": 0, "log.progress": False,
+                 "log.tensorboard": False}
+    cfg = load_config(REPO / "configs" / "paper_nlp_mixture.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    assert cfg.masking.mixture == {"joint": 0.7, "parallel": 0.3} and cfg.masking.slot_weights == [2.0, 1.5, 1.0]
+    out = run_training(cfg)
+    assert sorted(out["losses"]) == [1, 2] and all(0 < v < 50 for v in out["losses"].values())
+    shipped = load_config(REPO / "configs" / "paper_nlp_mixture.yaml")
+    assert (shipped.model.init, shipped.model.revision) == ("therealgabeguo/ASARM", "nlp")
+
+
+def test_mixed_precision_reads_a_bare_no_and_rejects_unknown_modes():
+    """YAML reads `no` as false: train.mixed_precision=no must still mean no mixed precision."""
+    assert apply_overrides(TrainConfig(), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert apply_overrides(TrainConfig(), ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="train.mixed_precision must be no, bf16 or fp16"):
+        apply_overrides(TrainConfig(), ["train.mixed_precision=fp32"])
