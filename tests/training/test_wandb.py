@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,21 @@ def _records(path: Path):
             return
 
 
-def offline_runs(wandb_dir: Path) -> list[dict]:
-    """Each offline run under ``wandb_dir`` (oldest first): its id, name, project, config and summary."""
+def offline_runs(wandb_dir: Path, timeout: float = 30.0) -> list[dict]:
+    """Each offline run under ``wandb_dir`` (oldest first): its id, name, project, config and summary.
+    wandb's service process may still be writing a run's log after ``finish()`` returns (seen on a loaded
+    machine), so read until every run has its run record and a summary, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read_offline_runs(wandb_dir)
+        complete = all("start" in run and run["summary"] for run in runs)
+        if complete or time.monotonic() > deadline:
+            assert complete, f"incomplete offline wandb runs under {wandb_dir}"
+            return sorted(runs, key=lambda r: r["start"])  # directory names hold the time in seconds only
+        time.sleep(0.2)
+
+
+def _read_offline_runs(wandb_dir: Path) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     def key(item):
@@ -70,7 +84,9 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
     runs = []
     for run_dir in sorted((wandb_dir / "wandb").glob("offline-run-*")):
         run = {"dir": run_dir, "config": {}, "summary": {}}
-        for payload in _records(next(run_dir.glob("run-*.wandb"))):
+        runs.append(run)
+        logs = sorted(run_dir.glob("run-*.wandb"))
+        for payload in _records(logs[0]) if logs else ():  # no log yet: incomplete, read again
             record = pb.Record()
             record.ParseFromString(payload)
             kind = record.WhichOneof("record_type")
@@ -82,8 +98,7 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
                 run["config"].update({key(u): json.loads(u.value_json) for u in record.config.update})
             elif kind == "summary":
                 run["summary"].update({key(u): json.loads(u.value_json) for u in record.summary.update})
-        runs.append(run)
-    return sorted(runs, key=lambda r: r["start"])  # directory names hold the time in seconds only
+    return runs
 
 
 def test_trainer_logs_to_wandb_and_a_resume_continues_the_run(tmp_path, small_text, tokenizer_dir,  # noqa: F811
