@@ -39,7 +39,8 @@ def _records(path: Path):
     """The protobuf payloads of a wandb transaction log: a 7-byte file header, then LevelDB-style blocks of
     32 KiB holding records (crc32 4 bytes, length 2, type 1: full, first, middle, last), zero-padded."""
     data = path.read_bytes()
-    assert data[:4] == b":W&B", path
+    if data[:4] != b":W&B":  # not written yet (or not a wandb log): no records
+        return
     pos, block, pending = 7, 32768, b""
     while pos + 7 <= len(data):
         left = block - pos % block
