@@ -202,23 +202,20 @@ def aggregate(records: Sequence[dict], samplers: Sequence[str], k: int) -> tuple
     return per_sampler, paired
 
 
+def _with_interval(value: float, ci95, spec: str, note: str = "") -> str:
+    """``value [lo, hi]note``, or the value alone when there is no interval."""
+    lo, hi = ci95
+    return format(value, spec) if lo is None else f"{value:{spec}} [{lo:{spec}}, {hi:{spec}}]{note}"
+
+
 def _fmt(summary: dict | None) -> str:
-    if summary is None:
-        return "n/a"
-    lo, hi = summary["ci95"]
-    if lo is None:
-        return f"{summary['mean']:.4g}"
-    return f"{summary['mean']:.4g} [{lo:.4g}, {hi:.4g}]"
+    return "n/a" if summary is None else _with_interval(summary["mean"], summary["ci95"], ".4g")
 
 
 def _fmt_ratio(ratio: dict | None) -> str:
     if ratio is None:
         return "n/a"
-    lo, hi = ratio["ci95"]
-    if lo is None:
-        return f"{ratio['ratio']:.3g}"
-    verdict = "" if ratio["significant"] else " (not significant)"
-    return f"{ratio['ratio']:.3g} [{lo:.3g}, {hi:.3g}]{verdict}"
+    return _with_interval(ratio["ratio"], ratio["ci95"], ".3g", "" if ratio["significant"] else " (not significant)")
 
 
 def _fmt_number(value: float | None, spec: str = ".4g") -> str:

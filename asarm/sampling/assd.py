@@ -40,7 +40,7 @@ import torch
 from ..model import ASARM
 from ..orders import positions_of_ranks
 from .decode import TEMPERATURE_MODES, DecodeOutput, LossySamplingWarning, _Batch, _check_temperature, _Progress, \
-    add_rows
+    _to_probs, add_rows
 from .draft_length import make_draft_length
 from .drafters import DraftRequest, drafter_name, first_draft_exact, make_drafter
 from .engine import DEFAULT_ENGINE, make_engine
@@ -119,14 +119,10 @@ class _Speculation:
         self.bonus_tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.draft_calls = torch.zeros(B, dtype=torch.long, device=device)
         self._layouts: dict[int, tuple] = {}
+        self.probs = _to_probs(model)
 
     def _sel(self, rows: torch.Tensor):
         return slice(None) if len(rows) == len(self.count) else rows
-
-    def probs(self, logits: torch.Tensor, temperatures) -> torch.Tensor:
-        if isinstance(temperatures, torch.Tensor):
-            temperatures = temperatures.reshape(1, -1, 1)
-        return self.model.probabilities(logits, temperatures)
 
     # ---------------------------------------------------------------------------- drafting
     def draft(self, rows: torch.Tensor) -> None:
@@ -239,9 +235,10 @@ class _Speculation:
         values = torch.cat([drafts, verdict.next_token[:, None]], 1)  # kept drafts, then the next token
         if W:
             values.scatter_(1, a[:, None], verdict.next_token[:, None])
-        self._commit(sel, n, values, fixed, a, torch.minimum(a + 1, K))
+        verified = torch.minimum(a + 1, K)
+        self._commit(sel, n, values, fixed, a, verified)
         if self.recorder is not None:
-            self._record(rows, n, values, fixed, verdict, K, drafts, q)
+            self._record(rows, n, values, fixed, verdict, K, verified, drafts, q)
         if self.bonus:
             add_rows(self.bonus_tokens, sel, verdict.bonus)
         if self.fused:
@@ -250,13 +247,12 @@ class _Speculation:
         else:
             self.count[sel] = 0
 
-    def _record(self, rows, n, values, fixed, verdict, K, drafts, q) -> None:
+    def _record(self, rows, n, values, fixed, verdict, K, verified, drafts, q) -> None:
         """The trace of a verify round: accepted drafts, then the residual, bonus or (no drafts) exact token."""
         next_origin = torch.where(verdict.rejected, 0, torch.where(K > 0, 1, 2)).tolist()
         origins = [["draft"] * int(a) + [("residual", "bonus", "sequential")[o]]
                    for a, o in zip(verdict.num_accepted.tolist(), next_origin)]
         q_x = q.gather(2, drafts[..., None])[..., 0]
-        verified = torch.minimum(verdict.num_accepted + 1, K)
         self.recorder.round(rows, n, values, fixed, origins, drafts, q_x, verified, verdict.num_accepted)
 
     def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, logits, column, W, uniforms) -> None:
@@ -273,7 +269,7 @@ class _Speculation:
             if not take.any():
                 return
             taken = take.nonzero().flatten()
-            rows, sel, j, count, uniforms = rows[taken], rows[taken], j[taken], count[taken], uniforms[taken]
+            sel, j, count, uniforms = rows[taken], j[taken], count[taken], uniforms[taken]
             logits, column = logits[taken], None if column is None else column[taken]
         blocks = _columns(logits, column, W + int(self.bonus), min(self.cover, W + 1) * k).unflatten(1, (-1, k))
         block = blocks.gather(1, j[:, None, None, None].expand(-1, 1, k, blocks.shape[-1]))[:, 0]

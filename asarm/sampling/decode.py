@@ -146,8 +146,11 @@ class _Progress:
 
 
 def _to_probs(model: ASARM):
-    def to_probs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        return model.probabilities(logits, temperatures[None, :, None])
+    """``to_probs(logits (b, k, V), temperature)``: one number for every query, or ``(k,)``, one per query."""
+    def to_probs(logits: torch.Tensor, temperatures: float | torch.Tensor) -> torch.Tensor:
+        if isinstance(temperatures, torch.Tensor):
+            temperatures = temperatures.reshape(1, -1, 1)
+        return model.probabilities(logits, temperatures)
     return to_probs
 
 
@@ -175,13 +178,12 @@ def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, pa
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     to_probs = _to_probs(model)
-    temperatures = torch.tensor([temperature], dtype=torch.float64)
     bar = _Progress(batch, progress, "sequential")
     recorder = TraceRecorder(batch.positions, batch.n_prompt, batch.nfe) if trace else None
     while len(rows := batch.active_rows()):
         n = batch.n_fixed[rows]
         logits = session.logits(rows, batch.tokens[rows], n, n[:, None], draft=False)
-        probs = to_probs(logits, temperatures)[:, 0]
+        probs = to_probs(logits, float(temperature))[:, 0]
         new = sample_categorical(probs, streams.uniform(rows, 1, probs.device)[:, 0])
         batch.tokens[rows, batch.positions[rows, n]] = new
         batch.n_fixed[rows] += 1
