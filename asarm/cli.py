@@ -81,6 +81,8 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
         raise ValueError("--outcomes applies to --sampler assd-fused only")
     if sampler == "sequential" and draft_temperature_ratio is not None:
         raise ValueError("--draft-temperature-ratio does not apply to --sampler sequential")
+    if trace is not None and not Path(trace).resolve().parent.is_dir():
+        raise ValueError(f"--trace {trace}: folder {Path(trace).resolve().parent} does not exist; create it first")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if not 0 < temperature < math.inf:

@@ -151,6 +151,8 @@ def test_sample_cli_writes_the_trace_and_shows_rounds_without_changing_samples(t
     parsed = _Page()
     parsed.feed(page.read_text())
     assert parsed.balanced and parsed.sections == 2
+    assert main(argv + ["--trace", str(tmp_path / "missing" / "decode.html")]) == 2  # before any decoding
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_sequential_trace_has_one_round_per_token(model):
