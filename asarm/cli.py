@@ -3,6 +3,7 @@
     asarm sample --text "The <mask:4> sat on the mat." --k 5 --batch-size 4     # the embedded asarm-tiny
     asarm sample --model DIR_OR_HUB_NAME --text "A whole sentence to mask." --masking-rate 0.7
     asarm train --config configs/tiny_cpu.yaml train.max_steps=100
+    asarm train-draft-head --config configs/tiny_draft_head.yaml        # a chained draft head for asarm-tiny
     asarm eval speculative            # every evaluation runs with no arguments on the embedded model
 """
 
@@ -21,7 +22,7 @@ from . import orders
 from .eval.runner import SamplerSpec, parse_outcomes, add_model_source_arguments, decode
 from .model import ASARM
 from .sampling import DRAFTERS
-from .sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO
+from .sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO, HEAD_DRAFT_TEMPERATURE_RATIO
 from .sampling.decode import TEMPERATURE_MODES
 from .sampling.trace import render_html, render_text
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
@@ -67,14 +68,18 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
            show_rounds: bool = False) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
-    ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds, self drafts) or ``sequential``. ``trace``: write
+    ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds; drafter ``self`` or ``head``) or ``sequential``.
+    ``drafter``: a name of ``DRAFTERS`` (``head``: the model's chained draft head, when it ships one). ``trace``: write
     a picture of the decode (an HTML file); ``show_rounds``: print every round (the samples do not change).
     Returns one dict per completion (text, nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
     """
     if sampler not in SAMPLE_ALGORITHMS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLE_ALGORITHMS)}")
-    if sampler != "assd" and (bonus or drafter != "self"):
-        raise ValueError(f"--bonus and --drafter apply to --sampler assd only, not {sampler!r}")
+    if sampler != "assd" and bonus:
+        raise ValueError(f"--bonus applies to --sampler assd only (assd-fused always has it), not {sampler!r}")
+    if (sampler == "sequential" and drafter != "self") or (sampler == "assd-fused" and drafter not in ("self", "head")):
+        raise ValueError(f"--drafter {drafter} does not apply to --sampler {sampler} (assd: any drafter; assd-fused: "
+                         f"self or head)")
     if sampler == "sequential" and adaptive_threshold is not None:
         raise ValueError("--adaptive-threshold does not apply to --sampler sequential")
     if sampler != "assd-fused" and outcomes is not None:
@@ -157,17 +162,19 @@ def _add_sample_parser(subparsers) -> None:
                    help="mask this fraction of the text's tokens at random instead of using blanks")
     p.add_argument("--sampler", choices=SAMPLE_ALGORITHMS, default="assd",
                    help="assd: draft call + verify call per round; assd-fused: single-pass rounds; sequential")
-    p.add_argument("--drafter", choices=list(DRAFTERS), default="self", help="ASSD draft proposer")
+    p.add_argument("--drafter", choices=list(DRAFTERS), default="self",
+                   help="ASSD draft proposer (head: the model's chained draft head; with assd or assd-fused)")
     p.add_argument("--bonus", action="store_true", help="assd: an all-accepted round commits one more exact token")
     p.add_argument("--adaptive-threshold", type=float, default=None,
                    help="adaptive draft length: verify a draft slot only while its proposal's top probability "
                         "reaches this (exact; default: always k)")
     p.add_argument("--outcomes", type=parse_outcomes, default=None,
-                   help="assd-fused: outcomes covered per call ('all' or a count; default 2)")
+                   help="assd-fused: outcomes covered per call ('all' or a count; default 2, all with --drafter head)")
     p.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
     p.add_argument("--draft-temperature-ratio", type=float, default=None,
                    help="ASSD: verified drafts are drawn at this multiple of --temperature (exact at any value; "
-                        f"default {DEFAULT_DRAFT_TEMPERATURE_RATIO:g})")
+                        f"default {DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or {HEAD_DRAFT_TEMPERATURE_RATIO:g} with "
+                        f"--drafter head)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="target",
                    help="target: sample the tempered joint; no_temp_oracle: temper drafts 2..k only (T=1 joint)")
@@ -189,18 +196,30 @@ def _add_sample_parser(subparsers) -> None:
 
 
 def _add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train or fine-tune an AS-ARM (masking-distribution objective)",
-                              description="Train from a YAML config (configs/*.yaml) with dotted overrides, e.g. "
-                                          "optim.lr=3e-4 train.max_steps=100. Several processes: torchrun "
-                                          "--nproc_per_node N -m asarm.training.trainer --config ...")
-    p.add_argument("--config", required=True,
-                   help="YAML config (configs/tiny_cpu.yaml, paper_nlp.yaml, paper_code.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.run_dir=runs/x optim.lr=3e-4")
+    _add_config_command(subparsers, "train", "train or fine-tune an AS-ARM (masking-distribution objective)",
+                        "Train from a YAML config (configs/*.yaml) with dotted overrides, e.g. optim.lr=3e-4 "
+                        "train.max_steps=100. Several processes: torchrun --nproc_per_node N -m "
+                        "asarm.training.trainer --config ...",
+                        "configs/tiny_cpu.yaml, paper_nlp.yaml, paper_code.yaml", "train.run_dir=runs/x optim.lr=3e-4")
+    _add_config_command(subparsers, "train-draft-head", "train a chained draft head for a frozen model (distillation)",
+                        "Self-distil a chained draft head (asarm.draft_head) for the model model.init, e.g. "
+                        "--config configs/tiny_draft_head.yaml; the trainer's run directory, checkpoints, exact "
+                        "resume and overrides (draft_head.slots=3).",
+                        "configs/tiny_draft_head.yaml, paper_nlp_draft_head.yaml",
+                        "model.init=DIR train.max_steps=500", forced=("draft_head.train=true",))
+
+
+def _add_config_command(subparsers, name: str, summary: str, description: str, configs: str, example: str,
+                        forced: tuple[str, ...] = ()) -> None:
+    """A subcommand that runs the trainer on ``--config`` plus dotted overrides (and the ``forced`` ones)."""
+    p = subparsers.add_parser(name, help=summary, description=description)
+    p.add_argument("--config", required=True, help=f"YAML config ({configs})")
+    p.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
 
     def run(args):
         from .training.trainer import train  # lazy: keeps accelerate out of `asarm sample` start-up
 
-        return train(args.config, args.overrides)
+        return train(args.config, [*args.overrides, *forced])
 
     p.set_defaults(func=run)
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from transformers import XLNetConfig, XLNetLMHeadModel
 
 from . import masks
+from .draft_head import HEAD_CONFIG, HEAD_WEIGHTS, DraftHead, load_draft_head, save_draft_head
 from .orders import check_token_ids, positions_by_rank, positions_of_ranks
 
 __all__ = ["ASARM", "ModelLoadError", "NonFiniteLogitsError", "pick_device", "hub_offline", "HUB_REPO",
@@ -104,13 +105,13 @@ def _local_model_dir(source: str) -> Path | None:
 
 
 def _hub_metadata_dir(repo: str, revision: str | None, offline: bool) -> Path | None:
-    """The cached snapshot folder of a Hub model's optional asarm files (asarm.json, training_config.yaml),
-    so that a Hub load knows what a local load knows; None when the repository has neither."""
+    """The cached snapshot folder of a Hub model's optional asarm files (asarm.json, training_config.yaml,
+    the draft head), so that a Hub load knows what a local load knows; None when the repository has none."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     folder = None
-    for name in (_ASARM_FILE, "training_config.yaml"):
+    for name in (_ASARM_FILE, "training_config.yaml", HEAD_CONFIG, HEAD_WEIGHTS):
         try:
             folder = Path(hf_hub_download(repo, name, revision=revision, local_files_only=offline)).parent
         except (EntryNotFoundError, LocalEntryNotFoundError, OSError):  # optional: absent from the repository
@@ -160,6 +161,7 @@ class ASARM(nn.Module):
             raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary of size "
                              f"{model.config.vocab_size}")
         self.mask_token_id = int(mask_token_id)
+        self.draft_head: DraftHead | None = None  # the chained draft head (asarm.draft_head), when one is attached
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -200,6 +202,8 @@ class ASARM(nn.Module):
             extra = json.loads((metadata / _ASARM_FILE).read_text())
         out = cls(model, tokenizer, extra.get("mask_token_id"))
         out.trained_length = _trained_length(metadata)
+        if metadata is not None and (head := load_draft_head(metadata, out.vocab_size, out.config.d_model)):
+            out.attach_draft_head(head)
         return out.to(pick_device(device))
 
     @classmethod
@@ -230,8 +234,16 @@ class ASARM(nn.Module):
             model = model.to(dtype)
         return cls(model, tokenizer, mask_token_id).to(pick_device(device))
 
+    def attach_draft_head(self, head: DraftHead | None) -> "ASARM":
+        """Use ``head`` as this model's draft head (moved to its device and dtype; saved with it); None detaches."""
+        if head is not None and (head.vocab_size, head.d_model) != (self.vocab_size, self.config.d_model):
+            raise ValueError(f"the draft head is for vocabulary {head.vocab_size} and width {head.d_model}, the model "
+                             f"has {self.vocab_size} and {self.config.d_model}")
+        self.draft_head = None if head is None else head.to(device=self.device, dtype=self.dtype).eval()
+        return self
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write safetensors weights, config, tokenizer and asarm.json into ``directory``."""
+        """Write safetensors weights, config, tokenizer, asarm.json and the draft head (if any) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
@@ -241,6 +253,8 @@ class ASARM(nn.Module):
         if self.trained_length is not None:
             extra["trained_length"] = self.trained_length
         (directory / _ASARM_FILE).write_text(json.dumps(extra, indent=2) + "\n")
+        if self.draft_head is not None:
+            save_draft_head(self.draft_head, directory)
 
     # -------------------------------------------------------------------------------- properties
     @property
@@ -268,14 +282,20 @@ class ASARM(nn.Module):
         ``n_visible=None`` uses the oracle mask (a query on rank r sees ranks < r); a ``(B,)``
         tensor uses the draft mask (every query sees only ranks < n_visible).
         """
+        return check_finite(self.model.lm_loss(self.query_states(tokens, sigma, n_prompt, query_positions, n_visible)))
+
+    @torch.no_grad()
+    def query_states(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
+                     query_positions: torch.Tensor, n_visible: torch.Tensor | None = None) -> torch.Tensor:
+        """The final query-stream states ``(B, k, d_model)`` behind :meth:`logits` (their LM head gives the
+        logits, as in ``XLNetLMHeadModel.forward``); what a draft head reads."""
         tokens = tokens.to(self.device)
         check_token_ids(tokens, self.vocab_size)
         sigma = sigma.to(self.device)
         pm = masks.perm_mask(sigma, n_prompt.to(self.device),
                              None if n_visible is None else n_visible.to(self.device), dtype=self.dtype)
         tm = masks.target_mapping(query_positions.to(self.device), tokens.shape[1], dtype=self.dtype)
-        out = self.model(input_ids=tokens, perm_mask=pm, target_mapping=tm, use_mems=False).logits
-        return check_finite(out)
+        return self.model.transformer(input_ids=tokens, perm_mask=pm, target_mapping=tm, use_mems=False)[0]
 
     def log_probs(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
                   query_positions: torch.Tensor, n_visible: torch.Tensor | None = None,

@@ -60,6 +60,18 @@ CONTENDERS = {
     "assd-bonus-adaptive": ("assd-bonus-adaptive", 5, {}),
     "assd-fused-k2-adaptive": ("assd-fused-adaptive", 2, {}),
     "assd-fused-k5-adaptive": ("assd-fused-adaptive", 5, {}),
+    # the model's chained draft head (asarm.draft_head), when it ships one; single-pass rounds cover every
+    # outcome by default with it (-outcomes2: the all-accepted outcome and the earliest rejection only)
+    "assd-head": ("assd-head", 5, {}),
+    "assd-fused-head-k1": ("assd-fused-head", 1, {}),
+    "assd-fused-head-k2": ("assd-fused-head", 2, {}),
+    "assd-fused-head-k3": ("assd-fused-head", 3, {}),
+    "assd-fused-head-k5": ("assd-fused-head", 5, {}),
+    "assd-fused-head-k2-outcomes2": ("assd-fused-head", 2, {"outcomes": 2}),
+    "assd-fused-head-k3-outcomes2": ("assd-fused-head", 3, {"outcomes": 2}),
+    "assd-fused-head-k5-outcomes2": ("assd-fused-head", 5, {"outcomes": 2}),
+    "assd-fused-head-k3-ratio1.5": ("assd-fused-head", 3, {"draft_temperature_ratio": 1.5}),
+    "assd-fused-head-k3-adaptive": ("assd-fused-head-adaptive", 3, {}),
 }
 BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused-k1", "assd-fused-k2", "assd-fused-k5")
 
@@ -204,6 +216,9 @@ def main(argv=None) -> None:
         p.error(str(error))
     if "sequential" not in chosen:
         p.error("--samplers must include sequential (the ratios are to it)")
+    if tiny.draft_head is None and any("head" in name for name in chosen):
+        print(f"{args.model} has no draft head: the head samplers are left out", flush=True)
+        chosen = [name for name in chosen if "head" not in name]
     specs = {name: spec for name, spec in samplers(args.adaptive_threshold).items() if name in chosen}
     rows = []
     for label, length, batch in configs:

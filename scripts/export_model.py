@@ -54,19 +54,44 @@ def check_dest(dest: Path, model_dir: Path, force: bool) -> None:
         raise PublishError(f"{dest} exists and is not a model directory; refusing to replace it")
 
 
+def head_run_model(config: Path | None) -> Path | None:
+    """The model directory a draft-head run (``asarm train-draft-head``) distilled, when it is local; else None."""
+    if config is None or config.name != "config.yaml":
+        return None
+    import yaml
+
+    from asarm.model import _local_model_dir
+
+    saved = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    if not (saved.get("draft_head") or {}).get("train"):
+        return None
+    init = (saved.get("model") or {}).get("init")
+    try:
+        return _local_model_dir(init) if init else None
+    except OSError:
+        return None
+
+
 def export(source: Path, dest: Path, card: str, force: bool = False) -> Path:
     """Copy the model of ``source`` into ``dest`` (atomically) with its config, log and model card;
-    returns the model files' directory."""
+    returns the model files' directory. The run of a draft head keeps the distilled model's own config
+    and log, and adds its own as ``draft_head_training_config.yaml`` and ``draft_head_training_log.jsonl``."""
     model_dir, config, log = find_model(source)
     check_dest(dest, model_dir, force)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(model_dir, tmp)
+    prefix = ""
+    if (distilled := head_run_model(config)) is not None:
+        prefix = "draft_head_"
+        for name in ("training_config.yaml", "training_log.jsonl"):
+            if (distilled / name).is_file():
+                shutil.copy(distilled / name, tmp / name)
     if config is not None and config != model_dir / "training_config.yaml":
-        shutil.copy(config, tmp / "training_config.yaml")
+        shutil.copy(config, tmp / f"{prefix}training_config.yaml")
     if log is not None and log != model_dir / "training_log.jsonl":
-        shutil.copy(log, tmp / "training_log.jsonl")
+        shutil.copy(log, tmp / f"{prefix}training_log.jsonl")
     old_card = _hand_written_card(dest) or _hand_written_card(tmp)
     # the card reads the files just copied, so it describes exactly what is exported
     (tmp / "README.md").write_text(old_card or card(tmp), encoding="utf-8")

@@ -26,6 +26,7 @@ class Pair:
     """Runs a full session and a cached session side by side and compares every call."""
 
     def __init__(self, model, tokens, sigma, n_prompt, **engine_kwargs):
+        self.lm_head = model.model.lm_loss
         self.full = FullEngine(model).start(tokens, sigma, n_prompt)
         self.cached = CachedEngine(model, **engine_kwargs).start(tokens, sigma, n_prompt)
         self.tol = TOL[model.dtype]
@@ -33,16 +34,18 @@ class Pair:
         self.worst = 0.0
 
     def __call__(self, rows, tokens, n_fixed, query_ranks, draft=False, limits=None):
-        want = self.full.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft, limits)
-        got = self.cached.logits(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft, limits)
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert torch.isfinite(got).all()
-        used = query_ranks >= 0  # -1: an unused slot, logits unspecified
-        diff = (got - want).abs()[used].max().item()
-        self.worst = max(self.worst, diff)
-        assert diff <= self.tol, f"call {self.calls} (draft={draft}): max abs diff {diff:.3g} > {self.tol:g}"
+        # the final query states (what a draft head reads), then the logits (their LM head)
+        want = self.full.states(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft, limits)
+        got = self.cached.states(rows, tokens.clone(), n_fixed.clone(), query_ranks.clone(), draft, limits)
+        used = query_ranks >= 0  # -1: an unused slot, output unspecified
+        for what, a, b in (("states", got, want), ("logits", self.lm_head(got), self.lm_head(want))):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.isfinite(a).all()
+            diff = (a - b).abs()[used].max().item()
+            self.worst = max(self.worst, diff)
+            assert diff <= self.tol, f"call {self.calls} (draft={draft}): {what} max abs diff {diff:.3g} > {self.tol:g}"
         self.calls += 1
-        return got
+        return self.lm_head(got)
 
 
 def float64_scenario(seed: int, n_prompt: torch.Tensor, seq_len: int, order=orders.any_permutation):

@@ -25,7 +25,8 @@ from pathlib import Path
 from .humaneval import BENCHMARKS, evaluate_completions, load_problems, self_check
 from .infill import (CodeCodec, TextCodec, add_infill_arguments, bar_chart, check_arguments, describe_blank,
                      encode_rows, infill, repeat_trials)
-from .runner import EvalRun, add_common_arguments, load_model, markdown_table, parse_choices, samplers_from_args
+from .runner import (EvalRun, add_common_arguments, check_samplers, load_model, markdown_table, parse_choices,
+                     samplers_from_args)
 
 __all__ = ["add_arguments", "run", "parse_benchmarks", "parse_pass_k"]
 
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     if empty:
         raise ValueError(f"no problems in benchmark(s) {empty}")
     model = load_model(args)
+    check_samplers(model, samplers, args.model)
     codec = TextCodec(model.tokenizer) if args.no_code_mapping else CodeCodec(model.tokenizer)
     out = EvalRun("humaneval", args)
     checks: dict[str, dict] = {}

@@ -15,7 +15,8 @@ import argparse
 from .infill import (TextCodec, add_infill_arguments, bar_chart, check_arguments, describe_blank, encode_rows,
                      infill, repeat_trials)
 from .rocstories import DEFAULT_FILE, ROUGE_TYPES, SETTINGS, load_stories, make_items, rouge_scores
-from .runner import EvalRun, add_common_arguments, load_model, markdown_table, parse_choices, samplers_from_args
+from .runner import (EvalRun, add_common_arguments, check_samplers, load_model, markdown_table, parse_choices,
+                     samplers_from_args)
 
 __all__ = ["add_arguments", "run", "parse_settings"]
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> dict:
     if not stories:
         raise ValueError("no stories to evaluate")
     model = load_model(args)
+    check_samplers(model, samplers, args.model)
     codec = TextCodec(model.tokenizer)
     out = EvalRun("rocstories", args)
     results: dict[str, dict[str, dict]] = {}

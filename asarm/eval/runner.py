@@ -30,15 +30,15 @@ from .. import __version__
 from ..model import ASARM, DEFAULT_MODEL
 from ..paths import data_file
 from ..sampling import DRAFTERS, assd_decode, sequential_decode
-from ..sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO
+from ..sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO, HEAD_DRAFT_TEMPERATURE_RATIO
 from ..sampling.decode import DecodeOutput
 from ..sampling.engine import DEFAULT_ENGINE, ENGINES
 
-__all__ = ["SAMPLERS", "SamplerSpec", "available_samplers", "samplers_from_args", "DEFAULT_ADAPTIVE_THRESHOLD",
-           "parse_choices", "parse_samplers", "parse_outcomes", "parse_count_or_all", "decode", "row_seeds",
-           "unset_means", "add_model_source_arguments", "add_model_arguments", "add_common_arguments", "load_model",
-           "WIKITEXT_TEST_FILE", "packed_text", "machine_info", "markdown_table", "label_bars", "EvalRun",
-           "flatten_metrics"]
+__all__ = ["SAMPLERS", "SamplerSpec", "available_samplers", "samplers_from_args", "check_samplers",
+           "DEFAULT_ADAPTIVE_THRESHOLD", "parse_choices", "parse_samplers", "parse_outcomes", "parse_count_or_all",
+           "decode", "row_seeds", "unset_means", "add_model_source_arguments", "add_model_arguments",
+           "add_common_arguments", "load_model", "WIKITEXT_TEST_FILE", "packed_text", "machine_info",
+           "markdown_table", "label_bars", "EvalRun", "flatten_metrics"]
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # the paper's benchmark text; never train on it
 
@@ -74,15 +74,16 @@ def _assd_specs() -> dict[str, SamplerSpec]:
     specs = {f"assd-{name}": SamplerSpec(f"assd-{name}", "assd", name) for name in DRAFTERS}
     specs["assd-bonus"] = SamplerSpec("assd-bonus", "assd", "self", bonus=True)
     specs["assd-fused"] = SamplerSpec("assd-fused", "assd", "self", bonus=True, fused=True)
-    for base in ("assd-self", "assd-bonus", "assd-fused"):
+    specs["assd-fused-head"] = SamplerSpec("assd-fused-head", "assd", "head", bonus=True, fused=True)
+    for base in ("assd-self", "assd-bonus", "assd-fused", "assd-head", "assd-fused-head"):
         specs[f"{base}-adaptive"] = replace(specs[base], name=f"{base}-adaptive",
                                             draft_length=DEFAULT_ADAPTIVE_THRESHOLD)
     return specs
 
 
 def available_samplers() -> dict[str, SamplerSpec]:
-    """Every sampler by name: sequential, ``assd-<drafter>`` for each registered drafter, and the bonus,
-    single-pass (fused) and adaptive-length schedules of the self drafter."""
+    """Every sampler by name: sequential, ``assd-<drafter>`` for each registered drafter, the bonus schedule,
+    single-pass (fused) rounds with the model's draft rows or its draft head, and adaptive-length variants."""
     return {"sequential": SamplerSpec("sequential", "sequential"), **_assd_specs()}
 
 
@@ -212,10 +213,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
                         "reaches this (exact)")
     g.add_argument("--outcomes", type=parse_outcomes, default=None,
                    help="assd-fused: outcomes whose next drafts one call holds ('all' or a count, earliest "
-                        "rejection first); others fall back to a draft call" + unset_means("2"))
-    g.add_argument("--draft-temperature-ratio", type=float, default=DEFAULT_DRAFT_TEMPERATURE_RATIO,
+                        "rejection first); others fall back to a draft call"
+                        + unset_means("2; all for assd-fused-head"))
+    g.add_argument("--draft-temperature-ratio", type=float, default=None,
                    help="ASSD: verified drafts are drawn at this multiple of --temperature (exact at any value; "
-                        "> 1 flattens them, which raises acceptance on asarm-tiny)")
+                        "> 1 flattens them, which raises the acceptance of the model's own drafts)"
+                        + unset_means(f"{DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or {HEAD_DRAFT_TEMPERATURE_RATIO:g} "
+                                      f"for draft-head drafts"))
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="rows decoded together")
     g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")
@@ -231,6 +235,14 @@ def load_model(args: argparse.Namespace) -> ASARM:
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer files; save one next to the weights")
     return model
+
+
+def check_samplers(model: ASARM, specs: Sequence[SamplerSpec], source: str) -> None:
+    """ValueError before any decoding when a sampler needs a draft head that the model does not have."""
+    needing = [spec.name for spec in specs if spec.drafter == "head"]
+    if needing and model.draft_head is None:
+        raise ValueError(f"{', '.join(needing)} need a draft head and {source!r} has none: train one with "
+                         f"`asarm train-draft-head`, or drop them from --samplers")
 
 
 def packed_text(tokenizer, length: int, path: str | os.PathLike | None = None, limit: int | None = None,

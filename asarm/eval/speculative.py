@@ -40,6 +40,8 @@ from .stats import geometric_summary, paired_comparison, paired_ratio, significa
 __all__ = ["add_arguments", "run", "check_arguments", "aggregate"]
 
 BASELINE = "sequential"
+# the default --samplers; with a model that ships a draft head, assd-fused-head is added
+DEFAULT_SAMPLERS = "sequential,assd-self,assd-ngram,assd-fused"
 # Per-sample metrics: record key -> table label.
 METRICS = {"nfe": "NFE", "model_calls": "model calls", "ngram_calls": "n-gram calls", "rounds": "rounds",
            "tokens_per_round": "tokens/round", "tokens_per_call": "tokens/model call",
@@ -66,8 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ppl-batch-size", type=int, default=8, help="texts (windows) scored together")
     g.add_argument("--ppl-stride", type=int, default=None,
                    help="window stride for texts longer than the LM's context" + runner.unset_means("half the context"))
-    runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1,
-                                samplers="sequential,assd-self,assd-ngram,assd-fused")
+    runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1, samplers=DEFAULT_SAMPLERS)
 
 
 def check_arguments(args: argparse.Namespace) -> int:
@@ -327,9 +328,12 @@ def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     visible = check_arguments(args)
-    specs = runner.samplers_from_args(args)
-    progress = not args.no_progress
     model = runner.load_model(args)
+    if args.samplers == DEFAULT_SAMPLERS and model.draft_head is not None:  # the default list shows the model's head
+        args.samplers += ",assd-fused-head"
+    specs = runner.samplers_from_args(args)
+    runner.check_samplers(model, specs, args.model)
+    progress = not args.no_progress
     source = args.text_file or runner.WIKITEXT_TEST_FILE
     chunks = runner.packed_text(model.tokenizer, args.length, args.text_file, args.num_sequences)
     num_sequences, length = chunks.shape

@@ -11,8 +11,9 @@ Every row keeps a set of *pending* drafts (ranks ``n .. n+K-1``, proposals ``q``
   accepted", j = K), the next round's ``k`` draft rows on the ranks after that outcome's committed
   prefix, each seeing only ranks ``< n + j``: the committed tokens and the drafts accepted before slot
   j, never the token drawn at slot j (it is drawn after the call). After the call the outcome that
-  happened supplies the next pending drafts. Those drafts are proposals like any other (not exact by
-  construction), so the next call verifies every one of them.
+  happened supplies the next pending drafts (with drafter ``"head"``, the model's draft head chains
+  them on the token drawn at slot j and on each other: asarm.draft_head). Those drafts are proposals
+  like any other (not exact by construction), so the next call verifies every one of them.
 
 Single-pass rounds never call the drafter. A row with no pending drafts (its first call, or after an
 uncovered outcome) makes a call with ``K = 0``: its bonus row is the exact conditional of rank ``n``
@@ -42,16 +43,19 @@ from ..orders import positions_of_ranks
 from .decode import TEMPERATURE_MODES, DecodeOutput, LossySamplingWarning, _Batch, _check_temperature, _Progress, \
     _to_probs, add_rows
 from .draft_length import make_draft_length
-from .drafters import DraftRequest, drafter_name, first_draft_exact, make_drafter
+from .drafters import DraftRequest, chain_drafts, drafter_name, first_draft_exact, make_drafter
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
 from .rejection import verify_drafts
 from .trace import TraceRecorder
 
-__all__ = ["assd_decode", "DEFAULT_OUTCOMES", "DEFAULT_DRAFT_TEMPERATURE_RATIO"]
+__all__ = ["assd_decode", "DEFAULT_OUTCOMES", "HEAD_OUTCOMES", "DEFAULT_DRAFT_TEMPERATURE_RATIO",
+           "HEAD_DRAFT_TEMPERATURE_RATIO"]
 
 DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
+HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
 DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the target's (see assd_decode)
+HEAD_DRAFT_TEMPERATURE_RATIO = 1.0  # the same with drafter "head": it is distilled to match the target at T = 1
 
 
 class _CountingSession:
@@ -62,10 +66,17 @@ class _CountingSession:
         self.session, self.calls, self.recorder = session, calls, recorder
 
     def logits(self, rows, tokens, n_fixed, query_ranks, **kwargs):
+        self._count(rows, query_ranks)
+        return self.session.logits(rows, tokens, n_fixed, query_ranks, **kwargs)
+
+    def states(self, rows, tokens, n_fixed, query_ranks, **kwargs):
+        self._count(rows, query_ranks)
+        return self.session.states(rows, tokens, n_fixed, query_ranks, **kwargs)
+
+    def _count(self, rows, query_ranks) -> None:
         self.calls.index_add_(0, rows, torch.ones_like(rows))
         if self.recorder is not None:
             self.recorder.query(rows, query_ranks)
-        return self.session.logits(rows, tokens, n_fixed, query_ranks, **kwargs)
 
 
 def _compact(ranks: torch.Tensor, limits: torch.Tensor):
@@ -111,6 +122,11 @@ class _Speculation:
         self.proposal_temp = temperature * draft_temperature_ratio  # one number: no tensor ops per call
         self.draft_temps = torch.full((k,), self.proposal_temp, dtype=torch.float64)
         self.first_exact = first_draft_exact(drafter) and not fused  # fused rounds never call the drafter
+        head = drafter.head_of(model) if hasattr(drafter, "head_of") else None  # fails early without a head
+        self.head = head if fused else None  # single-pass rounds with drafter 'head': outcome drafts are chained
+        # the covered outcomes, most likely first: the head's drafts are mostly all accepted, the model's own
+        # mostly rejected early
+        self.accepted_first = self.head is not None
         if self.first_exact:
             self.draft_temps[0] = self.oracle_temp
             self.exact = torch.zeros(B, dtype=torch.bool, device=device)  # pending slot 0 is exact
@@ -140,7 +156,7 @@ class _Speculation:
             session=self.session, rows=rows, tokens=batch.tokens[sel], sigma=batch.sigma[sel], n_fixed=n,
             query_ranks=ranks, query_positions=positions_of_ranks(batch.positions[sel], ranks), uniforms=uniforms,
             to_probs=self.probs, draft_temperatures=self.draft_temps[:len(idx)],
-            mask_token_id=self.model.mask_token_id, vocab_size=self.model.vocab_size))
+            mask_token_id=self.model.mask_token_id, vocab_size=self.model.vocab_size, model=self.model))
         add_rows(batch.ngram_calls, sel, batch.nfe[sel] == calls_before)
         add_rows(self.draft_calls, sel, torch.ones_like(count))
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
@@ -188,9 +204,11 @@ class _Speculation:
     # ---------------------------------------------------------------------------- verifying
     def _layout(self, W: int):
         """Query columns of a verify call whose rows hold at most ``W`` drafts: the verify columns
-        ``0..W-1``, the bonus column ``W`` (if ``bonus``), then the outcome blocks ``j = 0..C-1`` of ``k``
-        columns each (if ``fused``). Per column: rank and limit offsets from ``n``, whether the row's ``K`` is
-        added to both (the bonus column), and the fewest pending drafts ``K`` that make it used."""
+        ``0..W-1``, the bonus column ``W`` (if ``bonus``), then ``C`` outcome blocks of ``k`` columns each (if
+        ``fused``): outcomes ``j = 0..C-1`` (first rejection at slot j), or with ``accepted_first`` the
+        all-accepted outcome (``j = K``) and then ``j = 0..C-2``. Per column: rank and limit offsets from ``n``,
+        whether the row's ``K`` is added to both (the bonus column and the all-accepted block), and the fewest
+        pending drafts ``K`` that make it used."""
         if W not in self._layouts:
             device, k = self.batch.tokens.device, self.k
             idx, zero = torch.arange(W, device=device), torch.zeros(1, dtype=torch.long, device=device)
@@ -198,11 +216,16 @@ class _Speculation:
             if self.bonus:
                 rank, limit, plus_k, needs = rank + [zero], limit + [zero], plus_k + [zero + 1], needs + [zero]
             if self.fused:
-                j = torch.arange(min(self.cover, W + 1), device=device)[:, None].expand(-1, k)
-                rank.append((j + 1 + torch.arange(k, device=device)).flatten())
+                blocks = min(self.cover, W + 1)
+                j = torch.arange(blocks - int(self.accepted_first), device=device)[:, None].expand(-1, k)
+                after = torch.arange(1, k + 1, device=device)
+                if self.accepted_first:  # ranks after n + K, seeing ranks < n + K: used by every row
+                    rank, limit, plus_k, needs = rank + [after], limit + [after * 0], plus_k + [after * 0 + 1], \
+                        needs + [after * 0]
+                rank.append((j + after).flatten())
                 limit.append(j.flatten())
                 plus_k.append(j.flatten() * 0)
-                needs.append(j.flatten())
+                needs.append(j.flatten() + int(self.accepted_first))  # (j = K is the all-accepted block then)
             self._layouts[W] = tuple(torch.cat(parts)[None, :] for parts in (rank, limit, plus_k, needs))
         return self._layouts[W]
 
@@ -221,9 +244,14 @@ class _Speculation:
         query_ranks, query_limits, column = _compact(ranks.masked_fill(~used, -1), limits)
         drafts, q = self.drafts[sel, :W], self.q[sel, :W]
         written = batch.with_values(sel, ranks[:, :W].masked_fill(needs[:, :W] > K[:, None], -1), drafts)
-        logits = self.session.logits(rows, written, n, query_ranks, limits=query_limits)
+        if self.head is None:
+            outputs = self.session.logits(rows, written, n, query_ranks, limits=query_limits)
+            verify_logits = _columns(outputs, column, 0, W + int(self.bonus))
+        else:  # the draft head reads the outcome rows' states; only the verify and bonus rows need logits
+            outputs = self.session.states(rows, written, n, query_ranks, limits=query_limits)
+            verify_logits = self.model.model.lm_loss(_columns(outputs, column, 0, W + 1))
 
-        p = self.probs(_columns(logits, column, 0, W + int(self.bonus)), self.oracle_temp)
+        p = self.probs(verify_logits, self.oracle_temp)
         bonus_p, p = (p[:, W], p[:, :W]) if self.bonus else (None, p)
         if exact is not None:
             p[:, 0] = torch.where(exact[:, None], q[:, 0], p[:, 0])
@@ -243,7 +271,7 @@ class _Speculation:
             add_rows(self.bonus_tokens, sel, verdict.bonus)
         if self.fused:
             add_rows(self.draft_calls, sel, K == 0)  # a call without drafts is the fused form of a draft call
-            self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, logits, column, W, uniforms[:, k + 1:])
+            self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, outputs, column, W, uniforms[:, k + 1:])
         else:
             self.count[sel] = 0
 
@@ -255,26 +283,37 @@ class _Speculation:
         q_x = q.gather(2, drafts[..., None])[..., 0]
         self.recorder.round(rows, n, values, fixed, origins, drafts, q_x, verified, verdict.num_accepted)
 
-    def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, logits, column, W, uniforms) -> None:
-        """Each row's next pending drafts, from the outcome block that happened; none (the next call then
-        drafts for itself) where that outcome was not covered."""
+    def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, outputs, column, W, uniforms) -> None:
+        """Each row's next pending drafts, from the outcome block that happened (``outputs``: the call's logits,
+        or with a draft head its query states, which the head turns into chained drafts that follow the token
+        just committed); none (the next call then drafts for itself) where that outcome was not covered."""
         k = self.k
         j = torch.where(verdict.rejected, verdict.num_accepted, K)  # the outcome: first rejected slot, or K
         count = torch.clamp(stop - n, max=k)
-        take = verdict.has_next & (count > 0)
-        if self.cover <= W:
-            take &= j < self.cover
+        take, prev_token = verdict.has_next & (count > 0), verdict.next_token
+        blocks = min(self.cover, W + 1)
+        if self.accepted_first:
+            j = torch.where(j == K, 0, j + 1)  # the outcome's block
+        take &= j < blocks
         if not bool(take.all()):
             self.count[sel] = 0
             if not take.any():
                 return
             taken = take.nonzero().flatten()
-            sel, j, count, uniforms = rows[taken], j[taken], count[taken], uniforms[taken]
-            logits, column = logits[taken], None if column is None else column[taken]
-        blocks = _columns(logits, column, W + int(self.bonus), min(self.cover, W + 1) * k).unflatten(1, (-1, k))
+            sel, j, count, uniforms, n = rows[taken], j[taken], count[taken], uniforms[taken], n[taken]
+            outputs, column = outputs[taken], None if column is None else column[taken]
+            prev_token = prev_token[taken]
+        blocks = _columns(outputs, column, W + int(self.bonus), blocks * k).unflatten(1, (-1, k))
         block = blocks.gather(1, j[:, None, None, None].expand(-1, 1, k, blocks.shape[-1]))[:, 0]
-        q = self.probs(block, self.proposal_temp)
-        drafts = sample_categorical(q, uniforms)
+        if self.head is None:
+            q = self.probs(block, self.proposal_temp)
+            drafts = sample_categorical(q, uniforms)
+        else:
+            idx = torch.arange(-1, k, device=n.device)  # the committed token's rank n - 1, then the drafts'
+            ranks = (n[:, None] + idx).masked_fill(idx >= count[:, None], -1)
+            positions = positions_of_ranks(self.batch.positions[sel], ranks)
+            drafts, q = chain_drafts(self.head, self.model, block, prev_token, positions[:, 1:], positions[:, 0],
+                                     uniforms, self.probs, self.proposal_temp)
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
 
 
@@ -282,7 +321,7 @@ class _Speculation:
 def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None, k: int = 5,
                 drafter="self", temperature: float = 1.0, temperature_mode: str = "target", r_atol: float = 0.0,
                 bonus: bool = False, fused: bool = False, outcomes=None, draft_length=None,
-                draft_temperature_ratio: float = DEFAULT_DRAFT_TEMPERATURE_RATIO,
+                draft_temperature_ratio: float | None = None,
                 seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
                 max_new_tokens: int | None = None, progress: bool = False, trace: bool = False) -> DecodeOutput:
     """Any-Subset Speculative Decoding (see the module docstring for the schedules).
@@ -300,16 +339,19 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
             sequential joint); ``"no_temp_oracle"`` keeps the oracle and the exact first draft at T=1 and
             tempers only the other drafts (target = the T=1 joint).
         bonus: the verify call also queries rank ``n+K``; an all-accepted round commits that token too.
-        fused: single-pass rounds (self drafter only; implies ``bonus``): the verify call also holds the
-            next round's drafts for each covered outcome; the drafter is never called.
+        fused: single-pass rounds (drafter ``"self"`` or ``"head"``; implies ``bonus``): the verify call also
+            holds the next round's draft rows for each covered outcome; the drafter is never called (with
+            ``"head"`` the draft head turns the outcome's rows into chained drafts after the call).
         outcomes: ``"all"`` or the number of outcomes covered, earliest rejection first (the most likely
             order when drafts are accepted less than half the time); after an uncovered outcome the next
             call has no drafts to verify (it drafts for itself, see above). Only with ``fused``; default
-            ``DEFAULT_OUTCOMES`` (2): a call holds about ``outcomes x k`` outcome rows.
+            ``DEFAULT_OUTCOMES`` (2), or ``HEAD_OUTCOMES`` ("all") with drafter ``"head"``, whose drafts
+            are mostly all accepted: a call holds about ``outcomes x k`` outcome rows.
         draft_temperature_ratio: verified drafts (self drafts after the first, single-pass drafts) are
             drawn at ``temperature x draft_temperature_ratio``; exact at any value > 0. Default
-            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.5): it raised acceptance on asarm-tiny
-            (benchmarks/RESULTS.md). The n-gram drafter ignores it.
+            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.5): it raised the acceptance of the model's own drafts on
+            asarm-tiny (benchmarks/RESULTS.md); with drafter ``"head"`` ``HEAD_DRAFT_TEMPERATURE_RATIO`` (1.0),
+            since a distilled head already matches the target at T = 1. The n-gram drafter ignores it.
         draft_length: None (always ``k``), a confidence threshold in [0, 1]
             (:class:`~asarm.sampling.draft_length.ConfidenceLength`) or a rule (see that module for the
             exactness condition).
@@ -331,14 +373,18 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     if r_atol < 0:
         raise ValueError(f"r_atol must be >= 0, got {r_atol}")
     drafter = make_drafter(drafter)
-    if fused and drafter_name(drafter) != "self":
-        raise ValueError(f"fused=True drafts with the model's own draft rows: use drafter='self', not "
-                         f"{drafter_name(drafter)!r}")
+    if fused and drafter_name(drafter) not in ("self", "head"):
+        raise ValueError(f"fused=True drafts with the model's own draft rows (and its draft head): use drafter='self' "
+                         f"or 'head', not {drafter_name(drafter)!r}")
     if outcomes is not None and not fused:
         raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
-    outcomes = DEFAULT_OUTCOMES if outcomes is None else outcomes
+    if outcomes is None:
+        outcomes = HEAD_OUTCOMES if drafter_name(drafter) == "head" else DEFAULT_OUTCOMES
     if outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool) or outcomes < 1):
         raise ValueError(f"outcomes must be 'all' or an integer >= 1, got {outcomes!r}")
+    if draft_temperature_ratio is None:
+        draft_temperature_ratio = HEAD_DRAFT_TEMPERATURE_RATIO if drafter_name(drafter) == "head" \
+            else DEFAULT_DRAFT_TEMPERATURE_RATIO
     if not (isinstance(draft_temperature_ratio, (int, float)) and 0 < draft_temperature_ratio < float("inf")) \
             or isinstance(draft_temperature_ratio, bool):
         raise ValueError(f"draft_temperature_ratio must be a finite number > 0, got {draft_temperature_ratio!r}")
@@ -353,7 +399,10 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     run = _Speculation(model, batch, session, streams, drafter, k, temperature, temperature_mode,
                        draft_temperature_ratio, bonus, fused, k + 1 if outcomes == "all" else outcomes, rule, r_atol,
                        trace)
-    name = "assd-fused" if fused else f"assd-{drafter_name(drafter)}" + ("-bonus" if bonus else "")
+    if fused:
+        name = "assd-fused" + ("-head" if run.head is not None else "")
+    else:
+        name = f"assd-{drafter_name(drafter)}" + ("-bonus" if bonus else "")
     name += "-adaptive" if rule is not None else ""
     bar = _Progress(batch, progress, name)
 

@@ -192,6 +192,12 @@ class CachedSession:
     @torch.no_grad()
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
                draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.model.lm_loss(self.states(rows, tokens, n_fixed, query_ranks, draft, limits))
+
+    @torch.no_grad()
+    def states(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
+               draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
+        """The final query-stream states ``(b, k, d_model)`` of the queries (``logits`` = the LM head of these)."""
         device = self.sigma.device
         L = self.seq_len
         rows = torch.as_tensor(rows, device=device, dtype=torch.long).reshape(-1)
@@ -203,7 +209,8 @@ class CachedSession:
             raise ValueError(f"shapes: rows {tuple(rows.shape)}, tokens {tuple(tokens.shape)} (want ({b}, {L})), "
                              f"n_fixed {tuple(n_fixed.shape)}, query_ranks {tuple(query_ranks.shape)}")
         if b == 0:
-            return torch.zeros(0, query_ranks.shape[1], self.model.vocab_size, dtype=self.model.dtype, device=device)
+            width = self.model.config.d_model
+            return torch.zeros(0, query_ranks.shape[1], width, dtype=self.model.dtype, device=device)
         n_prompt = self.n_prompt[rows]
         used = query_ranks >= 0  # -1 marks an unused query slot (its logits are unspecified)
         if (n_fixed < n_prompt).any() or (used & (query_ranks < n_fixed[:, None])).any() or (query_ranks >= L).any() \
@@ -248,7 +255,7 @@ class CachedSession:
     def _advance(self, slots, tokens, positions, n_prompt, cur, need, queries):
         """Content states of ranks ``cur .. need - 1`` of each row, in chunks of ``chunk_size`` ranks (a row
         still inside its prompt takes the whole prompt); the last pass also runs ``queries`` =
-        ``(q_rank, q_limit)`` and returns their logits. Returns ``(logits or None, passes, content rows)``."""
+        ``(q_rank, q_limit)`` and returns their final states. Returns ``(states or None, passes, content rows)``."""
         L, device = self.seq_len, self.sigma.device
         chunk = self.engine.chunk_size
         passes = content_rows = 0
@@ -280,7 +287,7 @@ class CachedSession:
     def _pass(self, slots, positions, n_prompt, c_rank, c_tok, q_rank, q_limit):
         """One batched pass through all layers. Content rows ``(b, nc)`` at ranks ``c_rank`` (rank ``L``:
         padding, written to the scratch slot) are written into the cache; query rows ``(b, k)`` on
-        ranks ``q_rank`` seeing ranks ``< q_limit`` are returned as logits ``(b, k, V)``."""
+        ranks ``q_rank`` seeing ranks ``< q_limit`` are returned as final states ``(b, k, d)``."""
         lm = self.model.model
         xl = lm.transformer
         L = self.seq_len
@@ -339,6 +346,4 @@ class CachedSession:
             vec = torch.matmul(prob, values).transpose(1, 2).reshape(b, n, H * dh)
             x = attn.layer_norm(vec @ attn.o.reshape(d_model, H * dh).t() + x)
             x = layer.ff(x)
-        if q_rank is None:
-            return None
-        return lm.lm_loss(x[:, nc:])
+        return None if q_rank is None else x[:, nc:]

@@ -10,6 +10,9 @@ calls are counted by the sampler (every ``session.logits`` call a drafter makes)
 
 * ``SelfDrafter``: one model pass with the draft mask; the K tokens are drawn independently from
   ``p(x_{n+i} | x_{<n})``. Its first proposal is the exact conditional, so it is always accepted.
+* ``HeadDrafter``: the self drafter's call, with every draft after the first drawn from the model's
+  chained draft head (asarm.draft_head) instead: each draft then depends on the ones before it. Its
+  first proposal is still the exact conditional.
 * ``NGramDrafter``: no model call; a per-row bigram table over the committed adjacent pairs, drafting
   each token from its left neighbour (backing off to the row's unigram counts, then to uniform).
 
@@ -26,7 +29,8 @@ import torch
 
 from .random import sample_categorical
 
-__all__ = ["DraftRequest", "Drafter", "SelfDrafter", "NGramDrafter", "DRAFTERS", "register_drafter", "make_drafter",
+__all__ = ["DraftRequest", "Drafter", "SelfDrafter", "HeadDrafter", "NGramDrafter", "chain_drafts", "DRAFTERS",
+           "register_drafter", "make_drafter",
            "drafter_name", "first_draft_exact"]
 
 
@@ -46,6 +50,7 @@ class DraftRequest:
     draft_temperatures: torch.Tensor  # (K,) temperature of each draft index
     mask_token_id: int
     vocab_size: int
+    model: object = None  # the ASARM (HeadDrafter reads its draft head)
 
 
 @runtime_checkable
@@ -74,6 +79,56 @@ class SelfDrafter:
         logits = req.session.logits(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
         probs = req.to_probs(logits, req.draft_temperatures)
         return sample_categorical(probs, req.uniforms), probs
+
+
+class HeadDrafter:
+    """The model's draft call; drafts after the first come from a chained draft head (1 NFE per round).
+
+    ``head``: a :class:`~asarm.draft_head.DraftHead`; by default the model's own (``model.draft_head``,
+    loaded with the model when it ships one)."""
+
+    name = "head"
+    first_draft_exact = True
+
+    def __init__(self, head=None):
+        self.head = head
+
+    def head_of(self, model):
+        head = self.head if self.head is not None else getattr(model, "draft_head", None)
+        if head is None:
+            raise ValueError("drafter 'head' needs a draft head, and this model has none: train one with "
+                             "`asarm train-draft-head`, or use drafter 'self'")
+        return head
+
+    def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.head_of(req.model)
+        states = req.session.states(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
+        # the first draft is the exact conditional, from the model's own LM head
+        probs = req.to_probs(req.model.model.lm_loss(states[:, :1]), req.draft_temperatures[:1])
+        drafts = sample_categorical(probs, req.uniforms[:, :1])
+        if req.query_ranks.shape[1] == 1:
+            return drafts, probs
+        chained, chained_probs = chain_drafts(head, req.model, states[:, 1:], drafts[:, 0], req.query_positions[:, 1:],
+                                              req.query_positions[:, 0], req.uniforms[:, 1:], req.to_probs,
+                                              float(req.draft_temperatures[1]))
+        return torch.cat([drafts, chained], 1), torch.cat([probs, chained_probs], 1)
+
+
+def chain_drafts(head, model, states, prev_token, positions, prev_position, uniforms, to_probs, temperature: float):
+    """Drafts from a draft head for query rows ``states (b, K, d)`` at ``positions (b, K)`` (consecutive
+    ranks), the first following the known ``prev_token (b,)`` at ``prev_position (b,)``; slot i drawn from
+    ``to_probs(logits_i, temperature)`` with ``uniforms[:, i]``. Returns ``(drafts (b, K), probs (b, K, V))``."""
+    offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
+    drafts, probs = [], []
+
+    def pick(i, logits):
+        probs.append(to_probs(logits, temperature))
+        drafts.append(sample_categorical(probs[-1], uniforms[:, i]))
+        return drafts[-1]
+
+    with torch.no_grad():
+        head(model.model, states, prev_token, offsets, pick)
+    return torch.stack(drafts, 1), torch.stack(probs, 1)
 
 
 class NGramDrafter:
@@ -115,7 +170,7 @@ class NGramDrafter:
         return drafts, probs
 
 
-DRAFTERS: dict[str, type] = {"self": SelfDrafter, "ngram": NGramDrafter}
+DRAFTERS: dict[str, type] = {"self": SelfDrafter, "head": HeadDrafter, "ngram": NGramDrafter}
 
 
 def register_drafter(name: str, cls: type) -> None:

@@ -16,9 +16,11 @@ A sampler opens one session per batch (``engine.start(tokens, sigma, n_prompt)``
   placeholders); ``draft=False``: the oracle mask, a query on rank r sees ranks ``< r``, i.e. also the
   uncommitted drafts written at ranks ``n_fixed .. r-1``.
 
-Returns raw logits ``(b, k, V)``. ``FullEngine`` runs the plain full-sequence Hugging Face forward
-every call (the reference implementation's cost model); ``CachedEngine`` (the default) computes each
-committed token's content stream once and only the new rows per call, with the same logits.
+Returns raw logits ``(b, k, V)``. ``session.states(...)`` (same arguments) returns the final query-stream
+states ``(b, k, d_model)`` instead, whose LM head gives the logits; only draft heads need it (asarm.draft_head).
+``FullEngine`` runs the plain full-sequence Hugging Face forward every call (the reference
+implementation's cost model); ``CachedEngine`` (the default) computes each committed token's content
+stream once and only the new rows per call, with the same logits.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class _FullSession:
 
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
                draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.model.lm_loss(self.states(rows, tokens, n_fixed, query_ranks, draft, limits))
+
+    def states(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
+               draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
         sigma, n_prompt = self.sigma[rows], self.n_prompt[rows]
         limits = query_limits(n_prompt, n_fixed, query_ranks, draft, limits)
         check_distinct_queries(query_ranks, limits)
@@ -60,8 +66,8 @@ class _FullSession:
         query_positions = positions_of_ranks(self.positions[rows], query_ranks).flatten()
         grouped = torch.full((len(keys), int(slot.max()) + 1), -1, dtype=torch.long, device=rows.device)
         grouped[group, slot] = query_positions
-        out = self.model.logits(tokens[source_row], sigma[source_row], n_prompt[source_row], grouped,
-                                n_visible=forward_visible)
+        out = self.model.query_states(tokens[source_row], sigma[source_row], n_prompt[source_row], grouped,
+                                      n_visible=forward_visible)
         return out[group, slot].reshape(b, k, -1)
 
 

@@ -23,8 +23,8 @@ import yaml
 from .objectives import ObjectiveConfig, check_slot_weights, mixture_probabilities
 
 __all__ = ["ModelSection", "DataSection", "OptimSection", "MaskingSection", "EvalSection", "LogSection",
-           "RunSection", "TrainConfig", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
-           "save_config"]
+           "RunSection", "DraftHeadSection", "TrainConfig", "load_config", "apply_overrides", "config_from_dict",
+           "config_to_dict", "save_config"]
 
 
 @dataclass
@@ -166,6 +166,29 @@ class RunSection:
 
 
 @dataclass
+class DraftHeadSection:
+    """``train: true`` trains a chained draft head (asarm.draft_head) for the frozen model ``model.init`` by
+    self-distillation (asarm.training.draft_head) instead of training the model; ``asarm train-draft-head``
+    sets it. ``slots``: drafts unrolled per training row; ``hidden``: the head's MLP width (None: 2 d_model);
+    ``vocab_size``: a truncated draft vocabulary of the most frequent tokens in the first ``vocab_batches``
+    training batches (None: the whole vocabulary)."""
+
+    train: bool = False
+    slots: int = 4
+    hidden: int | None = None
+    max_offset: int = 8
+    vocab_size: int | None = None
+    vocab_batches: int = 200
+
+    def __post_init__(self):
+        if self.slots < 1:
+            raise ValueError(f"draft_head.slots must be >= 1, got {self.slots}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ValueError(f"draft_head.vocab_size must be >= 2 or null (the whole vocabulary), "
+                             f"got {self.vocab_size}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -174,6 +197,7 @@ class TrainConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
     train: RunSection = dataclasses.field(default_factory=RunSection)
+    draft_head: DraftHeadSection = dataclasses.field(default_factory=DraftHeadSection)
 
 
 def _hints(cls) -> dict:

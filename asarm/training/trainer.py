@@ -41,12 +41,14 @@ import numpy as np
 import torch
 
 from .. import orders
+from ..draft_head import DraftHead
 from ..model import ASARM
 from ..paths import DataFileNotFoundError, data_dir, data_file
 from .config import TrainConfig, config_to_dict, load_config, save_config
 from .data import (CodeDirectorySource, JsonlSource, PackedStream, StreamLoader, TextFileSource, hub_source,
                    make_encoder)
-from .objectives import ObjectiveConfig, compute_loss
+from .draft_head import distillation_loss, draft_points, frequent_tokens
+from .objectives import ObjectiveConfig, compute_loss, num_predict_for_rates
 from .schedule import MaskingRateSchedule
 
 __all__ = ["train", "run_training", "Trainer", "latest_checkpoint", "main"]
@@ -222,13 +224,19 @@ class Trainer:
         acc.wait_for_everyone()
         set_seed(run.seed)  # python, numpy, torch (same on every rank: identical initial weights)
 
+        self.head_mode = cfg.draft_head.train
+        if self.head_mode and not cfg.model.init:
+            raise ValueError("draft_head.train distils a trained model: set model.init to it (a local directory, "
+                             "asarm-tiny or a Hub name)")
         self.tokenizer = self._tokenizer()
         self.asarm = self._model()
+        self.encode = make_encoder(self.tokenizer, code=cfg.data.code)
+        trainable = self._draft_head() if self.head_mode else self.asarm.model
         self.effective_batch = cfg.data.batch_size * run.grad_accum * self.world_size
         self.lr = cfg.optim.lr * (self.effective_batch / cfg.optim.lr_reference_batch
                                   if cfg.optim.lr_scale_by_batch else 1.0)
         decay, no_decay = [], []
-        for name, p in self.asarm.model.named_parameters():
+        for name, p in trainable.named_parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or "layer_norm" in name or name.endswith("bias") else decay).append(p)
@@ -239,8 +247,8 @@ class Trainer:
             optimizer, _lr_lambda(cfg.optim.warmup_steps, run.max_steps, cfg.optim.decay))
         # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
         # once per process)
-        self.model, self.optimizer = acc.prepare(self.asarm.model, optimizer)
-        self.forward_model = torch.compile(self.model) if run.compile else self.model
+        self.model, self.optimizer = acc.prepare(trainable, optimizer)  # with draft_head.train: the head
+        self.forward_model = torch.compile(self.model) if run.compile and not self.head_mode else self.model
 
         self.schedule = MaskingRateSchedule(cfg.masking.start_masking_rate, cfg.masking.final_min_masking_rate,
                                             cfg.masking.final_max_masking_rate, cfg.masking.masking_warmup_steps)
@@ -252,7 +260,6 @@ class Trainer:
                                          mask_token_id=self.asarm.mask_token_id, mixture=m.mixture,
                                          slot_weights=tuple(m.slot_weights))
         self.generator = torch.Generator().manual_seed(run.seed * 1000003 + self.rank)
-        self.encode = make_encoder(self.tokenizer, code=cfg.data.code)
         self.stream = PackedStream(build_source(cfg, "train"), self.encode, max_length=cfg.data.max_length,
                                    rank=self.rank, world_size=self.world_size, epochs=cfg.data.epochs)
         # the DataLoader draws its workers' base seed from this generator, not the global RNG (which would
@@ -306,6 +313,37 @@ class Trainer:
         model.trained_length = self.cfg.data.max_length  # saved with every checkpoint (asarm.json)
         return model.to(self.accelerator.device)
 
+    def _draft_head(self) -> DraftHead:
+        """A new draft head attached to the frozen model (draft_head.train)."""
+        hc = self.cfg.draft_head
+        self.asarm.requires_grad_(False)
+        self.asarm.eval()  # the teacher's conditionals without dropout
+        vocab = None
+        if hc.vocab_size:
+            stream = PackedStream(build_source(self.cfg, "train"), self.encode, max_length=self.cfg.data.max_length,
+                                  rank=0, world_size=1, epochs=None)
+            loader = StreamLoader(stream, batch_size=self.cfg.data.batch_size, generator=torch.Generator())
+            batches = (tokens for _, tokens in zip(range(hc.vocab_batches), loader))
+            vocab = frequent_tokens(batches, hc.vocab_size, self.asarm.vocab_size, self.asarm.mask_token_id)
+        head = DraftHead(self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset, vocab)
+        self.asarm.attach_draft_head(head)
+        return self.asarm.draft_head
+
+    def _head_loss(self, tokens: torch.Tensor, rates: torch.Tensor):
+        """Distillation loss of a micro-batch (draft_head.train), with the statistics the loop logs."""
+        batch, length = tokens.shape
+        rates = torch.as_tensor(rates, dtype=torch.float64).reshape(-1).expand(batch)
+        n_prompt = length - num_predict_for_rates(rates, length, self.cfg.masking.min_prompt)
+        order = orders.any_subset if self.cfg.masking.order == "any_subset" else orders.any_permutation
+        sigma = torch.stack([order(n_prompt[i:i + 1], length, generator=self.generator)[0] for i in range(batch)])
+        n = draft_points(n_prompt, length, self.generator)
+        device = tokens.device
+        loss, stats = distillation_loss(self.asarm, self.model, tokens, sigma.to(device), n_prompt.to(device),
+                                        n.to(device), self.cfg.draft_head.slots, self.generator)
+        stats.update(nll_per_token=stats["loss"], accuracy=stats["acceptance"].mean(),
+                     mean_masking_rate=rates.mean())
+        return loss, stats
+
     # -- checkpoints
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
@@ -357,6 +395,10 @@ class Trainer:
             raise ValueError(f"checkpoint {path} holds a model of sizes {dict(zip(sizes, theirs))}, the config asks "
                              f"for {dict(zip(sizes, ours))}; use a new train.run_dir or train.resume=none")
         self.asarm.model.load_state_dict(loaded.model.state_dict())
+        if self.head_mode:
+            if loaded.draft_head is None:
+                raise ValueError(f"checkpoint {path} holds no draft head; use a new train.run_dir or train.resume=none")
+            self.asarm.draft_head.load_state_dict(loaded.draft_head.state_dict())
         del loaded
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
@@ -480,6 +522,7 @@ class Trainer:
         was_training = self.asarm.training
         self.asarm.eval()
         total_nll, total_tokens, first = 0.0, 0, None
+        accepted, drafted = 0.0, 0.0  # draft_head.train: expected acceptance per slot, summed over rows
         device = self.accelerator.device
         try:
             for i, tokens in enumerate(loader):
@@ -490,6 +533,14 @@ class Trainer:
                 n_prompt = orders.num_prompt_for_rate(ec.masking_rate, torch.full((batch,), length))
                 sigma = orders.any_subset(n_prompt, length, batch_size=batch, generator=gen).to(device)
                 with self.accelerator.autocast():
+                    if self.head_mode:
+                        with torch.no_grad():
+                            n = draft_points(n_prompt, length, gen).to(device)
+                            _, stats = distillation_loss(self.asarm, self.asarm.draft_head, tokens, sigma,
+                                                         n_prompt.to(device), n, self.cfg.draft_head.slots, gen)
+                        valid = (n[:, None] + 1 + torch.arange(self.cfg.draft_head.slots, device=device)) < length
+                        accepted += stats["acceptance"].double().cpu() * valid.sum(0).cpu()
+                        drafted += valid.sum(0).double().cpu()
                     logp = self.asarm.score(tokens, sigma, n_prompt.to(device))
                 total_nll -= float(logp.double().sum())
                 total_tokens += int((length - n_prompt).sum())
@@ -497,10 +548,16 @@ class Trainer:
                     first = (tokens, sigma, n_prompt)
             record = {"kind": "eval", "step": self.step, "nll_per_token": total_nll / max(total_tokens, 1),
                       "eval_tokens": total_tokens}
+            if self.head_mode:
+                by_slot = accepted / drafted.clamp(min=1)
+                record.update(acceptance=float(accepted.sum() / drafted.sum().clamp(min=1)),
+                              acceptance_by_slot=[round(float(a), 4) for a in by_slot])
             if ec.samples > 0 and first is not None:
                 from ..sampling import assd_decode
                 tokens, sigma, n_prompt = (x[:ec.samples] for x in first)
-                out = assd_decode(self.asarm, tokens, sigma, n_prompt.to(device), k=ec.sample_k, seed=ec.seed)
+                drafter = "head" if self.head_mode else "self"
+                out = assd_decode(self.asarm, tokens, sigma, n_prompt.to(device), k=ec.sample_k, seed=ec.seed,
+                                  drafter=drafter)
                 generated = (tokens.shape[1] - n_prompt).double()
                 record["assd_nfe"] = float(out.nfe.double().mean())
                 record["assd_tokens_per_nfe"] = float((generated / out.nfe.clamp(min=1).double()).mean())
@@ -532,7 +589,7 @@ class Trainer:
             return {"step": self.step, "losses": {}, "checkpoint": str(resumed), "run_dir": str(self.run_dir)}
         self.resolved = {"world_size": self.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
                          "device": str(acc.device), "vocab_size": self.asarm.vocab_size,
-                         "parameters": sum(p.numel() for p in self.asarm.parameters()),
+                         "parameters": sum(p.numel() for p in self.model.parameters()),  # trained ones
                          "resumed_from": str(resumed) if resumed else None}
         if self.is_main:
             save_config(cfg, self.run_dir / "config.yaml", extra=self.resolved)
@@ -565,8 +622,11 @@ class Trainer:
                                              generator=self.generator)
                 with acc.accumulate(self.model):
                     with acc.autocast():
-                        loss, stats = compute_loss(self.forward_model, tokens, self.objective,
-                                                   generator=self.generator, rates=rates)
+                        if self.head_mode:
+                            loss, stats = self._head_loss(tokens, rates)
+                        else:
+                            loss, stats = compute_loss(self.forward_model, tokens, self.objective,
+                                                       generator=self.generator, rates=rates)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.optim.grad_clip > 0:
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
@@ -584,8 +644,9 @@ class Trainer:
             gathered = acc.reduce(torch.cat([step_loss[None], step_stats]), reduction="mean")
             loss_value = float(gathered[0])
             losses[self.step] = loss_value
-            record = {"kind": "train", "step": self.step, "loss": loss_value, "nll_per_token": float(gathered[1]),
-                      "accuracy": float(gathered[2]), "masking_rate": float(gathered[3]),
+            first, second = ("cross_entropy", "acceptance") if self.head_mode else ("nll_per_token", "accuracy")
+            record = {"kind": "train", "step": self.step, "loss": loss_value, first: float(gathered[1]),
+                      second: float(gathered[2]), "masking_rate": float(gathered[3]),
                       "lr": lr_used,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": tokens_seen * self.world_size / max(time.time() - t0, 1e-9)}

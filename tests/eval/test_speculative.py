@@ -298,3 +298,24 @@ def _args_from(argv):
     parser = argparse.ArgumentParser()
     speculative.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_draft_head_samplers(tiny_model_dir, text_file, tmp_path, capsys):
+    """A head sampler on a model without a head stops in one line before decoding; a model that ships a head
+    gets assd-fused-head in the default sampler list."""
+    out = tmp_path / "no_head"
+    assert main(_argv(tiny_model_dir, text_file, out, "--num-sequences", "1", "--samplers", "sequential,assd-head",
+                      "--ppl-model", "none")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading bar
+    assert last.startswith("asarm eval: error: assd-head need a draft head") and not out.exists()
+    from asarm.model import ASARM
+    from helpers import random_head
+
+    model = ASARM.from_pretrained(tiny_model_dir, device="cpu")
+    model.attach_draft_head(random_head(model, seed=0))
+    model.save_pretrained(tmp_path / "with_head")
+    assert main(_argv(tmp_path / "with_head", text_file, tmp_path / "run", "--num-sequences", "1",
+                      "--ppl-model", "none")) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["metrics"]["samplers"]) == [*SAMPLERS, "assd-fused-head"]
+    assert results["metrics"]["samplers"]["assd-fused-head"]["tokens_per_call_pooled"] >= 1

@@ -7,9 +7,12 @@ import torch
 
 from asarm import orders
 from asarm.sampling import LossySamplingWarning, assd_decode, sequential_decode
+from asarm.sampling.drafters import HeadDrafter
 from asarm.sampling.engine import FullEngine
 
-from helpers import tiny_model
+from helpers import random_head, tiny_model
+
+_HEAD = HeadDrafter(random_head(tiny_model(seed=0, init_std=0.5), seed=1))
 
 SAMPLERS = {
     "sequential": lambda m, *a, **kw: sequential_decode(m, *a, **kw),
@@ -19,6 +22,8 @@ SAMPLERS = {
     "assd-fused": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, outcomes="all", **kw),
     "assd-fused-outcomes1": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, outcomes=1, **kw),
     "assd-fused-adaptive": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, draft_length=0.3, **kw),
+    "assd-head": lambda m, *a, **kw: assd_decode(m, *a, k=3, drafter=_HEAD, **kw),
+    "assd-fused-head": lambda m, *a, **kw: assd_decode(m, *a, k=3, fused=True, drafter=_HEAD, **kw),
 }
 
 

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from asarm import orders
+from asarm.draft_head import DraftHead
 from asarm.sampling import LossySamplingWarning, assd_decode, sequential_decode
+from asarm.sampling.drafters import HeadDrafter
+from asarm.training.draft_head import distillation_loss, draft_points
 
-from helpers import chi_square_pvalue, exact_joint, tiny_model, total_variation, tv_threshold
+from helpers import chi_square_pvalue, exact_joint, random_head, tiny_model, total_variation, tv_threshold
 
 SEQ_LEN = 7
 ROWS_PER_ORDER = 6000
@@ -88,6 +91,57 @@ def test_sampler_matches_exact_joint(setup, name, engine):
     model, tokens, sigma, n_prompt, joints = setup
     sampler, kwargs, target_temperature = SAMPLERS[name]
     out = sampler(model, tokens, sigma, n_prompt, seed=12345, engine=engine, **kwargs)
+    assert out.exact
+    _check(out.tokens, joints[target_temperature])
+
+
+@pytest.fixture(scope="module")
+def trained_head(setup):
+    """A draft head distilled from the test model (asarm.training.draft_head) until its drafts are
+    accepted clearly more often than the model's own draft rows."""
+    model = setup[0]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    head = DraftHead(model.config.d_model, model.vocab_size, max_offset=3).to(model.dtype)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    acceptance = []
+    for _ in range(60):
+        tokens = torch.randint(7, 10, (128, SEQ_LEN), generator=gen)
+        n_prompt = torch.randint(1, 4, (128,), generator=gen)
+        sigma = orders.any_subset(n_prompt, SEQ_LEN, batch_size=128, generator=gen)
+        loss, stats = distillation_loss(model, head, tokens, sigma, n_prompt, draft_points(n_prompt, SEQ_LEN, gen),
+                                        3, gen)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        acceptance.append(float(stats["acceptance"][0]))
+    assert sum(acceptance[-10:]) > sum(acceptance[:10]) + 0.5  # slot-0 acceptance up by > 0.05 on average
+    return head.eval()
+
+
+HEAD_SAMPLERS = {  # (head, kwargs, target temperature); head: "random", "random-truncated" or "trained"
+    "assd-head-k3": ("random", {"k": 3}, 1.0),
+    "assd-fused-head-k3": ("random", {"k": 3, "fused": True, "outcomes": "all"}, 1.0),
+    "assd-fused-head-k2-outcomes1-truncated": ("random-truncated", {"k": 2, "fused": True, "outcomes": 1}, 1.0),
+    "assd-fused-head-k3-T0.7-target": ("random", {"k": 3, "fused": True, "temperature": 0.7}, 0.7),
+    "assd-head-k3-T0.7-no_temp_oracle": ("random", {"k": 3, "temperature": 0.7,
+                                                     "temperature_mode": "no_temp_oracle"}, 1.0),
+    "assd-trained-head-k3": ("trained", {"k": 3}, 1.0),
+    "assd-fused-trained-head-k3": ("trained", {"k": 3, "fused": True}, 1.0),
+}
+
+
+@pytest.mark.parametrize("engine", ["full", "cached"])
+@pytest.mark.parametrize("name", list(HEAD_SAMPLERS))
+def test_draft_head_samplers_match_exact_joint(setup, trained_head, name, engine):
+    """The chained draft head (random weights, a truncated vocabulary, and a distilled one) keeps both
+    schedules exact."""
+    model, tokens, sigma, n_prompt, joints = setup
+    which, kwargs, target_temperature = HEAD_SAMPLERS[name]
+    head = {"random": lambda: random_head(model, seed=1, std=1.0),
+            "random-truncated": lambda: random_head(model, seed=2, std=1.0, draft_vocab=[1, 3, 7, 8]),
+            "trained": lambda: trained_head}[which]()
+    out = assd_decode(model, tokens, sigma, n_prompt, drafter=HeadDrafter(head), seed=12345, engine=engine, **kwargs)
     assert out.exact
     _check(out.tokens, joints[target_temperature])
 

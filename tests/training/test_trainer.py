@@ -14,19 +14,10 @@ import torch
 import yaml
 
 from asarm.model import ASARM
-from asarm.paths import data_file
 from asarm.training.config import TrainConfig, apply_overrides, load_config
 from asarm.training.trainer import latest_checkpoint, run_training, train
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory) -> Path:
-    lines = data_file("wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)[:300]
-    path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,8 @@ def test_config_overrides_and_types():
         apply_overrides(TrainConfig(), ["train.max_steps=lots"])
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "tiny_cpu_mixture", "paper_nlp", "paper_code"])
+@pytest.mark.parametrize("name", ["tiny_cpu", "tiny_cpu_mixture", "tiny_draft_head", "paper_nlp", "paper_code",
+                                  "paper_nlp_mixture", "paper_nlp_draft_head"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.train.max_steps > 0 and cfg.data.max_length > 0

@@ -1,0 +1,124 @@
+"""A chained draft head: drafts that depend on each other, for ASSD's verified drafts.
+
+The model's own draft rows (the draft mask) predict ranks ``m, m+1, ...`` independently from the tokens
+below rank ``m - 1``: they cannot see the token at rank ``m - 1`` (drawn after the call, in single-pass
+rounds) nor each other. The head adds what they miss. For draft slot ``i`` it takes
+
+* ``h_i``, the model's final query-stream state of that draft row (which already encodes the target
+  position and everything the row sees),
+* the embedding of the token just before it in the order (rank ``m + i - 1``: the known token at
+  ``m - 1`` for slot 0, else the previous draft),
+* the position offset between the two (clipped to ``+-max_offset``; mostly +1 inside a gap),
+
+runs a GRU over the slots (so slot i depends on every token drafted before it) and returns
+``logits_i = lm_head(h_i + MLP([h_i, r_i]))`` with the model's own (frozen, tied) LM head. The MLP's last
+layer starts at zero: an untrained head drafts exactly like the model's draft rows.
+
+Optional truncated draft vocabulary (``draft_vocab``, token ids): the head proposes only those tokens
+(probability 0 elsewhere). That stays exact: the verify step's residual covers the other tokens.
+
+Exactness never depends on the head: its drafts are proposals that depend only on committed tokens,
+earlier drafts and fresh uniforms, and the verify pass corrects them (asarm.sampling.assd).
+
+Trained by self-distillation (``asarm train-draft-head``, asarm.training.draft_head); saved beside the
+model as ``draft_head.safetensors`` + ``draft_head.json`` and loaded with it by ``ASARM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["DraftHead", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT", "save_draft_head", "load_draft_head"]
+
+HEAD_WEIGHTS = "draft_head.safetensors"
+HEAD_CONFIG = "draft_head.json"
+# The logit of tokens outside a truncated draft vocabulary: finite (the samplers refuse non-finite logits) but
+# so low that softmax gives them probability exactly 0, at any temperature.
+OUTSIDE_LOGIT = -1e30
+
+
+class DraftHead(nn.Module):
+    """See the module doc. ``d_model``: the backbone's width; ``hidden``: the MLP width (default 2 d_model)."""
+
+    def __init__(self, d_model: int, vocab_size: int, hidden: int | None = None, max_offset: int = 8,
+                 draft_vocab: torch.Tensor | list | None = None):
+        super().__init__()
+        if max_offset < 1:
+            raise ValueError(f"max_offset must be >= 1, got {max_offset}")
+        self.d_model, self.vocab_size, self.max_offset = int(d_model), int(vocab_size), int(max_offset)
+        self.hidden = int(hidden or 2 * d_model)
+        self.offset_embedding = nn.Embedding(2 * self.max_offset + 1, self.d_model)
+        self.input_norm = nn.LayerNorm(self.d_model)
+        self.gru = nn.GRUCell(self.d_model, self.d_model)
+        self.mlp = nn.Sequential(nn.LayerNorm(2 * self.d_model), nn.Linear(2 * self.d_model, self.hidden), nn.GELU(),
+                                 nn.Linear(self.hidden, self.d_model))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        nn.init.normal_(self.offset_embedding.weight, std=0.02)
+        vocab = torch.empty(0, dtype=torch.long) if draft_vocab is None else torch.as_tensor(draft_vocab).long()
+        if len(vocab) and (int(vocab.min()) < 0 or int(vocab.max()) >= self.vocab_size or
+                           len(torch.unique(vocab)) != len(vocab)):
+            raise ValueError(f"draft_vocab must hold distinct token ids in [0, {self.vocab_size})")
+        self.register_buffer("draft_vocab", vocab, persistent=True)
+
+    def config(self) -> dict:
+        return {"d_model": self.d_model, "vocab_size": self.vocab_size, "hidden": self.hidden,
+                "max_offset": self.max_offset, "draft_vocab_size": int(len(self.draft_vocab)) or None}
+
+    def step(self, lm, states: torch.Tensor, prev_tokens: torch.Tensor, offsets: torch.Tensor,
+             memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot for a batch: ``states (b, d)``, ``prev_tokens (b,)``, ``offsets (b,)`` -> ``(logits (b, V),
+        memory (b, d))``. ``lm`` is the XLNetLMHeadModel (its word embedding and LM head, both frozen)."""
+        clipped = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
+        inputs = lm.transformer.word_embedding(prev_tokens).to(states.dtype) + self.offset_embedding(clipped)
+        memory = self.gru(self.input_norm(inputs), memory)
+        adjusted = states + self.mlp(torch.cat([states, memory], dim=-1))
+        if not len(self.draft_vocab):
+            return lm.lm_loss(adjusted), memory
+        weight, bias = lm.lm_loss.weight[self.draft_vocab], lm.lm_loss.bias[self.draft_vocab]
+        logits = adjusted.new_full((*adjusted.shape[:-1], self.vocab_size), OUTSIDE_LOGIT)
+        logits[..., self.draft_vocab] = adjusted @ weight.t() + bias
+        return logits, memory
+
+    def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, offsets: torch.Tensor, pick):
+        """Slots ``0..K-1`` in order: slot 0 follows ``first_prev (b,)``, slot i the token ``pick`` returned
+        for slot i-1. ``pick(i, logits (b, V)) -> tokens (b,)`` draws (or chooses) each slot's token.
+        Returns the logits ``(b, K, V)``."""
+        prev, memory, out = first_prev, None, []
+        for i in range(states.shape[1]):
+            logits, memory = self.step(lm, states[:, i], prev, offsets[:, i], memory)
+            out.append(logits)
+            prev = pick(i, logits)
+        return torch.stack(out, dim=1)
+
+
+def save_draft_head(head: DraftHead, directory: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
+    save_file(state, str(directory / HEAD_WEIGHTS))
+    (directory / HEAD_CONFIG).write_text(json.dumps(head.config(), indent=2) + "\n")
+
+
+def load_draft_head(directory: str | os.PathLike, vocab_size: int, d_model: int) -> DraftHead | None:
+    """The head saved in ``directory``, None when there is none; ValueError when it does not fit the model."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / HEAD_CONFIG).is_file():
+        return None
+    config = json.loads((directory / HEAD_CONFIG).read_text())
+    if (config["vocab_size"], config["d_model"]) != (vocab_size, d_model):
+        raise ValueError(f"{directory / HEAD_CONFIG} is for a model of vocabulary {config['vocab_size']} and width "
+                         f"{config['d_model']}, not {vocab_size} and {d_model}: retrain it with asarm train-draft-head")
+    state = load_file(str(directory / HEAD_WEIGHTS))
+    head = DraftHead(config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
+                     state["draft_vocab"])
+    head.load_state_dict(state)
+    return head.eval()

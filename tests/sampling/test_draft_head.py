@@ -1,0 +1,144 @@
+"""The chained draft head: wiring into both ASSD schedules, chaining, truncated vocabulary, save/load."""
+
+import pytest
+import torch
+
+from asarm import orders
+from asarm.draft_head import HEAD_CONFIG, DraftHead
+from asarm.model import ASARM
+from asarm.sampling import assd_decode
+from asarm.sampling.drafters import HeadDrafter, chain_drafts
+
+from helpers import random_head, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0, init_std=0.5, dtype=torch.float64)
+
+
+def _batch(batch_size=6, seq_len=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_prompt = torch.randint(1, 4, (batch_size,), generator=gen)
+    sigma = orders.any_subset(n_prompt, seq_len, batch_size=batch_size, generator=gen)
+    tokens = torch.randint(7, 10, (batch_size, seq_len), generator=gen)
+    return tokens, sigma, n_prompt
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("engine", ["cached", "full"])
+def test_untrained_head_drafts_exactly_like_the_model(model, fused, engine):
+    """A new head's output layer is zero: its drafts are the model's own draft rows, so the decode is the
+    self drafter's token for token (same uniforms), in both schedules."""
+    head = DraftHead(model.config.d_model, model.vocab_size).to(torch.float64)
+    tokens, sigma, n_prompt = _batch()
+    kwargs = dict(k=3, fused=fused, seed=torch.arange(6), engine=engine, draft_temperature_ratio=1.5,
+                  **({"outcomes": "all"} if fused else {}))  # (the head orders partial coverage otherwise)
+    with_head = assd_decode(model, tokens, sigma, n_prompt, drafter=HeadDrafter(head), **kwargs)
+    own = assd_decode(model, tokens, sigma, n_prompt, drafter="self", **kwargs)
+    assert torch.equal(with_head.tokens, own.tokens) and torch.equal(with_head.nfe, own.nfe)
+    assert with_head.sampler == ("assd-fused-head" if fused else "assd-head")
+
+
+def test_trained_looking_head_changes_the_drafts_but_not_the_committed_prefix_rules(model):
+    """A head with random weights drafts differently (so it is used), and every decode stays complete."""
+    tokens, sigma, n_prompt = _batch()
+    head = HeadDrafter(random_head(model, seed=2))
+    for fused in (False, True):
+        out = assd_decode(model, tokens, sigma, n_prompt, k=3, fused=fused, drafter=head, seed=1, trace=True)
+        own = assd_decode(model, tokens, sigma, n_prompt, k=3, fused=fused, seed=1)
+        assert (out.tokens != model.mask_token_id).all()
+        assert not torch.equal(out.accepted_by_index, own.accepted_by_index) or \
+            not torch.equal(out.tokens, own.tokens)
+
+
+def test_chained_drafts_depend_on_the_token_before_them(model):
+    """Slot 0 follows the given token and slot 1 follows slot 0's draft: change the first and the
+    proposals change; an untrained head's proposals do not depend on it."""
+    states = torch.randn(2, 3, model.config.d_model, dtype=torch.float64)
+    positions, prev_position = torch.tensor([[3, 4, 6], [3, 4, 6]]), torch.tensor([2, 2])
+    uniforms = torch.rand(2, 3, dtype=torch.float64)
+
+    def run(head, prev):
+        return chain_drafts(head, model, states, prev, positions, prev_position, uniforms, model.probabilities, 1.0)
+
+    trained = random_head(model, seed=3, std=1.0)
+    _, probs_a = run(trained, torch.tensor([7, 7]))
+    _, probs_b = run(trained, torch.tensor([8, 8]))
+    assert not torch.allclose(probs_a[:, 0], probs_b[:, 0])
+    fresh = DraftHead(model.config.d_model, model.vocab_size).to(torch.float64)
+    _, fresh_a = run(fresh, torch.tensor([7, 7]))
+    _, fresh_b = run(fresh, torch.tensor([8, 8]))
+    assert torch.allclose(fresh_a, fresh_b)
+    # each proposal is a distribution without <mask>, and each draft has mass under it
+    drafts, probs = run(trained, torch.tensor([7, 8]))
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    assert (probs[..., model.mask_token_id] == 0).all()
+    assert (probs.gather(2, drafts[..., None]) > 0).all()
+
+
+def test_truncated_draft_vocabulary_proposes_only_its_tokens(model):
+    vocab = torch.tensor([7, 8])
+    head = HeadDrafter(random_head(model, seed=4, draft_vocab=vocab))
+    tokens, sigma, n_prompt = _batch()
+    out = assd_decode(model, tokens, sigma, n_prompt, k=3, fused=True, drafter=head, seed=2, trace=True)
+    assert (out.tokens != model.mask_token_id).all()
+    states = torch.randn(4, 2, model.config.d_model, dtype=torch.float64)
+    drafts, probs = chain_drafts(head.head, model, states, torch.tensor([9] * 4), torch.tensor([[1, 2]] * 4),
+                                 torch.tensor([0] * 4), torch.rand(4, 2, dtype=torch.float64), model.probabilities, 1.0)
+    outside = torch.ones(model.vocab_size, dtype=torch.bool)
+    outside[vocab] = False
+    assert (probs[..., outside] == 0).all() and set(drafts.flatten().tolist()) <= {7, 8}
+    with pytest.raises(ValueError, match="distinct token ids"):
+        DraftHead(model.config.d_model, model.vocab_size, draft_vocab=[7, 7])
+    with pytest.raises(ValueError, match="distinct token ids"):
+        DraftHead(model.config.d_model, model.vocab_size, draft_vocab=[3, model.vocab_size])
+
+
+def test_head_is_saved_beside_the_model_and_loaded_with_it(tmp_path):
+    model = tiny_model(seed=0)
+    head = random_head(model, seed=5, draft_vocab=[1, 2, 7])
+    model.attach_draft_head(head)
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / HEAD_CONFIG).is_file() and (tmp_path / "m" / "draft_head.safetensors").is_file()
+    loaded = ASARM.from_pretrained(tmp_path / "m", device="cpu")
+    assert loaded.draft_head is not None and not loaded.draft_head.training
+    for (name, a), (_, b) in zip(head.state_dict().items(), loaded.draft_head.state_dict().items()):
+        assert torch.equal(a, b), name
+    tokens, sigma, n_prompt = _batch()
+    a = assd_decode(model, tokens, sigma, n_prompt, k=2, drafter="head", fused=True, seed=3)
+    b = assd_decode(loaded, tokens, sigma, n_prompt, k=2, drafter="head", fused=True, seed=3)
+    assert torch.equal(a.tokens, b.tokens)
+    # a model saved without a head loads without one; a head of another model is refused in one line
+    tiny_model(seed=1).save_pretrained(tmp_path / "plain")
+    assert ASARM.from_pretrained(tmp_path / "plain", device="cpu").draft_head is None
+    other = (tmp_path / "m" / HEAD_CONFIG).read_text().replace('"d_model": 32', '"d_model": 64')
+    (tmp_path / "plain" / HEAD_CONFIG).write_text(other)
+    with pytest.raises(ValueError, match="retrain it with asarm train-draft-head"):
+        ASARM.from_pretrained(tmp_path / "plain", device="cpu")
+    with pytest.raises(ValueError, match="the draft head is for vocabulary"):
+        tiny_model(seed=0, vocab_size=12).attach_draft_head(head)
+
+
+def test_head_defaults_target_temperature_and_every_outcome(model):
+    """A distilled head matches the target at T = 1: its drafts keep the target's temperature unless asked;
+    its single-pass rounds cover every outcome unless asked."""
+    tokens, sigma, n_prompt = _batch()
+    head = HeadDrafter(random_head(model, seed=6))
+    assert assd_decode(model, tokens, sigma, n_prompt, k=2, drafter=head, seed=0).settings[
+        "draft_temperature_ratio"] == 1.0
+    assert assd_decode(model, tokens, sigma, n_prompt, k=2, seed=0).settings["draft_temperature_ratio"] == 1.5
+    assert assd_decode(model, tokens, sigma, n_prompt, k=2, drafter=head, seed=0, draft_temperature_ratio=2.0
+                       ).settings["draft_temperature_ratio"] == 2.0
+    assert assd_decode(model, tokens, sigma, n_prompt, k=2, drafter=head, fused=True, seed=0).settings[
+        "outcomes"] == "all"
+    assert assd_decode(model, tokens, sigma, n_prompt, k=2, fused=True, seed=0).settings["outcomes"] == 2
+
+
+def test_head_drafter_without_a_head_fails_before_decoding(model):
+    tokens, sigma, n_prompt = _batch()
+    for fused in (False, True):
+        with pytest.raises(ValueError, match="train one with `asarm train-draft-head`"):
+            assd_decode(model, tokens, sigma, n_prompt, k=2, drafter="head", fused=fused)
+    with pytest.raises(ValueError, match="use drafter='self' or 'head'"):
+        assd_decode(model, tokens, sigma, n_prompt, k=2, drafter="ngram", fused=True)
