@@ -39,7 +39,8 @@ import torch
 from asarm import orders
 from asarm.eval import runner
 from asarm.model import ASARM, DEFAULT_MODEL
-from asarm.sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES
+from asarm.sampling.assd import (DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES, HEAD_DRAFT_TEMPERATURE_RATIO,
+                                HEAD_OUTCOMES)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampling import machine, sync  # noqa: E402
@@ -233,8 +234,10 @@ def main(argv=None) -> None:
             f"every sampler; batch 1: {args.sequences_b1} chunks one at a time at L=128 (fewer at longer L, at "
             f"least 2); batch > 1 at L > 128: {args.batch_tokens} tokens per row; base-sized model (random "
             f"weights, speed only): {args.base_tokens} tokens per row; adaptive threshold "
-            f"{args.adaptive_threshold}; draft temperature ratio {DEFAULT_DRAFT_TEMPERATURE_RATIO:g} unless "
-            f"-ratio1; outcomes covered by assd-fused: {DEFAULT_OUTCOMES}; tok/s: samplers alternated chunk by "
+            f"{args.adaptive_threshold}; draft temperature ratio {DEFAULT_DRAFT_TEMPERATURE_RATIO:g} for the model's "
+            f"own drafts and {HEAD_DRAFT_TEMPERATURE_RATIO:g} for the draft head's unless the name says otherwise; "
+            f"outcomes covered: {DEFAULT_OUTCOMES} by assd-fused, {HEAD_OUTCOMES} by assd-fused-head unless "
+            f"-outcomes2; tok/s: samplers alternated chunk by "
             f"chunk, each chunk the fastest of {args.repeats}, after a warm-up.\n\n{table}\n")
     if curve:
         text += ("\nOne cached call (batch 1, L=128, prompt cached): milliseconds against query rows and new "
