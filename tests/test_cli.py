@@ -26,6 +26,19 @@ def test_sample_sequential_with_masking_rate(tiny_model_dir, capsys):
     assert "rounds=" in capsys.readouterr().out
 
 
+def test_sample_with_the_embedded_draft_head(capsys):
+    """`asarm sample --sampler assd-fused --drafter head` on asarm-tiny (which ships a head); a drafter that the
+    sampler cannot use is one line."""
+    code = main(["sample", "--text", "The cat <mask:6> on the mat.", "--sampler", "assd-fused", "--drafter", "head",
+                 "--k", "3", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "nfe=" in out and "tokens/call=" in out
+    assert main(["sample", "--text", "a <mask> b", "--sampler", "assd-fused", "--drafter", "ngram"]) == 2
+    assert "--drafter ngram does not apply to --sampler assd-fused" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["sample", "--text", "a <mask> b", "--sampler", "sequential", "--drafter", "head"]) == 2
+    assert "does not apply to --sampler sequential" in capsys.readouterr().err
+
+
 def test_sample_errors(tiny_model_dir, capsys):
     assert main(["sample", "--model", str(tiny_model_dir), "--text", "no blanks here", "--no-progress"]) == 2
     assert "no blanks" in capsys.readouterr().err

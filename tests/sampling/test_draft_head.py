@@ -142,3 +142,14 @@ def test_head_drafter_without_a_head_fails_before_decoding(model):
             assd_decode(model, tokens, sigma, n_prompt, k=2, drafter="head", fused=fused)
     with pytest.raises(ValueError, match="use drafter='self' or 'head'"):
         assd_decode(model, tokens, sigma, n_prompt, k=2, drafter="ngram", fused=True)
+
+
+def test_the_embedded_model_ships_its_draft_head():
+    """asarm-tiny loads with its distilled head, and the head's single-pass decode fills every blank."""
+    tiny = ASARM.from_pretrained("asarm-tiny", device="cpu")
+    assert tiny.draft_head is not None and tiny.draft_head.config()["hidden"] == 256
+    tokens = torch.randint(10, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    sigma = orders.any_subset(torch.tensor([3, 3]), 16, generator=torch.Generator().manual_seed(1))
+    out = assd_decode(tiny, tokens, sigma, torch.tensor([3, 3]), k=3, drafter="head", fused=True, seed=0)
+    assert out.sampler == "assd-fused-head" and (out.tokens != tiny.mask_token_id).all()
+    assert int(out.nfe.max()) < 13  # at most one call per token, and the head's drafts pass

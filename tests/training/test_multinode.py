@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_trainer import REPO, _free_port, small_text, tiny_overrides, tokenizer_dir, train_losses  # noqa: F401
+from test_trainer import REPO, _free_port, tiny_overrides, tokenizer_dir, train_losses  # noqa: F401
 
 from asarm.model import ASARM
 from asarm.training.trainer import latest_checkpoint

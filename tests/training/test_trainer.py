@@ -78,8 +78,12 @@ def test_mixture_config_keys():
     assert weighted.masking.mixture == {"joint": 0.7, "parallel": 0.3} and weighted.masking.slot_weights == [2.0, 1.5]
     with pytest.raises(ValueError, match="masking.slot_weights weighs the parallel"):
         apply_overrides(weighted, ["masking.mixture=null"])  # back to the joint objective alone
-    assert apply_overrides(cfg, ["masking.mixture=null"]).masking.mixture is None
-    assert apply_overrides(cfg, ["masking.mixture={joint: 1}"]).masking.mixture == {"joint": 1.0}
+    assert cfg.masking.slot_weights == [1.0, 3.0, 2.0, 1.5, 1.0]  # asarm-tiny's recipe
+    with pytest.raises(ValueError, match="masking.slot_weights weighs the parallel"):
+        apply_overrides(cfg, ["masking.mixture={joint: 1}"])  # slot weights with no parallel row do nothing
+    unweighted = apply_overrides(cfg, ["masking.slot_weights=[]"])
+    assert apply_overrides(unweighted, ["masking.mixture=null"]).masking.mixture is None
+    assert apply_overrides(unweighted, ["masking.mixture={joint: 1}"]).masking.mixture == {"joint": 1.0}
     for override, message in (("masking.mixture={joint: 1, mlm: 1}", "masking.mixture: unknown objective"),
                               ("masking.mixture.joint=-1", "masking.mixture.joint must be a finite weight"),
                               ("masking.mixture={joint: 0, parallel: 0}", "masking.mixture: the weights are all zero"),

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_trainer import small_text, tiny_overrides, tokenizer_dir, train_losses  # noqa: F401 (fixtures)
+from test_trainer import tiny_overrides, tokenizer_dir, train_losses  # noqa: F401 (fixtures; small_text: conftest)
 
 from asarm.cli import main as asarm_main
 from asarm.eval.runner import EvalRun, flatten_metrics
