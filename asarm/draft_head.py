@@ -33,13 +33,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["DraftHead", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT", "save_draft_head", "load_draft_head"]
+__all__ = ["DraftHead", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT", "outside_logit", "save_draft_head",
+           "load_draft_head"]
 
 HEAD_WEIGHTS = "draft_head.safetensors"
 HEAD_CONFIG = "draft_head.json"
 # The logit of tokens outside a truncated draft vocabulary: finite (the samplers refuse non-finite logits) but
-# so low that softmax gives them probability exactly 0, at any temperature.
+# so low that softmax gives them probability exactly 0, at any temperature (half the dtype's lowest in float16).
 OUTSIDE_LOGIT = -1e30
+
+
+def outside_logit(dtype: torch.dtype) -> float:
+    return max(OUTSIDE_LOGIT, torch.finfo(dtype).min / 2)
 
 
 class DraftHead(nn.Module):
@@ -81,7 +86,7 @@ class DraftHead(nn.Module):
         if not len(self.draft_vocab):
             return lm.lm_loss(adjusted), memory
         weight, bias = lm.lm_loss.weight[self.draft_vocab], lm.lm_loss.bias[self.draft_vocab]
-        logits = adjusted.new_full((*adjusted.shape[:-1], self.vocab_size), OUTSIDE_LOGIT)
+        logits = adjusted.new_full((*adjusted.shape[:-1], self.vocab_size), outside_logit(adjusted.dtype))
         logits[..., self.draft_vocab] = adjusted @ weight.t() + bias
         return logits, memory
 

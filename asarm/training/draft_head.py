@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import orders
-from ..draft_head import OUTSIDE_LOGIT, DraftHead
+from ..draft_head import DraftHead, outside_logit
 from ..model import ASARM
 
 __all__ = ["draft_points", "distillation_loss", "frequent_tokens"]
@@ -60,7 +60,7 @@ def distillation_loss(asarm: ASARM, head: DraftHead, tokens: torch.Tensor, sigma
     drafted[rows, positions[rows, cols]] = torch.stack(drafts, 1)[rows, cols]
     target = asarm.probabilities(asarm.logits(drafted, sigma, n_prompt, positions)).float()
     log_q = torch.log_softmax(logits.float().masked_fill(_mask_column(logits, asarm), float("-inf")), -1)
-    scored = (logits > OUTSIDE_LOGIT / 2) & ~_mask_column(logits, asarm)  # the draft vocabulary
+    scored = (logits > outside_logit(logits.dtype) / 2) & ~_mask_column(logits, asarm)  # the draft vocabulary
     cross = -torch.where(scored, target * log_q, 0.0).sum(-1)  # (b, slots)
     count = valid.sum().clamp(min=1)
     loss = (cross * valid).sum() / count

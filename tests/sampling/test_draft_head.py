@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asarm import orders
-from asarm.draft_head import HEAD_CONFIG, DraftHead
+from asarm.draft_head import HEAD_CONFIG, DraftHead, outside_logit
 from asarm.model import ASARM
 from asarm.sampling import assd_decode
 from asarm.sampling.drafters import HeadDrafter, chain_drafts
@@ -89,6 +89,8 @@ def test_truncated_draft_vocabulary_proposes_only_its_tokens(model):
     outside = torch.ones(model.vocab_size, dtype=torch.bool)
     outside[vocab] = False
     assert (probs[..., outside] == 0).all() and set(drafts.flatten().tolist()) <= {7, 8}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the outside logit stays finite in any dtype
+        assert torch.isfinite(torch.tensor(outside_logit(dtype), dtype=dtype))
     with pytest.raises(ValueError, match="distinct token ids"):
         DraftHead(model.config.d_model, model.vocab_size, draft_vocab=[7, 7])
     with pytest.raises(ValueError, match="distinct token ids"):
