@@ -62,12 +62,14 @@ CONTENDERS = {
     "assd-fused-k2-adaptive": ("assd-fused-adaptive", 2, {}),
     "assd-fused-k5-adaptive": ("assd-fused-adaptive", 5, {}),
     # the model's chained draft head (asarm.draft_head), when it ships one; single-pass rounds cover every
-    # outcome by default with it (-outcomes2: the all-accepted outcome and the earliest rejection only)
+    # outcome by default with it (-outcomes2: the all-accepted outcome and the earliest rejection only;
+    # -outcomes1: the all-accepted outcome only)
     "assd-head": ("assd-head", 5, {}),
     "assd-fused-head-k1": ("assd-fused-head", 1, {}),
     "assd-fused-head-k2": ("assd-fused-head", 2, {}),
     "assd-fused-head-k3": ("assd-fused-head", 3, {}),
     "assd-fused-head-k5": ("assd-fused-head", 5, {}),
+    "assd-fused-head-k2-outcomes1": ("assd-fused-head", 2, {"outcomes": 1}),
     "assd-fused-head-k2-outcomes2": ("assd-fused-head", 2, {"outcomes": 2}),
     "assd-fused-head-k3-outcomes2": ("assd-fused-head", 3, {"outcomes": 2}),
     "assd-fused-head-k5-outcomes2": ("assd-fused-head", 5, {"outcomes": 2}),
@@ -237,7 +239,7 @@ def main(argv=None) -> None:
             f"{args.adaptive_threshold}; draft temperature ratio {DEFAULT_DRAFT_TEMPERATURE_RATIO:g} for the model's "
             f"own drafts and {HEAD_DRAFT_TEMPERATURE_RATIO:g} for the draft head's unless the name says otherwise; "
             f"outcomes covered: {DEFAULT_OUTCOMES} by assd-fused, {HEAD_OUTCOMES} by assd-fused-head unless "
-            f"-outcomes2; tok/s: samplers alternated chunk by "
+            f"-outcomesN; tok/s: samplers alternated chunk by "
             f"chunk, each chunk the fastest of {args.repeats}, after a warm-up.\n\n{table}\n")
     if curve:
         text += ("\nOne cached call (batch 1, L=128, prompt cached): milliseconds against query rows and new "
