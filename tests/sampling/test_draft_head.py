@@ -155,3 +155,28 @@ def test_the_embedded_model_ships_its_draft_head():
     out = assd_decode(tiny, tokens, sigma, torch.tensor([3, 3]), k=3, drafter="head", fused=True, seed=0)
     assert out.sampler == "assd-fused-head" and (out.tokens != tiny.mask_token_id).all()
     assert int(out.nfe.max()) < 13  # at most one call per token, and the head's drafts pass
+
+
+@pytest.mark.parametrize("outcomes", [1, 2])
+@pytest.mark.parametrize("drafter", ["head", "self"])
+def test_covered_outcomes_most_likely_first(model, drafter, outcomes):
+    """Single-pass rounds prepare the next drafts for the covered outcomes only: with the head (drafts mostly
+    all accepted) the all-accepted outcome first, then the earliest rejections; with the model's own drafts
+    the earliest rejections. Read from the trace: a round verifies drafts exactly when the outcome of the
+    row's previous round was covered."""
+    tokens, sigma, n_prompt = _batch(batch_size=8, seq_len=12)
+    chosen = HeadDrafter(random_head(model, seed=7)) if drafter == "head" else "self"
+    out = assd_decode(model, tokens, sigma, n_prompt, k=3, fused=True, drafter=chosen, outcomes=outcomes,
+                      seed=torch.arange(8), trace=True)
+    checked = 0
+    for rounds in out.trace.rows:
+        for before, after in zip(rounds, rounds[1:]):
+            all_accepted = before.committed[-1][2] in ("bonus", "sequential")
+            j = len(before.drafts) if all_accepted else before.accepted  # the outcome: first rejected slot, or K
+            if drafter == "head":
+                covered = all_accepted or j + 1 < outcomes
+            else:
+                covered = j < outcomes
+            assert (len(after.drafts) > 0) == covered
+            checked += 1
+    assert checked > 20
