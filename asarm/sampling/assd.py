@@ -342,11 +342,12 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         fused: single-pass rounds (drafter ``"self"`` or ``"head"``; implies ``bonus``): the verify call also
             holds the next round's draft rows for each covered outcome; the drafter is never called (with
             ``"head"`` the draft head turns the outcome's rows into chained drafts after the call).
-        outcomes: ``"all"`` or the number of outcomes covered, earliest rejection first (the most likely
-            order when drafts are accepted less than half the time); after an uncovered outcome the next
-            call has no drafts to verify (it drafts for itself, see above). Only with ``fused``; default
-            ``DEFAULT_OUTCOMES`` (2), or ``HEAD_OUTCOMES`` ("all") with drafter ``"head"``, whose drafts
-            are mostly all accepted: a call holds about ``outcomes x k`` outcome rows.
+        outcomes: ``"all"`` or the number of outcomes covered, most likely first: the earliest rejections
+            for the model's own drafts (accepted less than half the time), the all-accepted outcome and then
+            the earliest rejections for the draft head's (mostly all accepted). After an uncovered outcome
+            the next call has no drafts to verify (it drafts for itself, see above). Only with ``fused``;
+            default ``DEFAULT_OUTCOMES`` (2), or ``HEAD_OUTCOMES`` ("all") with drafter ``"head"``: a call
+            holds about ``outcomes x k`` outcome rows.
         draft_temperature_ratio: verified drafts (self drafts after the first, single-pass drafts) are
             drawn at ``temperature x draft_temperature_ratio``; exact at any value > 0. Default
             ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.5): it raised the acceptance of the model's own drafts on
