@@ -76,27 +76,37 @@ class DraftHead(nn.Module):
                 "max_offset": self.max_offset, "draft_vocab_size": int(len(self.draft_vocab)) or None}
 
     def step(self, lm, states: torch.Tensor, prev_tokens: torch.Tensor, offsets: torch.Tensor,
-             memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+             memory: torch.Tensor | None, readout=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot for a batch: ``states (b, d)``, ``prev_tokens (b,)``, ``offsets (b,)`` -> ``(logits (b, V),
-        memory (b, d))``. ``lm`` is the XLNetLMHeadModel (its word embedding and LM head, both frozen)."""
+        memory (b, d))``. ``lm`` is the XLNetLMHeadModel (its word embedding and LM head, both frozen);
+        ``readout``: :meth:`readout` of ``lm``, when the caller runs several slots."""
         clipped = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
         inputs = lm.transformer.word_embedding(prev_tokens).to(states.dtype) + self.offset_embedding(clipped)
         memory = self.gru(self.input_norm(inputs), memory)
         adjusted = states + self.mlp(torch.cat([states, memory], dim=-1))
         if not len(self.draft_vocab):
             return lm.lm_loss(adjusted), memory
-        weight, bias = lm.lm_loss.weight[self.draft_vocab], lm.lm_loss.bias[self.draft_vocab]
+        weight, bias = self.readout(lm) if readout is None else readout
         logits = adjusted.new_full((*adjusted.shape[:-1], self.vocab_size), outside_logit(adjusted.dtype))
         logits[..., self.draft_vocab] = adjusted @ weight.t() + bias
         return logits, memory
 
-    def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, offsets: torch.Tensor, pick):
-        """Slots ``0..K-1`` in order: slot 0 follows ``first_prev (b,)``, slot i the token ``pick`` returned
-        for slot i-1. ``pick(i, logits (b, V)) -> tokens (b,)`` draws (or chooses) each slot's token.
-        Returns the logits ``(b, K, V)``."""
+    def readout(self, lm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The LM head's rows of the truncated draft vocabulary ``(weight, bias)``; None without one."""
+        if not len(self.draft_vocab):
+            return None
+        return lm.lm_loss.weight[self.draft_vocab], lm.lm_loss.bias[self.draft_vocab]
+
+    def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, positions: torch.Tensor,
+                prev_position: torch.Tensor, pick):
+        """Slots ``0..K-1`` in order, at ``positions (b, K)``: slot 0 follows ``first_prev (b,)`` at
+        ``prev_position (b,)``, slot i the token ``pick`` returned for slot i-1. ``pick(i, logits (b, V)) ->
+        tokens (b,)`` draws (or chooses) each slot's token. Returns the logits ``(b, K, V)``."""
+        offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
+        readout = self.readout(lm)  # gathered once, not per slot
         prev, memory, out = first_prev, None, []
         for i in range(states.shape[1]):
-            logits, memory = self.step(lm, states[:, i], prev, offsets[:, i], memory)
+            logits, memory = self.step(lm, states[:, i], prev, offsets[:, i], memory, readout)
             out.append(logits)
             prev = pick(i, logits)
         return torch.stack(out, dim=1)

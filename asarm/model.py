@@ -202,8 +202,8 @@ class ASARM(nn.Module):
             extra = json.loads((metadata / _ASARM_FILE).read_text())
         out = cls(model, tokenizer, extra.get("mask_token_id"))
         out.trained_length = _trained_length(metadata)
-        if metadata is not None and (head := load_draft_head(metadata, out.vocab_size, out.config.d_model)):
-            out.attach_draft_head(head)
+        if metadata is not None:
+            out.attach_draft_head(load_draft_head(metadata, out.vocab_size, out.config.d_model))  # None: no head
         return out.to(pick_device(device))
 
     @classmethod

@@ -118,7 +118,6 @@ def chain_drafts(head, model, states, prev_token, positions, prev_position, unif
     """Drafts from a draft head for query rows ``states (b, K, d)`` at ``positions (b, K)`` (consecutive
     ranks), the first following the known ``prev_token (b,)`` at ``prev_position (b,)``; slot i drawn from
     ``to_probs(logits_i, temperature)`` with ``uniforms[:, i]``. Returns ``(drafts (b, K), probs (b, K, V))``."""
-    offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
     drafts, probs = [], []
 
     def pick(i, logits):
@@ -127,7 +126,7 @@ def chain_drafts(head, model, states, prev_token, positions, prev_position, unif
         return drafts[-1]
 
     with torch.no_grad():
-        head(model.model, states, prev_token, offsets, pick)
+        head(model.model, states, prev_token, positions, prev_position, pick)
     return torch.stack(drafts, 1), torch.stack(probs, 1)
 
 

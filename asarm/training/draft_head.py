@@ -35,7 +35,7 @@ def draft_points(n_prompt: torch.Tensor, length: int, generator: torch.Generator
 def distillation_loss(asarm: ASARM, head: DraftHead, tokens: torch.Tensor, sigma: torch.Tensor,
                       n_prompt: torch.Tensor, n: torch.Tensor, slots: int, generator: torch.Generator):
     """The loss of one micro-batch (module doc) and its statistics: ``acceptance`` (per slot, over the rows
-    where that slot exists), ``loss`` and ``slots`` (the number of scored slots)."""
+    where that slot exists), ``drafted`` (those rows per slot), ``loss`` and ``slots`` (scored slots in all)."""
     batch, length = tokens.shape
     device = tokens.device
     idx = torch.arange(slots, device=device)
@@ -45,36 +45,30 @@ def distillation_loss(asarm: ASARM, head: DraftHead, tokens: torch.Tensor, sigma
     positions = orders.positions_of_ranks(by_rank, ranks.masked_fill(~valid, -1))
     prev_position = by_rank.gather(1, n[:, None])[:, 0]
     states = asarm.query_states(tokens, sigma, n_prompt, positions, n_visible=n)
-    offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
+    mask_column = torch.arange(asarm.vocab_size, device=device) == asarm.mask_token_id  # never drawn
     drafts = []
 
     def pick(i, logits):
         with torch.no_grad():
-            probs = torch.softmax(logits.detach().float().masked_fill(_mask_column(logits, asarm), float("-inf")), -1)
+            probs = torch.softmax(logits.detach().float().masked_fill(mask_column, float("-inf")), -1)
             drafts.append(torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device))
         return drafts[-1]
 
-    logits = head(asarm.model, states, tokens.gather(1, prev_position[:, None])[:, 0], offsets, pick)
+    first_prev = tokens.gather(1, prev_position[:, None])[:, 0]
+    logits = head(asarm.model, states, first_prev, positions, prev_position, pick)
     drafted = tokens.clone()
     rows, cols = valid.nonzero(as_tuple=True)
     drafted[rows, positions[rows, cols]] = torch.stack(drafts, 1)[rows, cols]
     target = asarm.probabilities(asarm.logits(drafted, sigma, n_prompt, positions)).float()
-    log_q = torch.log_softmax(logits.float().masked_fill(_mask_column(logits, asarm), float("-inf")), -1)
-    scored = (logits > outside_logit(logits.dtype) / 2) & ~_mask_column(logits, asarm)  # the draft vocabulary
+    log_q = torch.log_softmax(logits.float().masked_fill(mask_column, float("-inf")), -1)
+    scored = (logits > outside_logit(logits.dtype) / 2) & ~mask_column  # the draft vocabulary
     cross = -torch.where(scored, target * log_q, 0.0).sum(-1)  # (b, slots)
     count = valid.sum().clamp(min=1)
     loss = (cross * valid).sum() / count
     with torch.no_grad():
         accept = torch.minimum(target, log_q.exp()).sum(-1)
         per_slot = (accept * valid).sum(0) / valid.sum(0).clamp(min=1)
-    return loss, {"loss": loss.detach(), "acceptance": per_slot, "slots": count}
-
-
-def _mask_column(logits: torch.Tensor, asarm: ASARM) -> torch.Tensor:
-    """A boolean mask of the ``<mask>`` logit (the samplers never draw it)."""
-    column = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    column[asarm.mask_token_id] = True
-    return column
+    return loss, {"loss": loss.detach(), "acceptance": per_slot, "drafted": valid.sum(0), "slots": count}
 
 
 def frequent_tokens(batches, count: int, vocab_size: int, exclude: int) -> torch.Tensor:

@@ -335,7 +335,7 @@ class Trainer:
         rates = torch.as_tensor(rates, dtype=torch.float64).reshape(-1).expand(batch)
         n_prompt = length - num_predict_for_rates(rates, length, self.cfg.masking.min_prompt)
         order = orders.any_subset if self.cfg.masking.order == "any_subset" else orders.any_permutation
-        sigma = torch.stack([order(n_prompt[i:i + 1], length, generator=self.generator)[0] for i in range(batch)])
+        sigma = order(n_prompt, length, generator=self.generator)
         n = draft_points(n_prompt, length, self.generator)
         device = tokens.device
         loss, stats = distillation_loss(self.asarm, self.model, tokens, sigma.to(device), n_prompt.to(device),
@@ -538,9 +538,9 @@ class Trainer:
                             n = draft_points(n_prompt, length, gen).to(device)
                             _, stats = distillation_loss(self.asarm, self.asarm.draft_head, tokens, sigma,
                                                          n_prompt.to(device), n, self.cfg.draft_head.slots, gen)
-                        valid = (n[:, None] + 1 + torch.arange(self.cfg.draft_head.slots, device=device)) < length
-                        accepted += stats["acceptance"].double().cpu() * valid.sum(0).cpu()
-                        drafted += valid.sum(0).double().cpu()
+                        slot_rows = stats["drafted"].double().cpu()
+                        accepted += stats["acceptance"].double().cpu() * slot_rows
+                        drafted += slot_rows
                     logp = self.asarm.score(tokens, sigma, n_prompt.to(device))
                 total_nll -= float(logp.double().sum())
                 total_tokens += int((length - n_prompt).sum())
