@@ -87,3 +87,16 @@ def random_head(model: ASARM, seed: int = 0, std: float = 0.5, draft_vocab=None)
         for param in head.mlp[-1].parameters():
             torch.nn.init.normal_(param, std=std)
     return head.to(model.dtype)
+
+
+def greedy_decode(model: ASARM, context: list[int], num_tokens: int) -> list[int]:
+    """Explicit left-to-right greedy decoding, one forward pass per token, on the raw logits without
+    <mask>: the reference the lm-evaluation answers are checked against."""
+    out = []
+    for _ in range(num_tokens):
+        tokens = torch.tensor([context + out + [model.mask_token_id] * (num_tokens - len(out))])
+        sigma = torch.arange(tokens.shape[1])[None]
+        logits = model.logits(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[len(context) + len(out)]]))
+        logits[..., model.mask_token_id] = float("-inf")
+        out.append(int(logits[0, 0].argmax()))
+    return out

@@ -17,6 +17,8 @@ from asarm.eval.lm_tasks import split_last_word  # noqa: E402
 from asarm.model import ASARM  # noqa: E402
 from asarm.tokenization import encode_text  # noqa: E402
 
+from helpers import greedy_decode  # noqa: E402
+
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ["asarm_lambada_local", "asarm_hellaswag_local", "asarm_rolling_local", "asarm_generate_local"]
 
@@ -40,16 +42,6 @@ def _hand_log_likelihood(model, context, target):
         logp = model.log_probs(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[tokens.shape[1] - 1]]))
         total += float(logp[0, 0, tok])
     return total
-
-
-def _greedy(model, context, n):
-    out = []
-    for _ in range(n):
-        tokens = torch.tensor([context + out + [model.mask_token_id] * (n - len(out))])
-        sigma = torch.arange(tokens.shape[1])[None]
-        logp = model.log_probs(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[len(context) + len(out)]]))
-        out.append(int(logp[0, 0].argmax()))
-    return out
 
 
 def test_registered_with_lm_eval():
@@ -80,12 +72,12 @@ def test_loglikelihood_is_exact_and_batch_invariant(model):
     for req, (ll, greedy) in zip(reqs[:3], results):
         context, target = lm.encode_pair(*req.args)
         assert ll == pytest.approx(_hand_log_likelihood(model, context, target), abs=1e-6)
-        assert greedy == (_greedy(model, context, len(target)) == target)
+        assert greedy == (greedy_decode(model, context, len(target)) == target)
     # a continuation greedy does reproduce
     context = lm.tok_encode("The cat sat on the")
-    text = lm.tok_decode(_greedy(model, context, 3))
+    text = lm.tok_decode(greedy_decode(model, context, 3))
     ((ll, greedy),) = lm.loglikelihood(_requests(("The cat sat on the", " " + text)))
-    assert greedy == (lm.encode_pair("The cat sat on the", " " + text)[1] == _greedy(model, context, 3))
+    assert greedy == (lm.encode_pair("The cat sat on the", " " + text)[1] == greedy_decode(model, context, 3))
 
 
 def test_any_permutation_order_is_seeded(model):
@@ -149,7 +141,7 @@ def test_generate_until_greedy(model):
     lm = ASARMLM(model=model, max_gen_toks=5)
     (text,) = lm.generate_until(_requests(("The cat sat on the", {"until": [], "do_sample": False})))
     context = lm.tok_encode("The cat sat on the")
-    assert text == lm.tok_decode(_greedy(model, context, 5))
+    assert text == lm.tok_decode(greedy_decode(model, context, 5))
     assert lm.generate_until(_requests(("The cat sat on the", {"until": [], "temperature": 0})))[0] == text
     with pytest.raises(ValueError, match="sampler"):
         lm.generate_until(_requests(("x", {"sampler": "nope"})))
@@ -172,7 +164,7 @@ def test_simple_evaluate_on_local_tasks_agrees_with_hand_scores(model, tiny_mode
         ex = split_last_word(doc["text"])
         context, target = lm.encode_pair(ex.context, " " + ex.target)
         lls.append(_hand_log_likelihood(model, context, target))
-        correct.append(_greedy(model, context, len(target)) == target)
+        correct.append(greedy_decode(model, context, len(target)) == target)
     assert res["asarm_lambada_local"]["perplexity,none"] == pytest.approx(np.exp(-np.mean(lls)), rel=1e-5)
     assert res["asarm_lambada_local"]["acc,none"] == pytest.approx(np.mean(correct))
 

@@ -14,6 +14,8 @@ from asarm.model import ASARM
 from asarm.paths import DataFileNotFoundError
 from asarm.tokenization import encode_text
 
+from helpers import greedy_decode
+
 
 def test_split_last_word():
     assert split_last_word("He opened the door and saw his dog\n") == LambadaExample(
@@ -139,18 +141,6 @@ def _step_log_probs(model, context, prefix):
     return model.log_probs(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[total - 1]]))[0, 0]
 
 
-def _greedy_decode(model, context, num_tokens):
-    """Explicit greedy decoding, one forward pass per token, on the raw logits without <mask>."""
-    out = []
-    for _ in range(num_tokens):
-        tokens = torch.tensor([context + out + [model.mask_token_id] * (num_tokens - len(out))])
-        sigma = torch.arange(tokens.shape[1])[None]
-        logits = model.logits(tokens, sigma, torch.tensor([len(context)]), torch.tensor([[len(context) + len(out)]]))
-        logits[..., model.mask_token_id] = float("-inf")
-        out.append(int(logits[0, 0].argmax()))
-    return out
-
-
 def _hand_log_likelihood(model, context, target):
     return sum(float(_step_log_probs(model, context, target[:i])[tok]) for i, tok in enumerate(target))
 
@@ -215,7 +205,7 @@ def test_cli_end_to_end(model, model_dir, tmp_path, xlnet_tokenizer):
     for passage, row in zip(passages, rows):
         ex = split_last_word(passage)
         context, target = _pair(xlnet_tokenizer, ex.context, " " + ex.target, 16)
-        decoded = _greedy_decode(model, context, len(target))
+        decoded = greedy_decode(model, context, len(target))
         assert row["correct"] == (decoded == target)
         assert row["log_likelihood"] == pytest.approx(_hand_log_likelihood(model, context, target), abs=1e-6)
     assert metrics["lambada"]["acc"] == pytest.approx(np.mean([r["correct"] for r in rows]))
