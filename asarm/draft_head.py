@@ -78,14 +78,14 @@ class DraftHead(nn.Module):
     def step(self, lm, states: torch.Tensor, prev_tokens: torch.Tensor, offsets: torch.Tensor,
              memory: torch.Tensor | None, readout=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot for a batch: ``states (b, d)``, ``prev_tokens (b,)``, ``offsets (b,)`` -> ``(logits (b, V),
-        memory (b, d))``. ``lm`` is the XLNetLMHeadModel (its word embedding and LM head, both frozen);
+        memory (b, d))``. ``lm`` is the model's backbone (its token embedding and LM head, both frozen);
         ``readout``: :meth:`readout` of ``lm``, when the caller runs several slots."""
         clipped = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
-        inputs = lm.transformer.word_embedding(prev_tokens).to(states.dtype) + self.offset_embedding(clipped)
+        inputs = lm.embed(prev_tokens).to(states.dtype) + self.offset_embedding(clipped)
         memory = self.gru(self.input_norm(inputs), memory)
         adjusted = states + self.mlp(torch.cat([states, memory], dim=-1))
         if not len(self.draft_vocab):
-            return lm.lm_loss(adjusted), memory
+            return lm.lm_head(adjusted), memory
         weight, bias = self.readout(lm) if readout is None else readout
         logits = adjusted.new_full((*adjusted.shape[:-1], self.vocab_size), outside_logit(adjusted.dtype))
         logits[..., self.draft_vocab] = adjusted @ weight.t() + bias
@@ -95,7 +95,8 @@ class DraftHead(nn.Module):
         """The LM head's rows of the truncated draft vocabulary ``(weight, bias)``; None without one."""
         if not len(self.draft_vocab):
             return None
-        return lm.lm_loss.weight[self.draft_vocab], lm.lm_loss.bias[self.draft_vocab]
+        weight, bias = lm.readout()
+        return weight[self.draft_vocab], bias[self.draft_vocab]
 
     def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, positions: torch.Tensor,
                 prev_position: torch.Tensor, pick):

@@ -109,8 +109,10 @@ def model_card(model_dir: Path, repo_id: str | None = None, revision: str | None
     log = read_training_log(model_dir / "training_log.jsonl")
     results = load_eval_results(eval_results)
     title = repo_id or model_dir.name
-    parts = [front_matter(license), CARD_MARKER, f"# {title}\n",
-             "An any-subset autoregressive model (AS-ARM) on an XLNet backbone, trained with the asarm "
+    rope = _read_json(model_dir / "config.json").get("model_type") == "asarm-rope"
+    backbone = "the asarm rotary two-stream backbone (asarm.backbones.rope)" if rope else "an XLNet backbone"
+    parts = [front_matter(license, transformers=not rope), CARD_MARKER, f"# {title}\n",
+             f"An any-subset autoregressive model (AS-ARM) on {backbone}, trained with the asarm "
              "package: it scores and samples tokens in any order, exactly, and supports Any-Subset "
              "Speculative Decoding (ASSD).\n",
              _load_section(repo_id, revision, model_dir.name), _architecture_section(model_dir, config),
@@ -118,10 +120,11 @@ def model_card(model_dir: Path, repo_id: str | None = None, revision: str | None
     return "\n".join(parts)
 
 
-def front_matter(license: str) -> str:
-    # library_name transformers: the weights are a plain XLNetLMHeadModel; "asarm" is a tag because the
-    # Hub knows no such library (sampling in any order needs the asarm package).
-    meta = {"library_name": "transformers", "license": license, "tags": list(TAGS)}
+def front_matter(license: str, transformers: bool = True) -> str:
+    # library_name transformers: XLNet weights are a plain XLNetLMHeadModel (the rotary backbone's are not);
+    # "asarm" is a tag because the Hub knows no such library (sampling in any order needs the asarm package).
+    meta = {"library_name": "transformers"} if transformers else {}
+    meta.update({"license": license, "tags": list(TAGS)})
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
 
@@ -144,7 +147,8 @@ def _load_section(repo_id: str | None, revision: str | None, dir_name: str) -> s
 def _architecture_section(model_dir: Path, config: dict) -> str:
     hf = _read_json(model_dir / "config.json")
     params = _get(config, "resolved", "parameters") or _count_parameters(model_dir / "model.safetensors")
-    rows = [("layers", hf.get("n_layer")), ("d_model", hf.get("d_model")), ("heads", hf.get("n_head")),
+    rows = [("backbone", hf.get("model_type")), ("layers", hf.get("n_layer")), ("d_model", hf.get("d_model")),
+            ("heads", hf.get("n_head")),
             ("d_inner", hf.get("d_inner")), ("vocabulary", hf.get("vocab_size")),
             ("parameters", f"{params:,}" if params else None), ("weights dtype", hf.get("dtype") or
                                                                  hf.get("torch_dtype"))]

@@ -1,4 +1,5 @@
-"""The AS-ARM model: ``transformers.XLNetLMHeadModel`` plus its tokenizer, with any-order scoring.
+"""The AS-ARM model: a backbone (asarm.backbones: XLNet or the rotary two-stream transformer) plus its
+tokenizer, with any-order scoring.
 
 Load a released checkpoint from the Hugging Face Hub (``ASARM.from_pretrained("therealgabeguo/ASARM",
 revision="nlp")``), a local directory, or build a small random model from a config (tests).
@@ -17,6 +18,8 @@ from safetensors import SafetensorError
 from transformers import XLNetConfig, XLNetLMHeadModel
 
 from . import masks
+from .backbones import Backbone, XLNetBackbone, backbone_class, backbone_of_model_type
+from .backbones.xlnet import XLNET_BASE_SIZES
 from .draft_head import HEAD_CONFIG, HEAD_WEIGHTS, DraftHead, load_draft_head, save_draft_head
 from .orders import check_token_ids, positions_by_rank, positions_of_ranks
 
@@ -27,7 +30,6 @@ HUB_REPO = "therealgabeguo/ASARM"
 # Branches of HUB_REPO (spec section 1); "xlnet-base-cased" is the off-the-shelf baseline.
 HUB_REVISIONS = ("nlp", "nlp_210k_plus_75k", "code", "xlnet-base-cased")
 XLNET_MASK_TOKEN_ID = 6
-XLNET_BASE_SIZES = {"vocab_size": 32000, "d_model": 768, "n_layer": 12, "n_head": 12, "d_inner": 3072}
 FALLBACK_TOKENIZER = "xlnet/xlnet-base-cased"
 # Models shipped inside the package, loadable by name offline (see asarm/models/*/README.md).
 EMBEDDED_MODELS = {"asarm-tiny": Path(__file__).parent / "models" / "asarm-tiny"}
@@ -65,11 +67,14 @@ def pick_device(device=None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_tokenizer(name_or_path: str, revision: str | None, offline: bool = False):
+def _load_tokenizer(name_or_path: str, revision: str | None, offline: bool = False, xlnet_layout: bool = False):
+    """``xlnet_layout``: the directory's config.json is not a transformers config (another backbone) but its
+    tokenizer has XLNet's special-token layout; say so instead of letting transformers read that config."""
     from transformers import AutoTokenizer
 
+    config = XLNetConfig() if xlnet_layout else None
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=offline)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=offline, config=config)
     except (OSError, ValueError):
         return None
 
@@ -119,6 +124,24 @@ def _hub_metadata_dir(repo: str, revision: str | None, offline: bool) -> Path | 
     return folder
 
 
+def _model_type(local: Path | None, repo: str, revision: str | None, offline: bool) -> str | None:
+    """config.json's ``model_type`` (which backbone reads the checkpoint); None when it cannot be read here (the
+    load that follows then says why)."""
+    if local is not None:
+        path = local / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(repo, "config.json", revision=revision, local_files_only=offline))
+        except Exception:  # noqa: BLE001 - offline, unknown repository or revision: explained by the load itself
+            return None
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def _trained_length(local: Path | None) -> int | None:
     """The sequence length a local model was trained at (asarm.json, else its training config)."""
     if local is None:
@@ -136,10 +159,10 @@ def _trained_length(local: Path | None) -> int | None:
 
 
 class ASARM(nn.Module):
-    """An any-subset autoregressive model on an XLNet backbone.
+    """An any-subset autoregressive model.
 
     Args:
-        model: the ``XLNetLMHeadModel``.
+        backbone: the network (an ``asarm.backbones.Backbone``; an ``XLNetLMHeadModel`` is wrapped in one).
         tokenizer: its tokenizer (optional; needed only to encode or decode text).
         mask_token_id: the placeholder id, never sampled (XLNet's ``<mask>`` = 6 by default).
     """
@@ -148,18 +171,18 @@ class ASARM(nn.Module):
     # longer inputs ask XLNet for relative positions it never saw
     trained_length: int | None = None
 
-    def __init__(self, model: XLNetLMHeadModel, tokenizer=None, mask_token_id: int | None = None):
+    def __init__(self, backbone: Backbone | XLNetLMHeadModel, tokenizer=None, mask_token_id: int | None = None):
         super().__init__()
-        _cast_positional_encoding(model.transformer)
-        self.model = model.eval()
+        if isinstance(backbone, XLNetLMHeadModel):
+            backbone = XLNetBackbone(backbone)
+        self.backbone = backbone.eval()
         self.tokenizer = tokenizer
         if mask_token_id is None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
         if mask_token_id is None:
             mask_token_id = XLNET_MASK_TOKEN_ID
-        if not 0 <= mask_token_id < model.config.vocab_size:
-            raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary of size "
-                             f"{model.config.vocab_size}")
+        if not 0 <= mask_token_id < backbone.vocab_size:
+            raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary of size {backbone.vocab_size}")
         self.mask_token_id = int(mask_token_id)
         self.draft_head: DraftHead | None = None  # the chained draft head (asarm.draft_head), when one is attached
 
@@ -183,8 +206,11 @@ class ASARM(nn.Module):
                              f"drop the revision or give a Hub name")
         offline = local is None and hub_offline()
         try:
-            model = XLNetLMHeadModel.from_pretrained(str(local or source), revision=revision, dtype=dtype,
-                                                     local_files_only=offline)
+            kind = backbone_of_model_type(_model_type(local, source, revision, offline))
+        except ValueError as err:
+            raise ModelLoadError(f"{source!r}: {err}") from err
+        try:
+            model = kind.from_pretrained(str(local or source), revision=revision, dtype=dtype, local_files_only=offline)
         except SafetensorError as err:
             where = f"{local}/model.safetensors" if local else f"the cached model.safetensors of {source!r}"
             raise ModelLoadError(f"{where} is truncated or corrupt ({err}); download or save the model again") from err
@@ -193,7 +219,7 @@ class ASARM(nn.Module):
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = _load_tokenizer(str(tokenizer), None, offline)
         elif tokenizer is None:
-            tokenizer = _load_tokenizer(str(local or source), revision, offline)
+            tokenizer = _load_tokenizer(str(local or source), revision, offline, kind is not XLNetBackbone)
             if tokenizer is None and local is None:
                 tokenizer = _load_tokenizer(FALLBACK_TOKENIZER, None, offline)
         metadata = local if local is not None else _hub_metadata_dir(source, revision, offline)
@@ -203,42 +229,38 @@ class ASARM(nn.Module):
         out = cls(model, tokenizer, extra.get("mask_token_id"))
         out.trained_length = _trained_length(metadata)
         if metadata is not None:
-            out.attach_draft_head(load_draft_head(metadata, out.vocab_size, out.config.d_model))  # None: no head
+            out.attach_draft_head(load_draft_head(metadata, out.vocab_size, out.backbone.d_model))  # None: no head
         return out.to(pick_device(device))
 
     @classmethod
     def from_config(cls, config: XLNetConfig | dict | None = None, tokenizer=None, mask_token_id: int | None = None,
                     seed: int | None = None, init_std: float | None = None, device=None,
-                    dtype: torch.dtype | None = None, **overrides) -> "ASARM":
-        """A randomly initialised model. ``config`` is an ``XLNetConfig``, a dict of its fields, or
-        None (xlnet-base-cased sizes; ``XLNetConfig``'s own defaults are xlnet-large); keyword
-        overrides are applied on top. ``init_std`` rescales the
-        initial weights (large values give peaked, strongly dependent conditionals: useful in tests)."""
+                    dtype: torch.dtype | None = None, backbone: str = "xlnet", **overrides) -> "ASARM":
+        """A randomly initialised model on ``backbone`` (a name in ``asarm.backbones.BACKBONES``). ``config``
+        is a dict of the backbone config's fields (or an ``XLNetConfig``), or None (base sizes: xlnet-base-cased
+        for XLNet; ``XLNetConfig``'s own defaults are xlnet-large); keyword overrides are applied on top.
+        ``init_std`` rescales the initial weights (large values give peaked, strongly dependent conditionals:
+        useful in tests)."""
+        kind = backbone_class(backbone)
         if isinstance(config, XLNetConfig):
             config = config.to_dict()
-        fields = dict(XLNET_BASE_SIZES) if config is None else dict(config)
+        fields = dict(XLNET_BASE_SIZES if kind is XLNetBackbone else {}) if config is None else dict(config)
         fields.update(overrides)
         fields.setdefault("dropout", 0.0)
         if init_std is not None:
             fields["initializer_range"] = init_std
         if tokenizer is not None:
             fields.setdefault("vocab_size", len(tokenizer))
-        cfg = XLNetConfig(**fields)
-        if seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = XLNetLMHeadModel(cfg)
-        else:
-            model = XLNetLMHeadModel(cfg)
+        model = kind.from_config(fields, seed=seed)
         if dtype is not None:
             model = model.to(dtype)
         return cls(model, tokenizer, mask_token_id).to(pick_device(device))
 
     def attach_draft_head(self, head: DraftHead | None) -> "ASARM":
         """Use ``head`` as this model's draft head (moved to its device and dtype; saved with it); None detaches."""
-        if head is not None and (head.vocab_size, head.d_model) != (self.vocab_size, self.config.d_model):
+        if head is not None and (head.vocab_size, head.d_model) != (self.vocab_size, self.backbone.d_model):
             raise ValueError(f"the draft head is for vocabulary {head.vocab_size} and width {head.d_model}, the model "
-                             f"has {self.vocab_size} and {self.config.d_model}")
+                             f"has {self.vocab_size} and {self.backbone.d_model}")
         self.draft_head = None if head is None else head.to(device=self.device, dtype=self.dtype).eval()
         return self
 
@@ -246,7 +268,7 @@ class ASARM(nn.Module):
         """Write safetensors weights, config, tokenizer, asarm.json and the draft head (if any) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
+        self.backbone.save_pretrained(directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         extra = {"mask_token_id": self.mask_token_id}
@@ -258,20 +280,21 @@ class ASARM(nn.Module):
 
     # -------------------------------------------------------------------------------- properties
     @property
-    def config(self) -> XLNetConfig:
-        return self.model.config
+    def config(self):
+        """The backbone's config (``vocab_size``, ``d_model``, ``n_layer``, ``n_head``, ``d_head``, ...)."""
+        return self.backbone.config
 
     @property
     def vocab_size(self) -> int:
-        return self.model.config.vocab_size
+        return self.backbone.vocab_size
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.backbone.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return next(self.backbone.parameters()).dtype
 
     # --------------------------------------------------------------------------------- scoring
     @torch.no_grad()
@@ -282,20 +305,21 @@ class ASARM(nn.Module):
         ``n_visible=None`` uses the oracle mask (a query on rank r sees ranks < r); a ``(B,)``
         tensor uses the draft mask (every query sees only ranks < n_visible).
         """
-        return check_finite(self.model.lm_loss(self.query_states(tokens, sigma, n_prompt, query_positions, n_visible)))
+        states = self.query_states(tokens, sigma, n_prompt, query_positions, n_visible)
+        return check_finite(self.backbone.lm_head(states))
 
     @torch.no_grad()
     def query_states(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
                      query_positions: torch.Tensor, n_visible: torch.Tensor | None = None) -> torch.Tensor:
-        """The final query-stream states ``(B, k, d_model)`` behind :meth:`logits` (their LM head gives the
-        logits, as in ``XLNetLMHeadModel.forward``); what a draft head reads."""
+        """The final query-stream states ``(B, k, d_model)`` behind :meth:`logits` (the backbone's ``lm_head``
+        of them gives the logits); what a draft head reads."""
         tokens = tokens.to(self.device)
         check_token_ids(tokens, self.vocab_size)
         sigma = sigma.to(self.device)
         pm = masks.perm_mask(sigma, n_prompt.to(self.device),
                              None if n_visible is None else n_visible.to(self.device), dtype=self.dtype)
         tm = masks.target_mapping(query_positions.to(self.device), tokens.shape[1], dtype=self.dtype)
-        return self.model.transformer(input_ids=tokens, perm_mask=pm, target_mapping=tm, use_mems=False)[0]
+        return self.backbone.query_states(tokens, pm, tm)
 
     def log_probs(self, tokens: torch.Tensor, sigma: torch.Tensor, n_prompt: torch.Tensor,
                   query_positions: torch.Tensor, n_visible: torch.Tensor | None = None,
@@ -340,17 +364,6 @@ class ASARM(nn.Module):
         targets = tokens.gather(1, positions.clamp(min=0)).to(logp.device)
         picked = logp.gather(2, targets[..., None]).squeeze(-1)
         return torch.where(valid.to(picked.device), picked, 0.0).sum(dim=1)
-
-
-def _cast_positional_encoding(transformer) -> None:
-    """Hugging Face builds XLNet's sinusoids in float32 whatever the weights' dtype, and its two-stream
-    attention does not cast them, so float64 (or half) weights fail. Cast them at call time."""
-    original = transformer.relative_positional_encoding
-
-    def relative_positional_encoding(*args, **kwargs):
-        return original(*args, **kwargs).to(transformer.word_embedding.weight.dtype)
-
-    transformer.relative_positional_encoding = relative_positional_encoding
 
 
 def _explain_load_failure(source: str, revision: str | None, err: Exception, offline: bool) -> str:

@@ -3,7 +3,9 @@
 #   1. tests/gpu: cached vs full engine logits on CUDA in float32 and bfloat16, and the brute-force
 #      exactness mini-suite on CUDA (both engines);
 #   2. the sampling benchmark's GPU rows (benchmarks/bench_sampling.py --device cuda, RESULTS.md untouched);
-#   3. 50 bf16 training steps of configs/tiny_cpu.yaml on the GPU, without and with torch.compile.
+#   3. 50 bf16 training steps of configs/tiny_cpu.yaml on the GPU, without and with torch.compile, and of
+#      configs/tiny_cpu_rope.yaml (the rotary backbone);
+#   4. the backbone benchmark's speed and memory rows (benchmarks/bench_backbones.py --skip-quality).
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 #
 # Usage: scripts/gpu_check.sh [OUT]   (default OUT=runs/gpu_check; PYTHON=python3, DEVICE=cuda)
@@ -52,9 +54,9 @@ step() {
     } >> "$REPORT"
 }
 
-train() {  # train NAME COMPILE: 50 bf16 steps of the tiny config in a fresh run directory
+train() {  # train NAME COMPILE [CONFIG]: 50 bf16 steps of a tiny config in a fresh run directory
     rm -rf "$OUT/$1"
-    "$PYTHON" -m asarm.cli train --config configs/tiny_cpu.yaml "train.run_dir=$OUT/$1" "train.max_steps=$STEPS" \
+    "$PYTHON" -m asarm.cli train --config "${3:-configs/tiny_cpu.yaml}" "train.run_dir=$OUT/$1" "train.max_steps=$STEPS" \
         train.mixed_precision=bf16 train.cpu=false "train.compile=$2" train.save_every=100000 train.resume=none \
         log.tensorboard=false
 }
@@ -63,6 +65,8 @@ step gpu_tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu
 step bench_sampling "$PYTHON" benchmarks/bench_sampling.py --device "$DEVICE" --lengths 128 512 --repeats 1 --no-write
 step train_bf16_eager train train_bf16_eager false
 step train_bf16_compiled train train_bf16_compiled true
+step train_rope_bf16 train train_rope_bf16 false configs/tiny_cpu_rope.yaml
+step bench_backbones "$PYTHON" benchmarks/bench_backbones.py --device "$DEVICE" --skip-quality --steps 3 --no-write
 
 echo "gpu_check: report in $REPORT" >&2
 exit "$FAILED"

@@ -11,7 +11,8 @@ from asarm.model import ASARM
 
 
 def tiny_model(seed: int = 0, vocab_size: int = 10, init_std: float = 1.0, dtype=torch.float32, **overrides) -> ASARM:
-    """A small random XLNet; a large ``init_std`` gives peaked, strongly dependent conditionals."""
+    """A small random model (XLNet; ``backbone="rope"``: the rotary one); a large ``init_std`` gives peaked,
+    strongly dependent conditionals."""
     cfg = dict(vocab_size=vocab_size, d_model=32, n_layer=2, n_head=4, d_inner=64)
     cfg.update(overrides)
     return ASARM.from_config(seed=seed, init_std=init_std, dtype=dtype, device="cpu", **cfg)

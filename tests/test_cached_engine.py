@@ -1,6 +1,6 @@
-"""The cached engine returns the full Hugging Face forward's logits, call for call, under the call
-patterns of the samplers (draft and verify calls, lazy commits, rejections, rows dropping out),
-and it computes only the new rows."""
+"""The cached engine returns the full forward's logits (for XLNet: Hugging Face's own), call for call, under
+the call patterns of the samplers (draft and verify calls, lazy commits, rejections, rows dropping out), and
+it computes only the new rows. Every test runs on both backbones (the ``backbone`` fixture)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,29 @@ from asarm.sampling.cached_engine import CachedEngine
 from asarm.sampling.engine import ENGINES, FullEngine, make_engine
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+XLNET_ONLY = {"ff_activation", "clamp_len"}
+BACKBONE = "xlnet"  # set for each test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=["xlnet", "rope"])
+def backbone(request, monkeypatch):
+    monkeypatch.setitem(globals(), "BACKBONE", request.param)
+    return request.param
 
 
 def make_model(dtype=torch.float32, seed=0, **overrides) -> ASARM:
+    if BACKBONE != "xlnet" and XLNET_ONLY & set(overrides):
+        pytest.skip(f"XLNet options: {sorted(XLNET_ONLY & set(overrides))}")
     cfg = dict(vocab_size=16, d_model=32, n_layer=2, n_head=4, d_inner=64)
     cfg.update(overrides)
-    model = ASARM.from_config(seed=seed, init_std=0.5, device="cpu", **cfg).to(dtype)
-    return model
+    return ASARM.from_config(seed=seed, init_std=0.5, device="cpu", backbone=BACKBONE, **cfg).to(dtype)
 
 
 class Pair:
     """Runs a full session and a cached session side by side and compares every call."""
 
     def __init__(self, model, tokens, sigma, n_prompt, **engine_kwargs):
-        self.lm_head = model.model.lm_loss
+        self.lm_head = model.backbone.lm_head
         self.full = FullEngine(model).start(tokens, sigma, n_prompt)
         self.cached = CachedEngine(model, **engine_kwargs).start(tokens, sigma, n_prompt)
         self.tol = TOL[model.dtype]
@@ -310,13 +319,13 @@ def test_cached_engine_never_runs_the_full_forward():
     want = FullEngine(model).start(tokens, sigma, n_prompt).logits(rows, tokens, n_fixed, ranks, False)
 
     def boom(*args, **kwargs):
-        raise AssertionError("the Hugging Face forward was called")
+        raise AssertionError("the full two-stream forward was called")
 
-    model.model.forward = boom
+    model.backbone.query_states = boom
     try:
         got = CachedEngine(model).start(tokens, sigma, n_prompt).logits(rows, tokens, n_fixed, ranks, False)
     finally:
-        del model.model.forward
+        del model.backbone.query_states
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 

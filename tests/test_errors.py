@@ -136,7 +136,7 @@ def test_token_ids_outside_the_vocabulary():
 def test_non_finite_logits_stop_the_evaluation_paths():
     model = tiny_model()
     with torch.no_grad():
-        model.model.transformer.layer[0].ff.layer_1.weight[0, 0] = float("nan")
+        model.backbone.hf.transformer.layer[0].ff.layer_1.weight[0, 0] = float("nan")
     tokens, sigma, n_prompt, queries = _inputs()
     for call in (lambda: model.logits(tokens, sigma, n_prompt, queries),
                  lambda: model.log_probs(tokens, sigma, n_prompt, queries),

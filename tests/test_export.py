@@ -258,6 +258,16 @@ def test_card_of_a_model_without_training_files(tmp_path, tiny_model_dir):
     assert "| held-out NLL per token (the training text's held-out split) | not measured | - |" in card
     assert "| layers | 1 |" in card and "| d_model | 16 |" in card
     assert f"| parameters | {sum(p.numel() for p in ASARM.from_pretrained(tiny_model_dir).parameters()):,} |" in card
+    assert "on an XLNet backbone" in card and "| backbone | xlnet |" in card
+
+
+def test_card_of_a_rope_model_names_its_backbone(tmp_path):
+    ASARM.from_config(vocab_size=40, d_model=16, n_layer=1, n_head=2, d_inner=24, backbone="rope", seed=0,
+                      device="cpu").save_pretrained(tmp_path / "rope")
+    card = hub.model_card(tmp_path / "rope")
+    assert "on the asarm rotary two-stream backbone" in card and "| backbone | asarm-rope |" in card
+    # not a transformers model: the Hub must not offer transformers' loading snippet for it
+    assert "library_name" not in _front_matter(card) and "asarm" in _front_matter(card)["tags"]
 
 
 def test_hand_written_card_is_kept_and_gets_front_matter_on_the_hub(tmp_path, run_dir, local_hub):

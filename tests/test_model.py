@@ -51,6 +51,7 @@ def test_unknown_revision_message(monkeypatch):
 
     monkeypatch.setattr(XLNetLMHeadModel, "from_pretrained", fake_from_pretrained)
     monkeypatch.setattr("asarm.model.hub_offline", lambda: False)  # the Hub answered
+    monkeypatch.setattr("asarm.model._model_type", lambda *args: None)  # its config.json: not asked here
     with pytest.raises(ModelLoadError, match="revision 'nlq' does not exist.*nlp_210k_plus_75k"):
         ASARM.from_pretrained("therealgabeguo/ASARM", revision="nlq")
 
@@ -116,3 +117,24 @@ def test_embedded_default_model_loads_by_name_offline(hub_offline):
     n = ids.shape[1]
     nll = -model.score(ids, torch.arange(n)[None], torch.tensor([n // 2]))[0] / (n - n // 2)
     assert nll < math.log(model.vocab_size) - 2
+
+
+def test_a_deep_copy_converts_to_float64_on_its_own():
+    """The float64 cast of XLNet's sinusoids belongs to each copy: a copy converted to float64 runs, and the
+    original (still float32) is unaffected."""
+    import copy
+
+    model = tiny_model(seed=3)
+    doubled = copy.deepcopy(model).to(torch.float64)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 7]])
+    sigma, n_prompt, query = torch.arange(6)[None], torch.tensor([2]), torch.tensor([[2, 3]])
+    want = model.logits(tokens, sigma, n_prompt, query)
+    got = doubled.logits(tokens, sigma, n_prompt, query)
+    assert got.dtype == torch.float64 and want.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=0)
+    for engine in ("full", "cached"):
+        from asarm.sampling.engine import ENGINES
+
+        session = ENGINES[engine](doubled).start(tokens, sigma, n_prompt)
+        out = session.logits(torch.tensor([0]), tokens, n_prompt, torch.tensor([[2, 3]]))
+        torch.testing.assert_close(out, got, atol=1e-10, rtol=0)

@@ -249,7 +249,7 @@ class _Speculation:
             verify_logits = _columns(outputs, column, 0, W + int(self.bonus))
         else:  # the draft head reads the outcome rows' states; only the verify and bonus rows need logits
             outputs = self.session.states(rows, written, n, query_ranks, limits=query_limits)
-            verify_logits = self.model.model.lm_loss(_columns(outputs, column, 0, W + 1))
+            verify_logits = self.model.backbone.lm_head(_columns(outputs, column, 0, W + 1))
 
         p = self.probs(verify_logits, self.oracle_temp)
         bonus_p, p = (p[:, W], p[:, :W]) if self.bonus else (None, p)

@@ -104,7 +104,7 @@ class HeadDrafter:
         head = self.head_of(req.model)
         states = req.session.states(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
         # the first draft is the exact conditional, from the model's own LM head
-        probs = req.to_probs(req.model.model.lm_loss(states[:, :1]), req.draft_temperatures[:1])
+        probs = req.to_probs(req.model.backbone.lm_head(states[:, :1]), req.draft_temperatures[:1])
         drafts = sample_categorical(probs, req.uniforms[:, :1])
         if req.query_ranks.shape[1] == 1:
             return drafts, probs
@@ -126,7 +126,7 @@ def chain_drafts(head, model, states, prev_token, positions, prev_position, unif
         return drafts[-1]
 
     with torch.no_grad():
-        head(model.model, states, prev_token, positions, prev_position, pick)
+        head(model.backbone, states, prev_token, positions, prev_position, pick)
     return torch.stack(drafts, 1), torch.stack(probs, 1)
 
 

@@ -44,7 +44,7 @@ class _FullSession:
 
     def logits(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
                draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.model.lm_loss(self.states(rows, tokens, n_fixed, query_ranks, draft, limits))
+        return self.model.backbone.lm_head(self.states(rows, tokens, n_fixed, query_ranks, draft, limits))
 
     def states(self, rows: torch.Tensor, tokens: torch.Tensor, n_fixed: torch.Tensor, query_ranks: torch.Tensor,
                draft: bool = False, limits: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,10 +30,13 @@ __all__ = ["ModelSection", "DataSection", "OptimSection", "MaskingSection", "Eva
 @dataclass
 class ModelSection:
     """``init``: a Hub name or local directory to start from (``ASARM.from_pretrained``, e.g.
-    ``xlnet/xlnet-base-cased``); None builds a random model of the sizes below."""
+    ``xlnet/xlnet-base-cased``); None builds a random model of ``backbone`` (asarm.backbones: ``xlnet``, the
+    default, or ``rope``, the rotary two-stream transformer; there ``d_inner`` is the gated MLP's width) and
+    the sizes below. With ``init``, ``backbone`` may only repeat the checkpoint's."""
 
     init: str | None = None
     revision: str | None = None
+    backbone: str | None = None
     d_model: int = 768
     n_layer: int = 12
     n_head: int = 12
@@ -45,6 +48,12 @@ class ModelSection:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 0
     tokenizer_max_documents: int | None = None
+
+    def __post_init__(self):
+        from ..backbones import BACKBONES
+
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {', '.join(sorted(BACKBONES))}, got {self.backbone!r}")
 
 
 @dataclass

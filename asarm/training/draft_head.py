@@ -55,7 +55,7 @@ def distillation_loss(asarm: ASARM, head: DraftHead, tokens: torch.Tensor, sigma
         return drafts[-1]
 
     first_prev = tokens.gather(1, prev_position[:, None])[:, 0]
-    logits = head(asarm.model, states, first_prev, positions, prev_position, pick)
+    logits = head(asarm.backbone, states, first_prev, positions, prev_position, pick)
     drafted = tokens.clone()
     rows, cols = valid.nonzero(as_tuple=True)
     drafted[rows, positions[rows, cols]] = torch.stack(drafts, 1)[rows, cols]

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks, orders
+from ..model import ASARM
 
 __all__ = ["OBJECTIVES", "ORDERS", "PROMPT_ATTN", "LOSS_SCALES", "REDUCTIONS", "ObjectiveConfig", "ObjectiveBatch",
            "mixture_probabilities", "check_slot_weights", "num_predict_for_rates", "build_objective_batch",
@@ -351,21 +352,19 @@ def loss_from_logits(logits: torch.Tensor, batch: ObjectiveBatch, cfg: Objective
 
 
 def _backbone(model):
-    """The module to call with the HF XLNet signature: ``ASARM.model`` or the module itself (an
-    ``XLNetLMHeadModel``, possibly wrapped in DDP)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and not isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-            and hasattr(model, "mask_token_id"):
-        return inner, int(model.mask_token_id)
+    """The module to call with the backbone signature (asarm.backbones.base): ``ASARM.backbone``, or the module
+    itself (a backbone, possibly wrapped in DDP or compiled); and the ``<mask>`` id when known."""
+    if isinstance(model, ASARM):
+        return model.backbone, int(model.mask_token_id)
     return model, None
 
 
 def compute_loss(model, batch_tokens: torch.Tensor, objective_cfg: ObjectiveConfig,
                  generator: torch.Generator | None = None, rates=None) -> tuple[torch.Tensor, dict]:
-    """Build the objective's masks for ``batch_tokens (B, L)``, run the XLNet forward with ``perm_mask``
-    and ``target_mapping``, return ``(loss, stats)``.
+    """Build the objective's masks for ``batch_tokens (B, L)``, run the backbone's two-stream forward with
+    ``perm_mask`` and ``target_mapping``, return ``(loss, stats)``.
 
-    ``model``: an ``asarm.model.ASARM`` or an ``XLNetLMHeadModel`` (DDP-wrapped is fine). The module's
+    ``model``: an ``asarm.model.ASARM`` or a backbone (DDP-wrapped or compiled is fine). The module's
     train/eval mode is left as it is. ``rates``: per-sequence masking rates (e.g. from
     ``MaskingRateSchedule.sample``), else drawn from the config's range. ``stats["batch"]`` is the
     :class:`ObjectiveBatch` used.
@@ -378,8 +377,7 @@ def compute_loss(model, batch_tokens: torch.Tensor, objective_cfg: ObjectiveConf
     except StopIteration:  # pragma: no cover - a parameterless module
         dtype, tokens = torch.float32, batch_tokens
     batch = build_objective_batch(tokens, objective_cfg, generator=generator, rates=rates, dtype=dtype)
-    out = net(input_ids=tokens, perm_mask=batch.perm_mask, target_mapping=batch.target_mapping, use_mems=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = net(input_ids=tokens, perm_mask=batch.perm_mask, target_mapping=batch.target_mapping)
     loss, stats = loss_from_logits(logits, batch, objective_cfg, mask_id)
     stats["batch"] = batch
     return loss, stats

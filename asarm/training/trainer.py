@@ -29,6 +29,7 @@ loss curve of an uninterrupted one bit for bit (on the same hardware and process
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -197,7 +198,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
         self.cfg = cfg
         run = cfg.train
@@ -231,7 +232,7 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.asarm = self._model()
         self.encode = make_encoder(self.tokenizer, code=cfg.data.code)
-        trainable = self._draft_head() if self.head_mode else self.asarm.model
+        trainable = self._draft_head() if self.head_mode else self.asarm.backbone
         self.effective_batch = cfg.data.batch_size * run.grad_accum * self.world_size
         self.lr = cfg.optim.lr * (self.effective_batch / cfg.optim.lr_reference_batch
                                   if cfg.optim.lr_scale_by_batch else 1.0)
@@ -247,6 +248,12 @@ class Trainer:
             optimizer, _lr_lambda(cfg.optim.warmup_steps, run.max_steps, cfg.optim.decay))
         # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
         # once per process)
+        # FSDP shards the model: evaluation and checkpoints use a copy with the gathered weights on the main process
+        self.sharded = acc.distributed_type == DistributedType.FSDP
+        if self.sharded and self.head_mode:
+            raise ValueError("draft_head.train runs with DDP or one process, not FSDP (the head is small): launch it "
+                             "without the FSDP config")
+        self.gathered = copy.deepcopy(self.asarm) if self.sharded and self.is_main else None
         self.model, self.optimizer = acc.prepare(trainable, optimizer)  # with draft_head.train: the head
         self.forward_model = torch.compile(self.model) if run.compile and not self.head_mode else self.model
 
@@ -305,9 +312,13 @@ class Trainer:
                                           tokenizer=self.tokenizer)
             if self.tokenizer is None:
                 self.tokenizer = model.tokenizer
+            if mc.backbone and mc.backbone != model.backbone.name:
+                raise ValueError(f"model.backbone is {mc.backbone!r} but model.init {mc.init!r} is a "
+                                 f"{model.backbone.name!r} model; drop model.backbone or start from another model")
         else:
             model = ASARM.from_config(dict(vocab_size=len(self.tokenizer), d_model=mc.d_model, n_layer=mc.n_layer,
                                            n_head=mc.n_head, d_inner=mc.d_inner, dropout=mc.dropout),
+                                      backbone=mc.backbone or "xlnet",
                                       tokenizer=self.tokenizer, seed=self.cfg.train.seed, init_std=mc.init_std,
                                       device="cpu", dtype=torch.float32)
         model.trained_length = self.cfg.data.max_length  # saved with every checkpoint (asarm.json)
@@ -355,9 +366,13 @@ class Trainer:
         acc.wait_for_everyone()
         torch.save(_rng_state(self.generator), tmp / f"rng_rank{self.rank}.pt")
         torch.save(self.loader.state_dict(), tmp / f"data_rank{self.rank}.pt")
+        model = self._unsharded()
+        if self.sharded:  # each process's optimizer state is its own shard
+            torch.save(self.optimizer.state_dict(), tmp / f"optimizer_rank{self.rank}.pt")
         if self.is_main:
-            self.asarm.save_pretrained(tmp / "model")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            model.save_pretrained(tmp / "model")
+            if not self.sharded:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
@@ -389,18 +404,20 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, resuming with "
                              f"{self.world_size}: the data streams cannot be resumed exactly")
         loaded = ASARM.from_pretrained(path / "model", device="cpu", dtype=torch.float32, tokenizer=self.tokenizer)
-        sizes = ("vocab_size", "d_model", "n_layer", "n_head", "d_inner")
-        theirs, ours = ([getattr(m.config, k) for k in sizes] for m in (loaded, self.asarm))
+        sizes = ("backbone", "vocab_size", "d_model", "n_layer", "n_head", "d_inner")
+        theirs, ours = ([m.backbone.name] + [getattr(m.config, k) for k in sizes[1:]] for m in (loaded, self.asarm))
         if theirs != ours:
             raise ValueError(f"checkpoint {path} holds a model of sizes {dict(zip(sizes, theirs))}, the config asks "
                              f"for {dict(zip(sizes, ours))}; use a new train.run_dir or train.resume=none")
-        self.asarm.model.load_state_dict(loaded.model.state_dict())
+        # under FSDP through the sharded module, which takes the full weights (FULL_STATE_DICT) on every process
+        (self.model if self.sharded else self.asarm.backbone).load_state_dict(loaded.backbone.state_dict())
         if self.head_mode:
             if loaded.draft_head is None:
                 raise ValueError(f"checkpoint {path} holds no draft head; use a new train.run_dir or train.resume=none")
             self.asarm.draft_head.load_state_dict(loaded.draft_head.state_dict())
         del loaded
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        optimizer = f"optimizer_rank{self.rank}.pt" if self.sharded else "optimizer.pt"
+        self.optimizer.load_state_dict(torch.load(path / optimizer, map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
         if self.accelerator.scaler is not None and (path / "scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
@@ -510,17 +527,19 @@ class Trainer:
 
     # -- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, model: ASARM | None = None) -> dict:
         """Oracle NLL per token on the first ``eval.batches`` held-out batches, with any-subset orders
-        at ``eval.masking_rate`` drawn from a fixed seed (comparable across steps), plus ASSD samples."""
+        at ``eval.masking_rate`` drawn from a fixed seed (comparable across steps), plus ASSD samples.
+        ``model``: the model with full weights (default: the one trained; see :meth:`_unsharded`)."""
+        model = self.asarm if model is None else model
         ec = self.cfg.eval
         gen = torch.Generator().manual_seed(ec.seed)
         stream = PackedStream(build_source(self.cfg, "heldout"), self.encode, max_length=self.cfg.data.max_length,
                               rank=0, world_size=1, epochs=1)
         loader = StreamLoader(stream, batch_size=ec.batch_size or self.cfg.data.batch_size,
                               generator=torch.Generator().manual_seed(ec.seed))
-        was_training = self.asarm.training
-        self.asarm.eval()
+        was_training = model.training
+        model.eval()
         total_nll, total_tokens, first = 0.0, 0, None
         accepted, drafted = 0.0, 0.0  # draft_head.train: expected acceptance per slot, summed over rows
         device = self.accelerator.device
@@ -536,12 +555,12 @@ class Trainer:
                     if self.head_mode:
                         with torch.no_grad():
                             n = draft_points(n_prompt, length, gen).to(device)
-                            _, stats = distillation_loss(self.asarm, self.asarm.draft_head, tokens, sigma,
+                            _, stats = distillation_loss(model, model.draft_head, tokens, sigma,
                                                          n_prompt.to(device), n, self.cfg.draft_head.slots, gen)
                         slot_rows = stats["drafted"].double().cpu()
                         accepted += stats["acceptance"].double().cpu() * slot_rows
                         drafted += slot_rows
-                    logp = self.asarm.score(tokens, sigma, n_prompt.to(device))
+                    logp = model.score(tokens, sigma, n_prompt.to(device))
                 total_nll -= float(logp.double().sum())
                 total_tokens += int((length - n_prompt).sum())
                 if first is None:
@@ -556,7 +575,7 @@ class Trainer:
                 from ..sampling import assd_decode
                 tokens, sigma, n_prompt = (x[:ec.samples] for x in first)
                 drafter = "head" if self.head_mode else "self"
-                out = assd_decode(self.asarm, tokens, sigma, n_prompt.to(device), k=ec.sample_k, seed=ec.seed,
+                out = assd_decode(model, tokens, sigma, n_prompt.to(device), k=ec.sample_k, seed=ec.seed,
                                   drafter=drafter)
                 generated = (tokens.shape[1] - n_prompt).double()
                 record["assd_nfe"] = float(out.nfe.double().mean())
@@ -564,14 +583,25 @@ class Trainer:
                 if self.tokenizer is not None:
                     record["samples"] = [self.tokenizer.decode(row.tolist()) for row in out.tokens.cpu()]
         finally:
-            self.asarm.train(was_training)
+            model.train(was_training)
         return record
 
     def _run_eval(self) -> None:
+        model = self._unsharded()
         if self.is_main:
-            record = self.evaluate()
-            self.log(record)
+            self.log(self.evaluate(model))
         self.accelerator.wait_for_everyone()
+
+    def _unsharded(self) -> ASARM | None:
+        """The model with its full weights on the main process (None elsewhere). Under FSDP each process holds a
+        shard: every process takes part in gathering them into the main process's copy (``self.gathered``)."""
+        if not self.sharded:
+            return self.asarm
+        state = self.accelerator.get_state_dict(self.model)
+        if self.is_main:
+            self.gathered.backbone.load_state_dict(state)
+            return self.gathered
+        return None
 
     # -- the loop
     def fit(self) -> dict:

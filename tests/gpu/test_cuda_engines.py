@@ -1,6 +1,6 @@
 """On CUDA, the cached engine gives the full forward's logits at every call of ASSD's call pattern, in
 float32 and bfloat16 (the CPU suite, tests/test_cached_engine.py, checks float32 and float64; its call
-pattern and comparison are reused here)."""
+pattern and comparison are reused here), on both backbones."""
 
 import pytest
 import torch
@@ -32,9 +32,11 @@ class CudaPair(engines.Pair):
         return super().__call__(move(rows), move(tokens), move(n_fixed), move(query_ranks), draft, move(limits))
 
 
+@pytest.mark.parametrize("backbone", ["xlnet", "rope"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("order", [orders.any_subset, orders.any_permutation])
-def test_cached_engine_matches_the_full_forward_on_cuda(dtype, order, monkeypatch):
+def test_cached_engine_matches_the_full_forward_on_cuda(dtype, order, backbone, monkeypatch):
+    monkeypatch.setattr(engines, "BACKBONE", backbone)
     monkeypatch.setitem(engines.TOL, dtype, CUDA_TOL[dtype])
     monkeypatch.setattr(engines, "Pair", CudaPair)
     model = engines.make_model(dtype, seed=1).to("cuda")

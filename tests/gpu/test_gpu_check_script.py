@@ -39,15 +39,17 @@ def test_steps_and_report(tmp_path):
     logged = calls.read_text().splitlines()
     assert logged[0] == "-m pytest -q -p no:cacheprovider tests/gpu"
     assert logged[1] == "benchmarks/bench_sampling.py --device cuda --lengths 128 512 --repeats 1 --no-write"
-    for line, compiled in zip(logged[2:], ("false", "true")):
-        assert line.startswith("-m asarm.cli train --config configs/tiny_cpu.yaml")
+    for line, compiled, config in zip(logged[2:], ("false", "true", "false"), ("", "", "_rope")):
+        assert line.startswith(f"-m asarm.cli train --config configs/tiny_cpu{config}.yaml")
         for option in ("train.max_steps=50", "train.mixed_precision=bf16", "train.cpu=false",
                        f"train.compile={compiled}"):
             assert option in line.split()
-    assert len(logged) == 4
+    assert logged[5] == "benchmarks/bench_backbones.py --device cuda --skip-quality --steps 3 --no-write"
+    assert len(logged) == 6
     report = (out / "report.md").read_text()
     for name, verdict in (("gpu_tests", "passed"), ("bench_sampling", "passed"), ("train_bf16_eager", "passed"),
-                          ("train_bf16_compiled", "FAILED (exit 3)")):
+                          ("train_bf16_compiled", "FAILED (exit 3)"), ("train_rope_bf16", "passed"),
+                          ("bench_backbones", "passed")):
         assert f"## {name}: {verdict} in " in report
         assert (out / f"{name}.log").read_text().startswith("output of ")
     assert "FakeGPU" in report

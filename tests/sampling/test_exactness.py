@@ -1,6 +1,7 @@
 """Brute-force exactness: every sampler's empirical joint matches the model's exact joint.
 
-A tiny random XLNet (9 real token ids + <mask>) fills 5 or 4 positions; the exact probability of each
+A tiny random XLNet (9 real token ids + <mask>) fills 5 or 4 positions (the rotary backbone: the main
+samplers again, on a tiny random model of its own); the exact probability of each
 of the 9^5 / 9^4 completions is the product of its oracle conditionals. Each sampler draws thousands
 of rows in one batch (two different orders and prompt sizes side by side) with a fixed seed, and a
 pooled chi-square test plus a Monte-Carlo total-variation bound must not reject the exact joint.
@@ -25,9 +26,8 @@ ROWS_PER_ORDER = 6000
 ALPHA = 1e-3
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_model(seed=0, init_std=0.5)
+def joint_setup(model):
+    """``(model, batch tokens, batch orders, batch prompt sizes, exact joints by temperature)``."""
     gen = torch.Generator().manual_seed(3)
     tokens = torch.tensor([1, 7, 3, 4, 8, 9, 5])
     # Two orders side by side: a 2^N order with 2 visible tokens, a random permutation with 3.
@@ -41,6 +41,16 @@ def setup():
     for temperature in (1.0, 0.7):
         joints[temperature] = [exact_joint(model, tokens, sigma, m, temperature) for sigma, m in cases]
     return model, batch_tokens, batch_sigma, batch_prompt, joints
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return joint_setup(tiny_model(seed=0, init_std=0.5))
+
+
+@pytest.fixture(scope="module")
+def rope_setup():
+    return joint_setup(tiny_model(seed=0, init_std=0.5, backbone="rope"))
 
 
 def _check(out_tokens, joints):
@@ -146,10 +156,30 @@ def test_draft_head_samplers_match_exact_joint(setup, trained_head, name, engine
     _check(out.tokens, joints[target_temperature])
 
 
-def test_negative_control_unverified_drafts_are_rejected(setup):
+ROPE_SAMPLERS = ("sequential", "sequential-T0.7", "assd-self-k3", "assd-ngram-k3", "assd-bonus-k3",
+                 "assd-fused-k3", "assd-fused-k3-T0.7-target", "assd-fused-adaptive-k3")
+
+
+@pytest.mark.parametrize("engine", ["full", "cached"])
+@pytest.mark.parametrize("name", ROPE_SAMPLERS + ("assd-head-k3", "assd-fused-head-k3"))
+def test_rope_backbone_samplers_match_exact_joint(rope_setup, name, engine):
+    """The samplers are exact on the rotary backbone too (its engines, its draft rows, a random head on it)."""
+    model, tokens, sigma, n_prompt, joints = rope_setup
+    if name in HEAD_SAMPLERS:
+        _, kwargs, target_temperature = HEAD_SAMPLERS[name]
+        sampler, kwargs = assd_decode, {**kwargs, "drafter": HeadDrafter(random_head(model, seed=1, std=1.0))}
+    else:
+        sampler, kwargs, target_temperature = SAMPLERS[name]
+    out = sampler(model, tokens, sigma, n_prompt, seed=12345, engine=engine, **kwargs)
+    assert out.exact
+    _check(out.tokens, joints[target_temperature])
+
+
+@pytest.mark.parametrize("which", ["xlnet", "rope"])
+def test_negative_control_unverified_drafts_are_rejected(setup, rope_setup, which):
     """Accepting the draft marginals without verification (ASSD with an infinite r_atol) samples the
     product of marginals: the same test must reject it, or it has no power."""
-    model, tokens, sigma, n_prompt, joints = setup
+    model, tokens, sigma, n_prompt, joints = {"xlnet": setup, "rope": rope_setup}[which]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LossySamplingWarning)
         out = assd_decode(model, tokens, sigma, n_prompt, k=5, r_atol=1e9, seed=12345, engine="full")

@@ -44,8 +44,8 @@ def test_train_draft_head_command_trains_only_the_head_and_ships_it(tmp_path, ti
     trained = ASARM.from_pretrained(run_dir / "checkpoints" / "step_4" / "model", device="cpu")
     original = ASARM.from_pretrained(tiny_model_dir, device="cpu")
     assert trained.draft_head is not None and original.draft_head is None
-    for name, weight in original.model.state_dict().items():  # the model itself is frozen
-        assert torch.equal(weight, trained.model.state_dict()[name]), name
+    for name, weight in original.backbone.state_dict().items():  # the model itself is frozen
+        assert torch.equal(weight, trained.backbone.state_dict()[name]), name
     assert trained.draft_head.mlp[-1].weight.abs().sum() > 0  # the head's output layer left its zero start
 
 

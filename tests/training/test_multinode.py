@@ -127,5 +127,5 @@ def test_two_node_resume_matches_one_node_uninterrupted(tmp_path, two_node_split
         assert abs(full[step] - split[step]) <= 1e-6, step
     a = ASARM.from_pretrained(full_dir / "checkpoints" / "step_4" / "model", device="cpu")
     b = ASARM.from_pretrained(two_node_split_run / "checkpoints" / "step_4" / "model", device="cpu")
-    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (name, pa), (_, pb) in zip(a.backbone.state_dict().items(), b.backbone.state_dict().items()):
         assert torch.equal(pa, pb), name

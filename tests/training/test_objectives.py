@@ -179,8 +179,8 @@ def test_mean_loss_without_mask_exclusion_equals_hf_loss(tiny):
     tokens = random_tokens(3, 18, seed=6)
     cfg = ObjectiveConfig(reduction="mean", exclude_mask_logit=False, per_sequence=False)
     batch = build_objective_batch(tokens, cfg, torch.Generator().manual_seed(2), rates=0.5)
-    out = tiny.model(input_ids=tokens, perm_mask=batch.perm_mask, target_mapping=batch.target_mapping,
-                     labels=batch.targets, use_mems=False)
+    out = tiny.backbone.hf(input_ids=tokens, perm_mask=batch.perm_mask, target_mapping=batch.target_mapping,
+                           labels=batch.targets, use_mems=False)
     loss, _ = loss_from_logits(out.logits, batch, cfg)
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
 
@@ -191,30 +191,29 @@ def test_first_parallel_target_is_the_oracle_conditional(tiny):
     cfg = ObjectiveConfig(objective="parallel", prompt_attn="prompt_only", reduction="sum")
     _, stats = compute_loss(tiny, tokens, cfg, torch.Generator().manual_seed(4), rates=0.5)
     batch = stats["batch"]
-    logits = tiny.model(input_ids=tokens, perm_mask=batch.perm_mask, target_mapping=batch.target_mapping,
-                        use_mems=False).logits
+    logits = tiny.backbone(input_ids=tokens, perm_mask=batch.perm_mask, target_mapping=batch.target_mapping)
     oracle = tiny.log_probs(tokens, batch.sigma, batch.n_prompt, batch.query_positions[:, :1])
     torch.testing.assert_close(tiny.normalize(logits[:, :1]), oracle, rtol=0, atol=1e-5)
 
 
 def test_backward_and_mask_target_guard(tiny):
     tokens = random_tokens(2, 12, seed=8)
-    tiny.model.train()
+    tiny.backbone.train()
     try:
         loss, stats = compute_loss(tiny, tokens, ObjectiveConfig(), torch.Generator().manual_seed(0))
         loss.backward()
-        grads = [p.grad for p in tiny.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in tiny.backbone.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
     finally:
-        tiny.model.zero_grad(set_to_none=True)
-        tiny.model.eval()
+        tiny.backbone.zero_grad(set_to_none=True)
+        tiny.backbone.eval()
     with_mask = tokens.clone()
     with_mask[:, :] = 6
     with pytest.raises(ValueError, match="<mask>"):
         compute_loss(tiny, with_mask, ObjectiveConfig(), torch.Generator().manual_seed(0))
-    # an XLNetLMHeadModel works too (mask id from the config's default)
-    loss2, _ = compute_loss(tiny.model, tokens, ObjectiveConfig(), torch.Generator().manual_seed(0))
+    # a bare backbone works too (mask id from the config's default)
+    loss2, _ = compute_loss(tiny.backbone, tokens, ObjectiveConfig(), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss2)
 
 

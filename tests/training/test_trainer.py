@@ -163,7 +163,7 @@ def test_exact_resume_atomic_checkpoints_and_saved_config(tmp_path, small_text, 
 
     a = ASARM.from_pretrained(full_dir / "checkpoints" / "step_6" / "model", device="cpu")
     b = ASARM.from_pretrained(ckpts / "step_6" / "model", device="cpu")
-    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (name, pa), (_, pb) in zip(a.backbone.state_dict().items(), b.backbone.state_dict().items()):
         assert torch.equal(pa, pb), name
 
     # atomic writes, pruning to keep_last=2, latest pointer
@@ -203,9 +203,13 @@ def _free_port() -> int:
 
 
 def test_two_process_cpu_run(tmp_path, small_text, tokenizer_dir):
+    """Two DDP processes on the CPU (gloo), on the rotary backbone (XLNet's DDP runs: tests/training/test_multinode.py
+    and the slow exact-resume test below)."""
     run_dir = tmp_path / "ddp"
-    _torchrun(run_dir, small_text, tokenizer_dir, _free_port(), **{"train.max_steps": 2, "train.grad_accum": 1})
+    _torchrun(run_dir, small_text, tokenizer_dir, _free_port(),
+              **{"train.max_steps": 2, "train.grad_accum": 1, "model.backbone": "rope", "model.d_inner": 48})
     ckpt = latest_checkpoint(run_dir)
+    assert ASARM.from_pretrained(ckpt / "model", device="cpu").backbone.name == "rope"
     assert ckpt is not None and ckpt.name == "step_2"
     for rank in (0, 1):
         assert (ckpt / f"data_rank{rank}.pt").is_file() and (ckpt / f"rng_rank{rank}.pt").is_file()
@@ -230,7 +234,7 @@ def test_two_process_exact_resume(tmp_path, small_text, tokenizer_dir):
         assert abs(full[step] - split[step]) <= 1e-6, step
     a = ASARM.from_pretrained(full_dir / "checkpoints" / "step_4" / "model", device="cpu")
     b = ASARM.from_pretrained(split_dir / "checkpoints" / "step_4" / "model", device="cpu")
-    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (name, pa), (_, pb) in zip(a.backbone.state_dict().items(), b.backbone.state_dict().items()):
         assert torch.equal(pa, pb), name
 
 

@@ -1,0 +1,72 @@
+"""The backbone interface: everything of asarm that touches the network goes through these methods.
+
+Inputs follow XLNet's two-stream layout (asarm.masks): ``perm_mask (B, L, L)``, 1 where position i may
+NOT see position j (the content stream always sees itself), and ``target_mapping (B, k, L)``, one-hot
+rows picking the query positions; query row t sees what its position's ``perm_mask`` row allows. The
+query stream starts from one learned vector (it never sees its own token), the content stream from the
+token embeddings.
+
+A backbone (an ``nn.Module``) provides
+
+* ``forward(input_ids, perm_mask, target_mapping) -> logits (B, k, V)``: training, scoring and the
+  objectives (with gradients); ``query_states(...)`` the final query states behind them, ``lm_head`` their
+  readout (``readout()``: its weight and bias), ``embed`` the input token embedding;
+* the cached any-order pass behind ``CachedEngine`` (asarm.sampling.cached_engine), which owns the
+  bookkeeping (which ranks are valid, batch rows coming and going) and calls
+  ``cache_context(seq_len)`` once per session and ``cached_pass(...)`` once per batched layer stack,
+  with key/value storage by rank in an :class:`asarm.backbones.kv_cache.RankCache`;
+* ``save_pretrained(directory)`` and the class methods ``from_pretrained(path, **kwargs)`` and
+  ``from_config(fields, seed=None)``; ``config`` (with ``vocab_size``, ``d_model``, ``n_layer``,
+  ``n_head``, ``d_head``), ``name``, the registry key (asarm.backbones.BACKBONES), and ``model_type``, what
+  its checkpoints' ``config.json`` says (how ``ASARM.from_pretrained`` picks the backbone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone"]
+
+
+class Backbone(nn.Module):
+    """Base class of the backbones; see the module doc. Subclasses implement the methods that raise."""
+
+    name = ""
+    model_type = ""
+
+    def forward(self, input_ids: torch.Tensor, perm_mask: torch.Tensor, target_mapping: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.query_states(input_ids, perm_mask, target_mapping))
+
+    def query_states(self, input_ids, perm_mask, target_mapping) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lm_head(self, states: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.readout()
+        return nn.functional.linear(states, weight, bias)
+
+    def readout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cache_context(self, seq_len: int):
+        """Whatever ``cached_pass`` needs per sequence length (positional tables), computed once per session."""
+        raise NotImplementedError
+
+    def cached_pass(self, cache, context, layout, content_tokens: torch.Tensor) -> torch.Tensor:
+        """One batched pass through all layers over the rows of ``layout`` (a
+        :class:`asarm.backbones.kv_cache.PassLayout`: content rows holding ``content_tokens (b, nc)``, then
+        query rows). The content rows' keys and values are written into ``cache`` (a ``RankCache``) first,
+        so they see each other. Returns the final states of the query rows ``(b, k, d_model)``."""
+        raise NotImplementedError
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.d_model)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+

@@ -1,0 +1,330 @@
+"""The rope backbone: a two-stream transformer of current design behind the backbone interface (asarm.backbones.base).
+
+XLNet's two streams on a modern block: the content stream ``h`` starts from the token embeddings, the query stream
+``g`` from one learned vector (a query never sees its own token). Both streams run through the same weights; per
+layer (pre-norm, RMSNorm)::
+
+    keys, values and content queries from norm(h), query-stream queries from norm(g)
+    h += o(attend(h-queries)), g += o(attend(g-queries))      both attend to the same keys and values
+    h += mlp(norm(h)),         g += mlp(norm(g))               gated SiLU MLP, no biases anywhere
+
+and a final RMSNorm of ``g``; the LM head is the token embedding (tied) plus a bias.
+
+Positions are rotary (RoPE) at the TRUE token positions, applied to queries and keys only: the score of a
+query and a key depends on their two positions alone, not on the decoding order nor on when the key was
+computed. So a content key, once computed, can be cached by rank (asarm.backbones.kv_cache) and any order runs
+on a plain masked ``scaled_dot_product_attention``. Because norms are per row, the two streams are processed as
+one tensor of rows (content rows, then query rows), which is exactly what the cached pass does too: the full
+forward and the cached pass share the layer code and the rotary tables, so they agree to rounding.
+
+A row that may see nothing (a query on rank 0 with an empty prompt) gets a zero attention output instead of
+the NaN of an all-masked softmax (torch < 2.5): its state is then the mask embedding's alone, an unconditional
+prediction that leaks nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Backbone
+
+__all__ = ["RopeBackbone", "RopeConfig", "RMSNorm", "rotary_table", "apply_rotary", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_TABLES_KEPT = 4  # rotary tables kept per (length, dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class RopeConfig:
+    """Sizes and hyper-parameters; the defaults are XLNet-base-like (with ``d_inner = 3 d_model``, a gated MLP
+    has the parameters of XLNet's ``4 d_model`` MLP plus its positional projection: the sizes match)."""
+
+    model_type: ClassVar[str] = "asarm-rope"
+
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    d_inner: int = 2304
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        self.d_head  # validates the sizes
+
+    @property
+    def d_head(self) -> int:
+        if self.n_head < 1 or self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        d_head = self.d_model // self.n_head
+        if d_head % 2:  # rotary turns pairs of coordinates
+            raise ValueError(f"d_model / n_head = {d_head} must be even for rotary positions")
+        return d_head
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "RopeConfig":
+        fields = {key: value for key, value in fields.items() if key != "model_type"}
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown RopeConfig field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+def rotary_table(n_positions: int, d_head: int, theta: float, dtype: torch.dtype, device=None):
+    """``(cos, sin)``, each ``(n_positions, d_head)``, for positions ``0 .. n_positions - 1`` (rotate-half
+    layout: coordinate ``i`` and ``i + d_head / 2`` form a pair turned by ``pos * theta^(-2i / d_head)``).
+    Computed in float32 or ``dtype``, whichever is wider: half-precision angles are wrong beyond a few hundred."""
+    wide = torch.promote_types(dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, d_head, 2, device=device, dtype=wide) / d_head)
+    angles = torch.arange(n_positions, device=device, dtype=wide)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn ``x (..., d_head)`` by the angles of ``cos``/``sin`` (broadcast to ``x``), in the tables' (wider) dtype;
+    the result has ``x``'s dtype."""
+    wide = x.to(torch.promote_types(x.dtype, cos.dtype))
+    first, second = wide.chunk(2, dim=-1)
+    turned = torch.cat([-second, first], dim=-1)
+    return (wide * cos + turned * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in float32 at least (nn.RMSNorm needs torch >= 2.4)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (wide * self.weight).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d_model: int, d_inner: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_inner, bias=False)
+        self.up = nn.Linear(d_model, d_inner, bias=False)
+        self.down = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _attend(q, keys, values, visible, dropout_p: float) -> torch.Tensor:
+    """SDPA with a bool mask (True: may attend). Rows that see nothing give zeros, not NaN."""
+    empty = ~visible.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible | empty, dropout_p=dropout_p)
+    return out.masked_fill(empty, 0.0)
+
+
+class RopeLayer(nn.Module):
+    """One block over rows ``x (b, n, d)``: ``n_content`` content rows (which provide the keys and values), then
+    query rows. Both kinds of row go through the same weights."""
+
+    def __init__(self, config: RopeConfig):
+        super().__init__()
+        d, self.n_head, self.dropout = config.d_model, config.n_head, config.dropout
+        self.norm_attn = RMSNorm(d, config.norm_eps)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.norm_mlp = RMSNorm(d, config.norm_eps)
+        self.mlp = GatedMLP(d, config.d_inner)
+        self.drop = nn.Dropout(config.dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], self.n_head, x.shape[2] // self.n_head)  # (b, n, H, d_head)
+
+    def forward(self, x, n_content: int, cos, sin, visible, store) -> torch.Tensor:
+        """``cos``/``sin (b, n, 1, d_head)``: each row's rotary; ``visible (b, 1, n, K)``; ``store(keys, values)``
+        takes the content rows' ``(b, nc, H, d_head)`` and returns what the rows attend to, ``(b, H, K, d_head)``
+        (the full forward: those; the cached pass: the rank cache after writing them)."""
+        a = self.norm_attn(x)
+        q = apply_rotary(self._heads(self.q(a)), cos, sin).transpose(1, 2)
+        content = a[:, :n_content]
+        keys = apply_rotary(self._heads(self.k(content)), cos[:, :n_content], sin[:, :n_content])
+        keys, values = store(keys, self._heads(self.v(content)))
+        vec = _attend(q, keys, values, visible, self.dropout if self.training else 0.0)
+        x = x + self.drop(self.o(vec.transpose(1, 2).reshape(x.shape)))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+def _own_keys(layer: int, keys, values):
+    return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def _cached_keys(cache, layout, layer: int, keys, values):
+    if keys.shape[1]:  # the pass's content rows go into the cache first: they see each other
+        cache.write(layer, layout.slots, layout.content_ranks, keys, values)
+    return cache.read(layer, layout.n_keys, layout.read_slots)
+
+
+# ---------------------------------------------------------------------------------------------- the backbone
+class RopeBackbone(Backbone):
+    name = "rope"
+    model_type = RopeConfig.model_type
+
+    def __init__(self, config: RopeConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.mask_embedding = nn.Parameter(torch.empty(config.d_model))
+        self.layers = nn.ModuleList(RopeLayer(config) for _ in range(config.n_layer))
+        self.norm_out = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))  # the head's weight is the embedding's
+        self._tables: dict = {}
+        self._init_weights()
+
+    @property
+    def d_head(self) -> int:
+        return self.config.d_head
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+        self.mask_embedding.normal_(0.0, std)
+
+    # ------------------------------------------------------------------ construction and saving
+    @classmethod
+    def from_config(cls, fields: dict, seed: int | None = None) -> "RopeBackbone":
+        config = RopeConfig.from_dict(fields)
+        if seed is None:
+            return cls(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, path, revision: str | None = None, dtype: torch.dtype | None = None,
+                        local_files_only: bool = False) -> "RopeBackbone":
+        from safetensors.torch import load_file
+
+        config_file, weights_file = (_resolve(str(path), name, revision, local_files_only)
+                                     for name in (CONFIG_NAME, WEIGHTS_NAME))
+        try:
+            config = RopeConfig.from_dict(json.loads(Path(config_file).read_text()))
+        except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            raise OSError(f"{config_file} is not a valid {cls.model_type} config: {err}") from None
+        state = load_file(weights_file)
+        with torch.device("meta"):  # no random init of weights that are about to be replaced
+            model = cls(config)
+        saved = state.get("embedding.weight", torch.empty(0)).dtype  # None: the dtype it was saved in
+        model = model.to_empty(device="cpu").to(saved)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise OSError(f"{weights_file} does not match its config: {' '.join(str(err).split())}") from None
+        return model if dtype is None else model.to(dtype)
+
+    def save_pretrained(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # the tied head has no tensor of its own: the embedding is stored once
+        save_file({key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()},
+                  str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    # ------------------------------------------------------------------ the two-stream forward
+    def readout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedding.weight, self.lm_bias
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+    def _rows(self, content: torch.Tensor, n_query: int) -> torch.Tensor:
+        """Content rows, then ``n_query`` query rows starting from the mask embedding."""
+        b = content.shape[0]
+        g = self.mask_embedding.to(content.dtype).expand(b, n_query, -1)
+        return torch.cat([content, g], dim=1)
+
+    def query_states(self, input_ids, perm_mask, target_mapping) -> torch.Tensor:
+        B, L = input_ids.shape
+        k = target_mapping.shape[1]
+        hidden = perm_mask.bool()
+        q_pos = target_mapping.argmax(dim=-1)  # an unused (all-zero) row: position 0, output unspecified
+        # content rows see what perm_mask allows and themselves; a query row sees its position's row
+        eye = torch.eye(L, dtype=torch.bool, device=hidden.device)
+        visible = torch.cat([~hidden | eye, ~hidden.gather(1, q_pos[:, :, None].expand(B, k, L))], dim=1)
+        positions = torch.cat([torch.arange(L, device=q_pos.device).expand(B, L), q_pos], dim=1)
+        cos, sin = self.cache_context(L)
+        x = self._rows(self.embed(input_ids), k)
+        x = self._layers(x, L, cos[positions][:, :, None], sin[positions][:, :, None], visible[:, None], _own_keys)
+        return self.norm_out(x[:, L:])
+
+    def _layers(self, x, n_content, cos, sin, visible, store) -> torch.Tensor:
+        """All layers; ``store(layer_id, keys, values)``: see :meth:`RopeLayer.forward`."""
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, n_content, cos, sin, visible, partial(store, layer_id))
+        return x
+
+    # ------------------------------------------------------------------ the cached pass
+    def check_cached_supported(self) -> None:
+        """Every configuration runs the cached pass."""
+
+    @torch.no_grad()
+    def cache_context(self, seq_len: int):
+        """Rotary ``(cos, sin)``, each ``(L + 1, d_head)``, for positions ``0 .. L`` (``L``: padding rows). Kept
+        per (length, dtype, device); the full forward reads the same tables, so both passes agree."""
+        weight = self.embedding.weight
+        key = (seq_len, weight.dtype, weight.device)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= _TABLES_KEPT:  # keep a few lengths only
+                self._tables.pop(next(iter(self._tables)))
+            table = rotary_table(seq_len + 1, self.d_head, self.config.rope_theta, weight.dtype, weight.device)
+            self._tables[key] = table
+        return table
+
+    def cached_pass(self, cache, context, layout, content_tokens):
+        b, nc = content_tokens.shape
+        n = layout.row_positions.shape[1]
+        cos, sin = (table[layout.row_positions][:, :, None] for table in context)
+        x = self._rows(self.embed(content_tokens), n - nc)
+        x = self._layers(x, nc, cos, sin, ~layout.hidden, partial(_cached_keys, cache, layout))
+        return self.norm_out(x[:, nc:])
+
+
+def _resolve(path: str, name: str, revision: str | None, local_files_only: bool) -> str:
+    """The local file ``name`` of a model directory or Hub repository; OSError (one line) when it is missing."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / name).is_file():
+            raise OSError(f"{path!r} holds no {name}: not a saved {RopeBackbone.model_type} model")
+        return str(local / name)
+    if local.exists() or path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]:
+        raise OSError(f"model directory {path!r} does not exist")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(path, name, revision=revision, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:  # the Hub's errors are OSErrors, a malformed repo id a ValueError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot get {name} of {path!r} from the Hugging Face Hub: {reason}") from None
