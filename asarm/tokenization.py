@@ -109,7 +109,6 @@ def tokenizer_from_sentencepiece(model_file: str | os.PathLike | bytes):
     a ``tokenizer.json`` (transformers 5 needs one of them to load a bare ``spiece.model``).
     """
     import sentencepiece as spm
-    from transformers import XLNetTokenizer
 
     if isinstance(model_file, (bytes, bytearray)):
         sp = spm.SentencePieceProcessor(model_proto=bytes(model_file))
@@ -120,7 +119,35 @@ def tokenizer_from_sentencepiece(model_file: str | os.PathLike | bytes):
         if i >= len(vocab) or vocab[i][0] != name:
             raise TokenizerLoadError(f"SentencePiece model does not have XLNet's special tokens at ids 0-8 "
                                      f"(id {i} is {vocab[i][0] if i < len(vocab) else None!r}, expected {name!r})")
-    return XLNetTokenizer(vocab=vocab, unk_id=UNK_ID)
+    if _transformers_5():
+        from transformers import XLNetTokenizer
+
+        return XLNetTokenizer(vocab=vocab, unk_id=UNK_ID)
+    # transformers 4.x: XLNetTokenizer is the slow sentencepiece class (it needs vocab_file=) and the fast one
+    # would convert the model with protobuf; build the pipeline transformers 5's XLNetTokenizer builds instead.
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import XLNetTokenizerFast
+
+    backend = Tokenizer(Unigram(vocab, unk_id=UNK_ID, byte_fallback=False))
+    backend.normalizer = normalizers.Sequence([normalizers.Replace("``", '"'), normalizers.Replace("''", '"'),
+                                               normalizers.NFKD(), normalizers.StripAccents()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Metaspace(replacement=_SPIECE_UNDERLINE,
+                                                                              prepend_scheme="always")])
+    backend.decoder = decoders.Metaspace(replacement=_SPIECE_UNDERLINE, prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A:0 <sep>:0 <cls>:2", pair="$A:0 <sep>:0 $B:1 <sep>:1 <cls>:2",
+        special_tokens=[("<sep>", SEP_ID), ("<cls>", CLS_ID)])
+    return XLNetTokenizerFast(tokenizer_object=backend)
+
+
+def _transformers_5() -> bool:
+    """Whether ``transformers.XLNetTokenizer`` is the tokenizers-backed class (5.x) rather than the slow one (4.x)."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version("5")
 
 
 def _check_layout(tokenizer, where: str):
@@ -137,13 +164,19 @@ def load_xlnet_tokenizer(path: str | os.PathLike | None = None, hub_name: str = 
     directory's ``xlnet-base-cased/tokenizer.json`` or ``spiece.model`` (``asarm.paths``), else the Hub
     repository ``hub_name``. Raises TokenizerLoadError listing every place tried.
     """
-    from transformers import AutoTokenizer, XLNetTokenizer
+    from transformers import AutoTokenizer
+
+    # the tokenizers-backed class: XLNetTokenizer in transformers 5, XLNetTokenizerFast in 4.x
+    if _transformers_5():
+        from transformers import XLNetTokenizer as FastXLNetTokenizer
+    else:
+        from transformers import XLNetTokenizerFast as FastXLNetTokenizer
 
     tried: list[str] = []
 
     def from_file(p: Path):
         if p.suffix == ".json":
-            return XLNetTokenizer(tokenizer_file=str(p))
+            return FastXLNetTokenizer(tokenizer_file=str(p))
         return tokenizer_from_sentencepiece(p)
 
     candidates: list[Path] = []

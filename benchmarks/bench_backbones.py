@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,7 +133,11 @@ def _resident_bytes() -> int:
 
 
 def _peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kibibytes
+    """This process image's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over from
+    the parent through fork and exec, so a probe started by a big benchmark process would report the parent's."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 # ------------------------------------------------------------------------------ quality at equal wall-clock

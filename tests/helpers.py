@@ -101,3 +101,14 @@ def greedy_decode(model: ASARM, context: list[int], num_tokens: int) -> list[int
         logits[..., model.mask_token_id] = float("-inf")
         out.append(int(logits[0, 0].argmax()))
     return out
+
+
+def use_hub_cache(monkeypatch, path) -> None:
+    """Point the Hugging Face cache at ``path`` for one test: huggingface_hub's constant, and transformers 4.x's own
+    copy of it (read once at import; transformers 5 reads huggingface_hub's at each call)."""
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(path))
+    if hasattr(transformers.utils.hub, "TRANSFORMERS_CACHE"):
+        monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(path))

@@ -14,7 +14,7 @@ from asarm.cli import encode_template, main
 from asarm.model import ASARM, ModelLoadError, NonFiniteLogitsError, hub_offline
 from asarm.paths import data_file
 
-from helpers import tiny_model
+from helpers import tiny_model, use_hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,15 +93,13 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
 
 def test_hub_model_and_revision_load_from_the_cache_offline(tmp_path, monkeypatch, hub_offline, xlnet_tokenizer):
     """HF_HUB_OFFLINE=1: a Hub name + revision resolves through the local cache (refs/REVISION)."""
-    import huggingface_hub.constants
-
     repo = tmp_path / "hub" / "models--someone--asarm"
     commit = "0123456789abcdef0123456789abcdef01234567"
     model = tiny_model(seed=5)
     model.save_pretrained(repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "nlp").write_text(commit)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    use_hub_cache(monkeypatch, tmp_path / "hub")
     loaded = ASARM.from_pretrained("someone/asarm", revision="nlp", device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and the model is not in the local cache"):

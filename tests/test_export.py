@@ -22,6 +22,7 @@ import yaml
 
 from asarm import hub, orders
 from asarm.model import ASARM, ModelLoadError
+from helpers import use_hub_cache
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export_model.py"
 REPO = "someone/tiny-asarm"
@@ -109,7 +110,7 @@ def local_hub(tmp_path, monkeypatch):
     for name in ("create_repo", "create_branch", "create_commit"):
         monkeypatch.setattr(huggingface_hub.HfApi, name,
                             lambda self, *args, _name=name, **kwargs: getattr(fake, _name)(*args, **kwargs))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    use_hub_cache(monkeypatch, cache)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
