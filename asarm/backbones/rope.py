@@ -58,7 +58,10 @@ class RopeConfig:
     n_layer: int = 12
     n_head: int = 12
     d_inner: int = 2304
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the residual branches
+    # on the attention probabilities: off by default (as in current LLMs), which leaves scaled_dot_product_attention
+    # its fused kernels; any dropout there makes it materialise the (rows x keys) probabilities and their masks
+    attention_dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -125,21 +128,30 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
+    """``down(silu(gate x) * up x)``; gate and up are one matrix (one product instead of two)."""
+
     def __init__(self, d_model: int, d_inner: int):
         super().__init__()
-        self.gate = nn.Linear(d_model, d_inner, bias=False)
-        self.up = nn.Linear(d_model, d_inner, bias=False)
+        self.gate_up = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.down = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
-def _attend(q, keys, values, visible, dropout_p: float) -> torch.Tensor:
-    """SDPA with a bool mask (True: may attend). Rows that see nothing give zeros, not NaN."""
-    empty = ~visible.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible | empty, dropout_p=dropout_p)
-    return out.masked_fill(empty, 0.0)
+class Visibility:
+    """A pass's bool mask ``(b, 1, n, K)`` (True: may attend), made ready for SDPA once for all layers: a row that
+    sees nothing would give NaN (torch < 2.5), so it attends to everything and its output is zeroed instead."""
+
+    def __init__(self, visible: torch.Tensor):
+        empty = ~visible.any(dim=-1, keepdim=True)
+        self.empty = empty if bool(empty.any()) else None
+        self.mask = visible if self.empty is None else visible | self.empty
+
+    def attend(self, q, keys, values, dropout_p: float) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, dropout_p=dropout_p)
+        return out if self.empty is None else out.masked_fill(self.empty, 0.0)
 
 
 class RopeLayer(nn.Module):
@@ -148,9 +160,11 @@ class RopeLayer(nn.Module):
 
     def __init__(self, config: RopeConfig):
         super().__init__()
-        d, self.n_head, self.dropout = config.d_model, config.n_head, config.dropout
+        d, self.n_head, self.attention_dropout = config.d_model, config.n_head, config.attention_dropout
         self.norm_attn = RMSNorm(d, config.norm_eps)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        # queries for every row; keys and values (one matrix) for the content rows only
+        self.q, self.kv = nn.Linear(d, d, bias=False), nn.Linear(d, 2 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
         self.norm_mlp = RMSNorm(d, config.norm_eps)
         self.mlp = GatedMLP(d, config.d_inner)
         self.drop = nn.Dropout(config.dropout)
@@ -159,15 +173,15 @@ class RopeLayer(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], self.n_head, x.shape[2] // self.n_head)  # (b, n, H, d_head)
 
     def forward(self, x, n_content: int, cos, sin, visible, store) -> torch.Tensor:
-        """``cos``/``sin (b, n, 1, d_head)``: each row's rotary; ``visible (b, 1, n, K)``; ``store(keys, values)``
-        takes the content rows' ``(b, nc, H, d_head)`` and returns what the rows attend to, ``(b, H, K, d_head)``
-        (the full forward: those; the cached pass: the rank cache after writing them)."""
+        """``cos``/``sin (b, n, 1, d_head)``: each row's rotary; ``visible``: the rows' :class:`Visibility`;
+        ``store(keys, values)`` takes the content rows' ``(b, nc, H, d_head)`` and returns what the rows attend to,
+        ``(b, H, K, d_head)`` (the full forward: those; the cached pass: the rank cache after writing them)."""
         a = self.norm_attn(x)
         q = apply_rotary(self._heads(self.q(a)), cos, sin).transpose(1, 2)
-        content = a[:, :n_content]
-        keys = apply_rotary(self._heads(self.k(content)), cos[:, :n_content], sin[:, :n_content])
-        keys, values = store(keys, self._heads(self.v(content)))
-        vec = _attend(q, keys, values, visible, self.dropout if self.training else 0.0)
+        keys, values = self.kv(a[:, :n_content]).chunk(2, dim=-1)
+        keys = apply_rotary(self._heads(keys), cos[:, :n_content], sin[:, :n_content])
+        keys, values = store(keys, self._heads(values))
+        vec = visible.attend(q, keys, values, self.attention_dropout if self.training else 0.0)
         x = x + self.drop(self.o(vec.transpose(1, 2).reshape(x.shape)))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
@@ -281,6 +295,7 @@ class RopeBackbone(Backbone):
 
     def _layers(self, x, n_content, cos, sin, visible, store) -> torch.Tensor:
         """All layers; ``store(layer_id, keys, values)``: see :meth:`RopeLayer.forward`."""
+        visible = Visibility(visible)
         for layer_id, layer in enumerate(self.layers):
             x = layer(x, n_content, cos, sin, visible, partial(store, layer_id))
         return x

@@ -361,7 +361,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
             The output is marked ``exact=False`` and a LossySamplingWarning is emitted.
         seed: int, or ``(B,)`` per-row seeds (a row then decodes identically alone or in any batch);
             or pass ``generator``.
-        engine: ``"cached"`` (default), ``"full"`` (a plain Hugging Face forward per NFE, the reference's
+        engine: ``"cached"`` (default), ``"full"`` (a plain two-stream forward per NFE, the reference's
             cost model; same outputs up to floating-point tolerance), or an engine object.
         max_new_tokens: stop each row after that many tokens (the rest stay ``<mask>``).
         trace: record every round in ``DecodeOutput.trace`` (:mod:`asarm.sampling.trace`; same tokens).

@@ -18,9 +18,9 @@ A sampler opens one session per batch (``engine.start(tokens, sigma, n_prompt)``
 
 Returns raw logits ``(b, k, V)``. ``session.states(...)`` (same arguments) returns the final query-stream
 states ``(b, k, d_model)`` instead, whose LM head gives the logits; only draft heads need it (asarm.draft_head).
-``FullEngine`` runs the plain full-sequence Hugging Face forward every call (the reference
-implementation's cost model); ``CachedEngine`` (the default) computes each committed token's content
-stream once and only the new rows per call, with the same logits.
+``FullEngine`` runs the backbone's plain full-sequence two-stream forward every call (for XLNet, Hugging
+Face's own: the reference implementation's cost model); ``CachedEngine`` (the default) computes each
+committed token's content stream once and only the new rows per call, with the same logits.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class _FullSession:
         check_distinct_queries(query_ranks, limits)
         b, k = query_ranks.shape
         L = tokens.shape[1]
-        # A Hugging Face forward has one visibility per position (perm_mask row), shared by its content
+        # A two-stream forward has one visibility per position (perm_mask row), shared by its content
         # and query streams. The mask with v visible ranks (masks.perm_mask) serves every query whose
         # limit is min(rank, v): oracle queries (limit = rank) all fit v = L, any other query needs
         # v = its limit. So each batch row is split into one forward per distinct v, run as one batch.
@@ -82,7 +82,7 @@ def _index_within_group(group: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 class FullEngine:
-    """One full two-stream XLNet pass over all L positions per call."""
+    """One full two-stream pass of the backbone over all L positions per call."""
 
     name = "full"
 

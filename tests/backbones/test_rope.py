@@ -71,8 +71,9 @@ def reference_states(model, tokens, pm, tm):
             heads_h, heads_g = [], []
             for i in range(H):
                 cols = slice(i * dh, (i + 1) * dh)
-                k = rope_reference(a @ W["k.weight"][cols].T, torch.arange(L), cfg.rope_theta)
-                v = a @ W["v.weight"][cols].T
+                w_k, w_v = W["kv.weight"].chunk(2)  # keys and values are one matrix
+                k = rope_reference(a @ w_k[cols].T, torch.arange(L), cfg.rope_theta)
+                v = a @ w_v[cols].T
                 qh = rope_reference(a @ W["q.weight"][cols].T, torch.arange(L), cfg.rope_theta)
                 qg = rope_reference(c @ W["q.weight"][cols].T, q_pos, cfg.rope_theta)
                 heads_h.append(attention_reference(qh, k, v, sees_h))
@@ -85,8 +86,9 @@ def reference_states(model, tokens, pm, tm):
 
 
 def mlp_reference(x, W):
-    gate = x @ W["mlp.gate.weight"].T
-    return (gate * torch.sigmoid(gate) * (x @ W["mlp.up.weight"].T)) @ W["mlp.down.weight"].T
+    w_gate, w_up = W["mlp.gate_up.weight"].chunk(2)  # one matrix, gate rows first
+    gate = x @ w_gate.T
+    return (gate * torch.sigmoid(gate) * (x @ w_up.T)) @ W["mlp.down.weight"].T
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -256,8 +258,9 @@ def _loss(model, dtype=torch.float32):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, q_pos).flatten()), logits
 
 
-def test_gradients_reach_every_parameter_and_dropout_trains():
-    model = tiny(torch.float32, dropout=0.1).train()
+@pytest.mark.parametrize("dropout", [{"dropout": 0.1}, {"attention_dropout": 0.1}])
+def test_gradients_reach_every_parameter_and_dropout_trains(dropout):
+    model = tiny(torch.float32, **dropout).train()
     loss, logits = _loss(model)
     loss.backward()
     for name, param in model.named_parameters():
@@ -298,8 +301,8 @@ def test_save_and_load_round_trip(tmp_path):
     model = tiny(torch.float32)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config == {**TINY, "model_type": "asarm-rope", "dropout": 0.0, "rope_theta": 10000.0, "norm_eps": 1e-6,
-                      "initializer_range": 0.02}
+    assert config == {**TINY, "model_type": "asarm-rope", "dropout": 0.0, "attention_dropout": 0.0,
+                      "rope_theta": 10000.0, "norm_eps": 1e-6, "initializer_range": 0.02}
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     assert set(shapes) == set(model.state_dict())
