@@ -18,8 +18,8 @@
 
 Results are appended to benchmarks/RESULTS.md with the machine.
 
-    python benchmarks/bench_backbones.py                        # everything (about 35 min on 2 cores)
-    python benchmarks/bench_backbones.py --skip-quality         # speed and memory only (about 6 min)
+    python benchmarks/bench_backbones.py                        # everything (about 50 min on 2 cores)
+    python benchmarks/bench_backbones.py --skip-quality         # speed and memory only (about 8 min)
 """
 
 from __future__ import annotations
@@ -141,16 +141,17 @@ def _peak_resident_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------ quality at equal wall-clock
-def train_for(backbone: str, minutes: float, run_dir: Path, seed: int) -> tuple[ASARM, dict]:
+def train_for(backbone: str, minutes: float, run_dir: Path, seed: int, overrides=()) -> tuple[ASARM, dict]:
     """Train the tiny config of ``backbone`` for about ``minutes``: a 25-step probe measures its step time (its mean
     throughput, first step included), the run gets the steps that fit (its schedule scaled to them). Returns the
-    final model and the run's figures."""
+    final model and the run's figures. ``overrides``: dotted config overrides of both runs (e.g. another lr)."""
     tokenizer = str(EMBEDDED_MODELS["asarm-tiny"])
     base = [f"model.tokenizer={tokenizer}", "model.tokenizer_vocab_size=0", "eval.every=0", "eval.at_end=false",
-            "log.progress=false", "log.tensorboard=false", "train.resume=none", f"train.seed={seed}"]
+            "log.progress=false", "log.tensorboard=false", "train.resume=none", f"train.seed={seed}", *overrides]
     probe_dir = run_dir / f"{backbone}_probe"
+    # the probe draws masking rates from the final range at once: the early, lower rates have fewer query rows
     run_training(load_config(REPO / CONFIGS[backbone], base + [f"train.run_dir={probe_dir}", "train.max_steps=25",
-                                                               "train.save_every=0"]))
+                                                               "train.save_every=0", "masking.masking_warmup_steps=0"]))
     last = [json.loads(line) for line in (probe_dir / "metrics.jsonl").read_text().splitlines()][-1]
     cfg = load_config(REPO / CONFIGS[backbone])
     step_s = cfg.data.batch_size * cfg.data.max_length / last["tokens_per_s"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check, about 5 minutes on one GPU:
+# One-command GPU check, about 6 minutes on one GPU:
 #   1. tests/gpu: cached vs full engine logits on CUDA in float32 and bfloat16, and the brute-force
 #      exactness mini-suite on CUDA (both engines);
 #   2. the sampling benchmark's GPU rows (benchmarks/bench_sampling.py --device cuda, RESULTS.md untouched);

@@ -32,7 +32,8 @@ class ModelSection:
     """``init``: a Hub name or local directory to start from (``ASARM.from_pretrained``, e.g.
     ``xlnet/xlnet-base-cased``); None builds a random model of ``backbone`` (asarm.backbones: ``xlnet``, the
     default, or ``rope``, the rotary two-stream transformer; there ``d_inner`` is the gated MLP's width) and
-    the sizes below. With ``init``, ``backbone`` may only repeat the checkpoint's."""
+    the sizes below. With ``init``, ``backbone`` may only repeat the checkpoint's. ``attention_dropout`` (rope only;
+    XLNet's ``dropout`` covers its attention too): dropout on the attention probabilities, default 0."""
 
     init: str | None = None
     revision: str | None = None
@@ -42,6 +43,7 @@ class ModelSection:
     n_head: int = 12
     d_inner: int = 3072
     dropout: float = 0.1
+    attention_dropout: float | None = None
     init_std: float | None = None
     # tokenizer: a path / Hub name (None: the data directory's xlnet-base-cased, else the Hub);
     # tokenizer_vocab_size > 0 trains a SentencePiece vocabulary on the training text into run_dir/tokenizer
@@ -54,6 +56,9 @@ class ModelSection:
 
         if self.backbone is not None and self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone must be one of {', '.join(sorted(BACKBONES))}, got {self.backbone!r}")
+        if self.attention_dropout is not None and self.backbone != "rope":
+            raise ValueError("model.attention_dropout is an option of model.backbone: rope (XLNet's model.dropout "
+                             "covers its attention too); drop it or set model.backbone: rope")
 
 
 @dataclass

@@ -316,11 +316,12 @@ class Trainer:
                 raise ValueError(f"model.backbone is {mc.backbone!r} but model.init {mc.init!r} is a "
                                  f"{model.backbone.name!r} model; drop model.backbone or start from another model")
         else:
-            model = ASARM.from_config(dict(vocab_size=len(self.tokenizer), d_model=mc.d_model, n_layer=mc.n_layer,
-                                           n_head=mc.n_head, d_inner=mc.d_inner, dropout=mc.dropout),
-                                      backbone=mc.backbone or "xlnet",
-                                      tokenizer=self.tokenizer, seed=self.cfg.train.seed, init_std=mc.init_std,
-                                      device="cpu", dtype=torch.float32)
+            fields = dict(vocab_size=len(self.tokenizer), d_model=mc.d_model, n_layer=mc.n_layer, n_head=mc.n_head,
+                          d_inner=mc.d_inner, dropout=mc.dropout)
+            if mc.attention_dropout is not None:
+                fields["attention_dropout"] = mc.attention_dropout
+            model = ASARM.from_config(fields, backbone=mc.backbone or "xlnet", tokenizer=self.tokenizer,
+                                      seed=self.cfg.train.seed, init_std=mc.init_std, device="cpu", dtype=torch.float32)
         model.trained_length = self.cfg.data.max_length  # saved with every checkpoint (asarm.json)
         return model.to(self.accelerator.device)
 

@@ -22,15 +22,16 @@ def rope_config(run_dir, small_text, tokenizer_dir, **extra):  # noqa: F811
 
 
 def test_tiny_rope_config_trains_resumes_exactly_and_samples(tmp_path, small_text, tokenizer_dir):  # noqa: F811
-    full = run_training(rope_config(tmp_path / "full", small_text, tokenizer_dir, **{"train.max_steps": 4}))
-    run_training(rope_config(tmp_path / "split", small_text, tokenizer_dir,
-                             **{"train.max_steps": 4, "train.stop_at": 2}))
-    resumed = run_training(rope_config(tmp_path / "split", small_text, tokenizer_dir, **{"train.max_steps": 4}))
+    steps = {"train.max_steps": 4, "model.attention_dropout": 0.05}
+    full = run_training(rope_config(tmp_path / "full", small_text, tokenizer_dir, **steps))
+    run_training(rope_config(tmp_path / "split", small_text, tokenizer_dir, **{**steps, "train.stop_at": 2}))
+    resumed = run_training(rope_config(tmp_path / "split", small_text, tokenizer_dir, **steps))
     assert sorted(resumed["losses"]) == [3, 4]
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "full") == full["losses"]
     a, b = (ASARM.from_pretrained(latest_checkpoint(tmp_path / run) / "model", device="cpu")
             for run in ("full", "split"))
     assert a.backbone.name == b.backbone.name == "rope" and a.config.d_inner == 48
+    assert a.config.attention_dropout == 0.05  # model.attention_dropout reaches the backbone
     for (name, pa), (_, pb) in zip(a.backbone.state_dict().items(), b.backbone.state_dict().items()):
         assert torch.equal(pa, pb), name
     # the checkpoint samples (ASSD, cached engine) without a word of backbone-specific code in the sampler
@@ -87,6 +88,8 @@ def test_backbone_option_must_match_the_initial_checkpoint(tmp_path, small_text,
         run_training(cfg)
     with pytest.raises(ValueError, match="model.backbone must be one of rope, xlnet"):
         load_config(None, ["model.backbone=gpt"])
+    with pytest.raises(ValueError, match="model.attention_dropout is an option of model.backbone: rope"):
+        load_config(None, ["model.attention_dropout=0.1"])
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu_rope", "rope_base_owt"])
