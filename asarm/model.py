@@ -251,7 +251,10 @@ class ASARM(nn.Module):
             fields["initializer_range"] = init_std
         if tokenizer is not None:
             fields.setdefault("vocab_size", len(tokenizer))
-        model = kind.from_config(fields, seed=seed)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG as it was
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = kind.from_config(fields)
         if dtype is not None:
             model = model.to(dtype)
         return cls(model, tokenizer, mask_token_id).to(pick_device(device))

@@ -25,9 +25,17 @@ def test_from_config_and_save_round_trip(tmp_path, xlnet_tokenizer):
                        loaded.logits(tokens, sigma, torch.tensor([2]), queries))
 
 
-def test_from_config_seed_is_reproducible_and_dtype():
-    a, b = tiny_model(seed=3), tiny_model(seed=3)
+@pytest.mark.parametrize("backbone", ["xlnet", "rope"])
+def test_from_config_seed_is_reproducible_and_dtype(backbone):
+    def build(seed):
+        return ASARM.from_config(backbone=backbone, seed=seed, device="cpu", vocab_size=20, d_model=16, n_layer=1,
+                                 n_head=2, d_inner=32)
+
+    before = torch.random.get_rng_state()
+    a, b, c = build(3), build(3), build(4)
+    assert torch.equal(torch.random.get_rng_state(), before)  # a seeded build leaves the global stream alone
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.backbone.embed(torch.arange(20)), c.backbone.embed(torch.arange(20)))
     assert tiny_model(seed=3, dtype=torch.float64).dtype == torch.float64
 
 

@@ -52,13 +52,8 @@ class XLNetBackbone(Backbone):
 
     # ------------------------------------------------------------------ construction and saving
     @classmethod
-    def from_config(cls, fields: dict, seed: int | None = None) -> "XLNetBackbone":
-        config = XLNetConfig(**fields)
-        if seed is None:
-            return cls(XLNetLMHeadModel(config))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return cls(XLNetLMHeadModel(config))
+    def from_config(cls, fields: dict) -> "XLNetBackbone":
+        return cls(XLNetLMHeadModel(XLNetConfig(**fields)))
 
     @classmethod
     def from_pretrained(cls, path: str, revision: str | None = None, dtype: torch.dtype | None = None,

@@ -10,6 +10,7 @@ import torch
 from asarm.backbones.kv_cache import RankCache, pass_layout
 from asarm.backbones.rope import RopeBackbone, RopeConfig, apply_rotary, rotary_table
 from asarm.masks import perm_mask, target_mapping
+from asarm.model import ASARM
 from asarm.orders import any_permutation, any_subset
 
 TINY = {"vocab_size": 50, "d_model": 32, "n_layer": 2, "n_head": 4, "d_inner": 48}
@@ -17,7 +18,7 @@ L = 12
 
 
 def tiny(dtype=torch.float64, **fields) -> RopeBackbone:
-    model = RopeBackbone.from_config({**TINY, **fields}, seed=0).to(dtype).eval()
+    model = ASARM.from_config(backbone="rope", seed=0, device="cpu", **{**TINY, **fields}).backbone.to(dtype).eval()
     with torch.no_grad():  # the head bias and norms start trivial: make them matter to the comparisons
         for name, param in model.named_parameters():
             if name == "lm_bias" or "norm" in name:
@@ -64,7 +65,7 @@ def reference_states(model, tokens, pm, tm):
         q_pos = tm[b].argmax(-1)
         sees_h = (pm[b] == 0) | torch.eye(L, dtype=torch.bool)
         sees_g = pm[b][q_pos] == 0
-        h, g = P["embedding.weight"][tokens[b]], P["mask_embedding"].expand(len(q_pos), -1)
+        h, g = P["embedding.weight"][tokens[b]] * cfg.embedding_scale, P["mask_embedding"].expand(len(q_pos), -1)
         for layer in range(cfg.n_layer):
             W = {name[len(f"layers.{layer}."):]: p for name, p in P.items() if name.startswith(f"layers.{layer}.")}
             a, c = rms_reference(h, W["norm_attn.weight"], eps), rms_reference(g, W["norm_attn.weight"], eps)
@@ -302,7 +303,8 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config == {**TINY, "model_type": "asarm-rope", "dropout": 0.0, "attention_dropout": 0.0,
-                      "rope_theta": 10000.0, "norm_eps": 1e-6, "initializer_range": 0.02}
+                      "rope_theta": 10000.0, "norm_eps": 1e-6, "initializer_range": 0.02,
+                      "embedding_scale": math.sqrt(32)}  # the default, sqrt(d_model), saved as a number
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     assert set(shapes) == set(model.state_dict())
@@ -312,6 +314,15 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(_loss(loaded)[1], _loss(model)[1])
     assert RopeBackbone.from_pretrained(tmp_path, dtype=torch.float64).lm_bias.dtype == torch.float64
+    # a config saved before embedding_scale existed: its model was trained unscaled, so it must not load scaled
+    del config["embedding_scale"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError, match='no embedding_scale.*add "embedding_scale": 1.0'):
+        RopeBackbone.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "embedding_scale": 1.0}))
+    unscaled = RopeBackbone.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert not torch.allclose(_loss(unscaled)[1], _loss(model)[1])
 
 
 def test_load_errors(tmp_path):
@@ -335,9 +346,17 @@ def test_config_checks():
         RopeConfig(d_model=30, n_head=4)
     with pytest.raises(ValueError, match="unknown"):
         RopeBackbone.from_config({**TINY, "bogus": 1})
-    a, b = (RopeBackbone.from_config(TINY, seed=3) for _ in range(2))
-    assert torch.equal(a.embedding.weight, b.embedding.weight)
+    torch.manual_seed(3)
+    a = RopeBackbone.from_config(TINY)
+    torch.manual_seed(3)
+    assert torch.equal(a.embedding.weight, RopeBackbone.from_config(TINY).embedding.weight)
     assert a.lm_bias.abs().sum() == 0 and (a.norm_out.weight == 1).all()
+    big = RopeBackbone.from_config({**TINY, "d_model": 256, "n_layer": 8, "d_inner": 512})
+    std = {name: float(p.detach().std()) for name, p in big.named_parameters() if p.ndim == 2}
+    assert std["embedding.weight"] == pytest.approx(0.02, rel=0.05)
+    assert std["layers.7.kv.weight"] == pytest.approx(0.02, rel=0.05)
+    for name in ("layers.0.o.weight", "layers.7.mlp.down.weight"):  # residual writers: 0.02 / sqrt(2 n_layer)
+        assert std[name] == pytest.approx(0.005, rel=0.05)
 
 
 @pytest.mark.parametrize("fields", [TINY, {}])
