@@ -16,8 +16,8 @@ A backbone (an ``nn.Module``) provides
   ``cache_context(seq_len)`` once per session and ``cached_pass(...)`` once per batched layer stack,
   with key/value storage by rank in an :class:`asarm.backbones.kv_cache.RankCache`;
 * ``save_pretrained(directory)`` and the class methods ``from_pretrained(path, **kwargs)`` and
-  ``from_config(fields)`` (a random init from the global RNG); ``config`` (with ``vocab_size``, ``d_model``, ``n_layer``,
-  ``n_head``, ``d_head``), ``name``, the registry key (asarm.backbones.BACKBONES), and ``model_type``, what
+  ``from_config(fields)`` (a random init from the global RNG); ``config`` (with ``vocab_size``, ``d_model``,
+  ``n_layer``, ``n_head``, ``d_head``), ``name``, the registry key (asarm.backbones.BACKBONES), and ``model_type``, what
   its checkpoints' ``config.json`` says (how ``ASARM.from_pretrained`` picks the backbone).
 """
 
