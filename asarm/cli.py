@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import re
 import sys
 from pathlib import Path
@@ -19,17 +18,19 @@ from pathlib import Path
 import torch
 
 from . import orders
-from .eval.runner import SamplerSpec, parse_outcomes, add_model_source_arguments, decode
+from .eval.arguments import add_model_source_arguments
 from .model import ASARM
-from .sampling import DRAFTERS
-from .sampling.assd import DEFAULT_DRAFT_TEMPERATURE_RATIO, HEAD_DRAFT_TEMPERATURE_RATIO
-from .sampling.decode import TEMPERATURE_MODES
-from .sampling.trace import render_html, render_text
+from .sampling import SAMPLERS, decode
 from .sampling.engine import DEFAULT_ENGINE, ENGINES
+from .sampling.spec import SettingError, add_sampler_arguments, apply_override, sampler_overrides
+from .sampling.trace import render_html, render_text
+from .seeds import mix_seed
 
-__all__ = ["main", "sample", "encode_template"]
+__all__ = ["main", "sample", "sample_spec", "add_sample_parser", "encode_template"]
 
-SAMPLE_ALGORITHMS = ("assd", "assd-fused", "sequential")
+# `asarm sample --sampler`: any registry name, or "assd" (two-call rounds with --drafter's drafts: assd-self,
+# assd-ngram, ...)
+SAMPLE_SAMPLERS = {"assd": "assd-self", **{name: name for name in SAMPLERS}}
 # Anything that looks like a blank tag (``<mask``, then ``:``, a space or ``>``) is parsed, so a
 # mistyped tag is an error instead of literal text sent to the model.
 _BLANK_TAG = re.compile(r"<mask(?=[\s:>])[^<>]*>")
@@ -59,42 +60,42 @@ def encode_template(tokenizer, text: str, mask_token_id: int) -> list[int]:
     return ids
 
 
+def sample_spec(sampler: str = "assd", **settings):
+    """The spec of ``asarm sample --sampler NAME`` with the given settings (SamplerSpec fields), checked
+    without a model; a setting that does not apply to the sampler is a one-line error."""
+    if sampler not in SAMPLE_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLE_SAMPLERS)}")
+    spec = SAMPLERS[SAMPLE_SAMPLERS[sampler]]
+    for name, value in settings.items():
+        spec = apply_override(spec, name, value, sampler)
+    try:
+        spec.resolve()
+    except SettingError as err:
+        raise err.for_command_line() from None
+    return spec
+
+
 def sample(model: str, text: str, revision: str | None = None, masking_rate: float | None = None,
-           sampler: str = "assd", drafter: str = "self", k: int = 5, temperature: float = 1.0,
-           temperature_mode: str = "target", r_atol: float = 0.0, seed: int = 0, batch_size: int = 1,
-           engine: str = DEFAULT_ENGINE, device: str | None = None, progress: bool = True, bonus: bool = False,
-           adaptive_threshold: float | None = None, outcomes: str | int | None = None,
-           draft_temperature_ratio: float | None = None, trace: str | None = None,
-           show_rounds: bool = False) -> list[dict]:
+           sampler: str = "assd", seed: int = 0, batch_size: int = 1, engine: str = DEFAULT_ENGINE,
+           device: str | None = None, progress: bool = True, trace: str | None = None, show_rounds: bool = False,
+           **settings) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
-    ``sampler``: ``assd``, ``assd-fused`` (single-pass rounds; drafter ``self`` or ``head``) or ``sequential``.
-    ``drafter``: a name of ``DRAFTERS`` (``head``: the model's chained draft head, when it ships one). ``trace``: write
-    a picture of the decode (an HTML file); ``show_rounds``: print every round (the samples do not change).
-    Returns one dict per completion (text, nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
+    ``sampler``: a registry name (``asarm.sampling.SAMPLERS``), or ``assd`` (two-call rounds with the drafts of
+    ``drafter``); ``settings``: sampler settings (the fields of ``SamplerSpec``: ``k``, ``drafter``,
+    ``temperature``, ``draft_length`` ...). ``trace``: write a picture of the decode (an HTML file);
+    ``show_rounds``: print every round (the samples do not change). Returns one dict per completion (text,
+    nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
     """
-    if sampler not in SAMPLE_ALGORITHMS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLE_ALGORITHMS)}")
-    if sampler != "assd" and bonus:
-        raise ValueError(f"--bonus applies to --sampler assd only (assd-fused always has it), not {sampler!r}")
-    if (sampler == "sequential" and drafter != "self") or (sampler == "assd-fused" and drafter not in ("self", "head")):
-        raise ValueError(f"--drafter {drafter} does not apply to --sampler {sampler} (assd: any drafter; assd-fused: "
-                         f"self or head)")
-    if sampler == "sequential" and adaptive_threshold is not None:
-        raise ValueError("--adaptive-threshold does not apply to --sampler sequential")
-    if sampler != "assd-fused" and outcomes is not None:
-        raise ValueError("--outcomes applies to --sampler assd-fused only")
-    if sampler == "sequential" and draft_temperature_ratio is not None:
-        raise ValueError("--draft-temperature-ratio does not apply to --sampler sequential")
+    spec = sample_spec(sampler, **settings)
     if trace is not None and not Path(trace).resolve().parent.is_dir():
         raise ValueError(f"--trace {trace}: folder {Path(trace).resolve().parent} does not exist; create it first")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")
+    spec = spec.resolve(asarm)  # a drafter that needs a draft head the model lacks: refused before decoding
     ids = torch.tensor(encode_template(asarm.tokenizer, text, asarm.mask_token_id))
     if len(ids) == 0:
         raise ValueError("text is empty")
@@ -114,22 +115,18 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
             raise ValueError("text has no blanks: write <mask> or <mask:N>, or pass --masking-rate")
         sigma, n_prompt = orders.infilling(~blanks.expand(batch_size, -1))
     tokens = ids.expand(batch_size, -1).clone()
-    seeds = torch.tensor([seed * 1_000_003 + b for b in range(batch_size)])
-    spec = SamplerSpec(sampler, "sequential") if sampler == "sequential" else SamplerSpec(
-        sampler, "assd", drafter, bonus=bonus or sampler == "assd-fused", fused=sampler == "assd-fused",
-        draft_length=adaptive_threshold, outcomes=outcomes, draft_temperature_ratio=draft_temperature_ratio)
-    out = decode(asarm, spec, tokens, sigma, n_prompt, seeds=seeds, k=k, temperature=temperature, engine=engine,
-                 progress=progress, temperature_mode=temperature_mode, r_atol=r_atol,
+    seeds = torch.tensor([mix_seed(seed, b) for b in range(batch_size)])
+    out = decode(asarm, spec, tokens, sigma, n_prompt, seed=seeds, engine=engine, progress=progress,
                  trace=trace is not None or show_rounds)
     shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
     print(f"prompt: {asarm.tokenizer.decode(shown.tolist())}")
     if not out.exact:
-        print(f"WARNING: r_atol={r_atol} > 0: lossy sampling, not the model's distribution")
+        print(f"WARNING: r_atol={spec.r_atol} > 0: lossy sampling, not the model's distribution")
     if show_rounds:
         print(render_text(out.trace, out.tokens, asarm.tokenizer))
     if trace is not None:
-        Path(trace).write_text(render_html(out.trace, out.tokens, asarm.tokenizer, title=f"asarm sample: {sampler}"),
-                               encoding="utf-8")
+        Path(trace).write_text(render_html(out.trace, out.tokens, asarm.tokenizer,
+                                           title=f"asarm sample: {out.sampler}"), encoding="utf-8")
         print(f"wrote {trace}")
     results = []
     for b in range(batch_size):
@@ -153,33 +150,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _add_sample_parser(subparsers) -> None:
+def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sample", help="fill blanks in a text with an AS-ARM",
                               description="Fill the blanks of a text (or a random subset of its tokens).")
     add_model_source_arguments(p)
     p.add_argument("--text", required=True, help="text; <mask> is one blank token, <mask:N> is N blank tokens")
     p.add_argument("--masking-rate", type=float, default=None,
                    help="mask this fraction of the text's tokens at random instead of using blanks")
-    p.add_argument("--sampler", choices=SAMPLE_ALGORITHMS, default="assd",
-                   help="assd: draft call + verify call per round; assd-fused: single-pass rounds; sequential")
-    p.add_argument("--drafter", choices=list(DRAFTERS), default="self",
-                   help="ASSD draft proposer (head: the model's chained draft head; with assd or assd-fused)")
-    p.add_argument("--bonus", action="store_true", help="assd: an all-accepted round commits one more exact token")
-    p.add_argument("--adaptive-threshold", type=float, default=None,
-                   help="adaptive draft length: verify a draft slot only while its proposal's top probability "
-                        "reaches this (exact; default: always k)")
-    p.add_argument("--outcomes", type=parse_outcomes, default=None,
-                   help="assd-fused: outcomes covered per call ('all' or a count; default 2, all with --drafter head)")
-    p.add_argument("--k", type=int, default=5, help="ASSD drafts per round (>= 1)")
-    p.add_argument("--draft-temperature-ratio", type=float, default=None,
-                   help="ASSD: verified drafts are drawn at this multiple of --temperature (exact at any value; "
-                        f"default {DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or {HEAD_DRAFT_TEMPERATURE_RATIO:g} with "
-                        f"--drafter head)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    p.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="target",
-                   help="target: sample the tempered joint; no_temp_oracle: temper drafts 2..k only (T=1 joint)")
-    p.add_argument("--r-atol", type=float, default=0.0,
-                   help="LOSSY: slack added to the ASSD acceptance ratio (0 = exact)")
+    p.add_argument("--sampler", choices=list(SAMPLE_SAMPLERS), default="assd", metavar="SAMPLER",
+                   help="assd: draft call + verify call per round (with --drafter's drafts); assd-fused: single-pass "
+                        "rounds; sequential; or any of " + ", ".join(SAMPLERS) + " (default: %(default)s)")
+    add_sampler_arguments(p, every_command=False)
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="number of completions (>= 1)")
     p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
@@ -189,10 +170,15 @@ def _add_sample_parser(subparsers) -> None:
                    help="write a self-contained page showing each round: tokens coloured by origin (prompt, "
                         "accepted draft, residual, bonus, sequential), the decode order, accepted lengths")
     p.add_argument("--show-rounds", action="store_true", help="print every round (drafts, accepted, committed)")
-    p.set_defaults(func=lambda a: sample(
-        a.model, a.text, a.revision, a.masking_rate, a.sampler, a.drafter, a.k, a.temperature, a.temperature_mode,
-        a.r_atol, a.seed, a.batch_size, a.engine, a.device, not a.no_progress, a.bonus, a.adaptive_threshold,
-        a.outcomes, a.draft_temperature_ratio, a.trace, a.show_rounds))
+    p.set_defaults(func=_run_sample)
+    return p
+
+
+def _run_sample(args: argparse.Namespace) -> list[dict]:
+    return sample(args.model, args.text, revision=args.revision, masking_rate=args.masking_rate,
+                  sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, engine=args.engine,
+                  device=args.device, progress=not args.no_progress, trace=args.trace, show_rounds=args.show_rounds,
+                  **sampler_overrides(args, every_command=False))
 
 
 def _add_train_parser(subparsers) -> None:
@@ -249,7 +235,7 @@ def _add_eval_parser(subparsers) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_sample_parser(subparsers)
+    add_sample_parser(subparsers)
     _add_train_parser(subparsers)
     _add_eval_parser(subparsers)
     args = parser.parse_args(argv)

@@ -205,7 +205,7 @@ def _nll_rows(found) -> list[tuple]:
                 ("unigram baseline NLL per token", NOT_MEASURED, "-")]
     path, results = found
     m, args = results["metrics"], results.get("args") or {}
-    # without --text-file, `asarm eval nll` reads WikiText-2 raw test (asarm.eval.runner.packed_text)
+    # without --text-file, `asarm eval nll` reads WikiText-2 raw test (asarm.eval.texts.packed_text)
     where = (f"{_value(m.get('sequences'))} chunks of {_value(m.get('length'))} tokens of "
              f"{args.get('text_file') or 'WikiText-2 raw test'}, {_percent(m.get('masking_rate'))} masked, "
              f"model {_value(args.get('model'))}")

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from asarm.eval import runner
+from asarm.eval.markdown import markdown_table
 from asarm.eval.nll import heldout_nll, unigram_log_probs
 from asarm.eval.stats import paired_comparison
+from asarm.eval.texts import packed_text
 from asarm.model import ASARM, EMBEDDED_MODELS, pick_device
 from asarm.sampling import sequential_decode
 from asarm.training.config import load_config
@@ -169,7 +170,7 @@ def train_for(backbone: str, minutes: float, run_dir: Path, seed: int, overrides
 def sampling_speed(models: dict[str, ASARM], repeats: int) -> dict:
     """Cached sequential decoding tokens/s at batch 1 and 16 (L = 128, 95% masked), alternated."""
     tokenizer = models["xlnet"].tokenizer
-    chunks = runner.packed_text(tokenizer, 128, None, 16)
+    chunks = packed_text(tokenizer, 128, None, 16)
     n_prompt = int(round(128 * 0.05))
     sigma = torch.stack([torch.randperm(128, generator=torch.Generator().manual_seed(i)) for i in range(16)])
     prompt = torch.full((16,), n_prompt)
@@ -192,7 +193,7 @@ def sampling_speed(models: dict[str, ASARM], repeats: int) -> dict:
 
 def heldout(models: dict[str, ASARM], sequences: int, seed: int) -> dict:
     tokenizer = models["xlnet"].tokenizer
-    chunks = runner.packed_text(tokenizer, 128, None, sequences)
+    chunks = packed_text(tokenizer, 128, None, sequences)
     unigram = unigram_log_probs(chunks, models["xlnet"].vocab_size, models["xlnet"].mask_token_id)
     per_chunk = {}
     for name, model in models.items():
@@ -239,7 +240,7 @@ def main() -> None:
                          "train tok/s rope": round(speed["rope"]["tokens_per_s"]), "rope / xlnet": f"{ratio:.2f}x",
                          "peak MiB xlnet": round(memory["xlnet"]), "peak MiB rope": round(memory["rope"])})
             print(rows[-1], flush=True)
-    lines += ["### Training speed and memory\n", runner.markdown_table(rows), ""]
+    lines += ["### Training speed and memory\n", markdown_table(rows), ""]
     if not args.skip_quality:
         run_dir = Path(args.run_dir)
         trained, figures = {}, {}
@@ -255,7 +256,7 @@ def main() -> None:
                     "batch 16": round(sampling[16][name])} for name in BACKBONES]
         lo, hi = nll["ci95"]
         lines += [f"### Equal wall-clock training ({args.train_minutes:g} min each, tiny configs, WikiText-2 valid) "
-                  f"and cached sampling\n", runner.markdown_table(quality), "",
+                  f"and cached sampling\n", markdown_table(quality), "",
                   f"Held-out NLL, rope minus xlnet: {nll['rope_minus_xlnet']:+.3f} nats per token, paired 95% "
                   f"interval [{lo:+.3f}, {hi:+.3f}] over {nll['sequences']} chunks of WikiText-2 raw test. Cached "
                   f"sampling, rope / xlnet: {sampling[1]['rope'] / sampling[1]['xlnet']:.2f}x at batch 1, "

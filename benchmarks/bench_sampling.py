@@ -33,16 +33,18 @@ from pathlib import Path
 import torch
 
 from asarm import orders
-from asarm.eval import runner
+from asarm.eval.machine import machine_info
 from asarm.model import ASARM, DEFAULT_MODEL, pick_device
+from asarm.sampling import SAMPLERS
+from asarm.sampling import decode as decode_spec
 from asarm.sampling.engine import CachedEngine, FullEngine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-BENCH_SAMPLERS = {"sequential": runner.SAMPLERS["sequential"], "assd": runner.SAMPLERS["assd-self"]}
+BENCH_SAMPLERS = {"sequential": SAMPLERS["sequential"], "assd": SAMPLERS["assd-self"]}
 
 
 def machine() -> str:
-    info = runner.machine_info()
+    info = machine_info()
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     return (f"{info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, {info['torch_threads']} threads"
@@ -64,8 +66,8 @@ def make_batch(model: ASARM, seq_len: int, batch_size: int, masking_rate: float,
 
 def decode(model, engine, sampler: str, batch, tokens_per_row: int, k: int):
     tokens, sigma, n_prompt = batch
-    return runner.decode(model, BENCH_SAMPLERS[sampler], tokens, sigma, n_prompt, seeds=0, k=k, engine=engine,
-                         max_new_tokens=tokens_per_row)
+    return decode_spec(model, BENCH_SAMPLERS[sampler].replace(k=k), tokens, sigma, n_prompt, seed=0, engine=engine,
+                       max_new_tokens=tokens_per_row)
 
 
 def timed_decode(model, engine, sampler, batch, tokens_per_row, k, warm_up: bool) -> dict:

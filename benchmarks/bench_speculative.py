@@ -1,7 +1,7 @@
 """Speculative decoding against cached sequential decoding, side by side in one run.
 
 Protocol (the paper's, at small sizes): WikiText-2 raw test packed into chunks of L tokens the way the
-trainer packs (``runner.packed_text``), 95% of each chunk hidden (``any_subset`` orders: the visible
+trainer packs (``asarm.eval.texts.packed_text``), 95% of each chunk hidden (``any_subset`` orders: the visible
 positions at random, the rest decoded left to right), T = 1. Every sampler decodes the same chunks with
 the same orders and per-row seeds, on the cached engine. Samplers: sequential; two-call ASSD
 (``assd-self``) and ASSD with the bonus row (``assd-bonus``) at k = 5 (the paper's); single-pass ASSD
@@ -31,23 +31,24 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from asarm import orders
-from asarm.eval import runner
+from asarm.eval.markdown import markdown_table
+from asarm.eval.texts import packed_text
 from asarm.model import ASARM, DEFAULT_MODEL
-from asarm.sampling.assd import (DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES, HEAD_DRAFT_TEMPERATURE_RATIO,
-                                HEAD_OUTCOMES)
+from asarm.sampling import ENGINES, SAMPLERS, SamplerSpec, decode
+from asarm.sampling.spec import (DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES,
+                                 HEAD_DRAFT_TEMPERATURE_RATIO, HEAD_OUTCOMES, parse_choices)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampling import machine, sync  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DEFAULT_CONFIGS = "tiny:128:1,tiny:128:16,tiny:512:1,tiny:512:16,base:128:1,base:128:16"
-# name -> (runner sampler, k, spec overrides); the paper's k = 5 for two-call ASSD
+# name -> (registry sampler, k, other settings); the paper's k = 5 for two-call ASSD
 CONTENDERS = {
     "sequential": ("sequential", 5, {}),
     "assd-self": ("assd-self", 5, {}),
@@ -79,31 +80,29 @@ CONTENDERS = {
 BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused-k1", "assd-fused-k2", "assd-fused-k5")
 
 
-def samplers(threshold: float) -> dict[str, tuple[runner.SamplerSpec, int]]:
-    """name -> (spec, drafts per round)."""
-    specs = runner.available_samplers()
+def samplers(threshold: float) -> dict[str, SamplerSpec]:
+    """Contender name -> spec (its registry sampler with the contender's k and settings)."""
     chosen = {}
     for name, (base, k, overrides) in CONTENDERS.items():
-        spec = replace(specs[base], name=name, **overrides)
-        chosen[name] = (replace(spec, draft_length=threshold) if spec.draft_length is not None else spec, k)
+        spec = SAMPLERS[base].replace(k=k, **overrides)
+        chosen[name] = spec.replace(draft_length=threshold) if spec.draft_length is not None else spec
     return chosen
 
 
 def chunks_and_orders(tokenizer, seq_len: int, count: int, seed: int):
-    chunks = runner.packed_text(tokenizer, seq_len, None, count)
+    chunks = packed_text(tokenizer, seq_len, None, count)
     visible = int(orders.num_prompt_for_rate(0.95, seq_len))
     sigma = orders.any_subset(visible, seq_len, batch_size=chunks.shape[0],
                               generator=torch.Generator().manual_seed(seed))
     return chunks, sigma, visible
 
 
-def timed_decode(model, spec, k, chunks, sigma, visible, rows: slice, max_new_tokens):
+def timed_decode(model, spec, chunks, sigma, visible, rows: slice, max_new_tokens):
     """One decode of the chunks ``rows`` (per-row seeds = chunk indices): (seconds, output)."""
     seeds = torch.arange(rows.start, rows.stop)
     sync(model.device)
     began = time.perf_counter()
-    out = runner.decode(model, spec, chunks[rows], sigma[rows], visible, seeds=seeds, k=k,
-                        max_new_tokens=max_new_tokens)
+    out = decode(model, spec, chunks[rows], sigma[rows], visible, seed=seeds, max_new_tokens=max_new_tokens)
     sync(model.device)
     return time.perf_counter() - began, out
 
@@ -116,18 +115,18 @@ def bench_config(model, label, seq_len, batch_size, specs, args) -> list[dict]:
     names = [name for name in specs if label != "base" or name in BASE_SAMPLERS]
     groups = [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
     for name in names:  # warm-up
-        timed_decode(model, *specs[name], chunks, sigma, visible, slice(0, batch_size), 4)
+        timed_decode(model, specs[name], chunks, sigma, visible, slice(0, batch_size), 4)
     fastest = {(name, g): float("inf") for name in names for g in range(len(groups))}
     outputs = {}
     for repeat in range(args.repeats):
         for g, rows in enumerate(groups):
             shift = (repeat * len(groups) + g) % len(names)
             for name in names[shift:] + names[:shift]:
-                seconds, outputs[name, g] = timed_decode(model, *specs[name], chunks, sigma, visible, rows, max_new)
+                seconds, outputs[name, g] = timed_decode(model, specs[name], chunks, sigma, visible, rows, max_new)
                 fastest[name, g] = min(fastest[name, g], seconds)
     rows, base_rate = [], None
     for name in names:
-        k = specs[name][1]
+        k = specs[name].k
         outs = [outputs[name, g] for g in range(len(groups))]
         generated = sum(int((o.settings["stop"] - o.settings["n_prompt"]).sum()) for o in outs)
         nfe, rounds = sum(int(o.nfe.sum()) for o in outs), sum(int(o.rounds.sum()) for o in outs)
@@ -152,7 +151,7 @@ def call_curve(model, seq_len: int, batch_size: int, steps: int) -> list[dict]:
     """Seconds of one cached call that commits ``content`` new ranks and queries ``queries`` rows (limits
     one past the committed prefix, as single-pass rows have): one session per cell, the sessions stepping
     through the same chunk side by side, the median over ``steps`` calls per cell."""
-    engine = runner.ENGINES["cached"](model)
+    engine = ENGINES["cached"](model)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(10, model.vocab_size, (batch_size, seq_len), generator=gen)
     visible = int(orders.num_prompt_for_rate(0.95, seq_len))
@@ -191,7 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--base-tokens", type=int, default=24, help="tokens per row on the base-sized model")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each chunk per sampler (the fastest counts)")
     p.add_argument("--samplers", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(CONTENDERS)}")
-    p.add_argument("--adaptive-threshold", type=float, default=runner.DEFAULT_ADAPTIVE_THRESHOLD)
+    p.add_argument("--adaptive-threshold", type=float, default=DEFAULT_ADAPTIVE_THRESHOLD)
     p.add_argument("--no-curve", action="store_true", help="skip the call-time curve")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
@@ -214,7 +213,7 @@ def main(argv=None) -> None:
         models["base"] = ASARM.from_config(None, tokenizer=None, seed=0, device=tiny.device)
         models["base"].tokenizer = tiny.tokenizer
     try:
-        chosen = runner.parse_choices(args.samplers, CONTENDERS, "sampler")
+        chosen = parse_choices(args.samplers, CONTENDERS, "sampler")
     except ValueError as error:
         p.error(str(error))
     if "sequential" not in chosen:
@@ -229,7 +228,7 @@ def main(argv=None) -> None:
     curve = [] if args.no_curve else [dict(r, model="tiny") for r in call_curve(tiny, 128, 1, 24)]
     if not args.no_curve and "base" in models:
         curve += [dict(r, model="base") for r in call_curve(models["base"], 128, 1, 5)]
-    table = runner.markdown_table([{key: (f"{value:.3g}" if isinstance(value, float) else value)
+    table = markdown_table([{key: (f"{value:.3g}" if isinstance(value, float) else value)
                                     for key, value in row.items()} for row in rows])
     text = (f"\n## bench_speculative.py, {time.strftime('%Y-%m-%d %H:%M')}\nMachine: {machine()}. WikiText-2 test "
             f"chunks, 95% masked (any-subset orders), T=1, cached engine, the same chunks, orders and seeds for "
@@ -244,7 +243,7 @@ def main(argv=None) -> None:
     if curve:
         text += ("\nOne cached call (batch 1, L=128, prompt cached): milliseconds against query rows and new "
                  "content rows, median over the calls of sessions stepping side by side.\n\n"
-                 + runner.markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
+                 + markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
                                           for r in curve]) + "\n")
     print(text)
     if not args.no_write:

@@ -1,4 +1,8 @@
+import torch
+
+from asarm import orders
 from asarm.cli import encode_template, main
+from asarm.seeds import mix_seed
 
 
 def test_encode_template(xlnet_tokenizer):
@@ -48,32 +52,71 @@ def test_sample_errors(tiny_model_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_every_sample_option_reaches_the_sampler(monkeypatch):
-    import inspect
+# Two `asarm sample` calls that between them set every option to a value other than its default.
+SAMPLE_CALLS = [
+    {"--model": "MODEL", "--revision": "nlp", "--device": "cpu", "--text": "One two three four five six.",
+     "--masking-rate": "0.5", "--sampler": "assd", "--drafter": "ngram", "--k": "3", "--temperature": "0.7",
+     "--temperature-mode": "no_temp_oracle", "--bonus": None, "--adaptive-threshold": "0.2",
+     "--draft-temperature-ratio": "1.25", "--r-atol": "0.1", "--seed": "4", "--batch-size": "2", "--engine": "full",
+     "--no-progress": None, "--trace": "TRACE", "--show-rounds": None},
+    {"--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused", "--outcomes": "1", "--no-progress": None},
+]
+
+
+def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Every option of `asarm sample` is set by SAMPLE_CALLS (a new option fails here until it is) and arrives
+    where it acts: the model loader, the sampler spec, or the decode's own options."""
+    import argparse
 
     from asarm import cli
+    from asarm.model import ASARM
 
-    calls = []
-    signature = inspect.signature(cli.sample)
-    monkeypatch.setattr(cli, "sample", lambda *a, **kw: calls.append(signature.bind(*a, **kw).arguments))
-    options = {"--model": "some/model", "--revision": "nlp", "--text": "a <mask> b", "--masking-rate": None,
-               "--sampler": "assd", "--drafter": "ngram", "--k": "3", "--temperature": "0.7",
-               "--temperature-mode": "no_temp_oracle", "--r-atol": "0.1", "--seed": "4", "--batch-size": "2",
-               "--engine": "full", "--device": "cpu"}
-    argv = [part for option, value in options.items() if value is not None for part in (option, value)]
-    assert main(["sample", *argv, "--bonus", "--no-progress"]) == 0
-    got = calls[0]
-    assert (got["model"], got["revision"], got["text"], got["sampler"], got["drafter"], got["k"]) == (
-        "some/model", "nlp", "a <mask> b", "assd", "ngram", 3)
-    assert (got["temperature"], got["temperature_mode"], got["r_atol"], got["seed"], got["batch_size"]) == (
-        0.7, "no_temp_oracle", 0.1, 4, 2)
-    assert (got["engine"], got["device"], got["progress"], got["bonus"]) == ("full", "cpu", False, True)
-    # defaults, parsed
-    calls.clear()
-    assert main(["sample", "--text", "a <mask> b"]) == 0
-    got = calls[0]
-    assert (got["model"], got["sampler"], got["k"], got.get("masking_rate"), got["progress"]) == (
-        "asarm-tiny", "assd", 5, None, True)
+    parser = cli.add_sample_parser(argparse.ArgumentParser().add_subparsers())
+    options = {flag for action in parser._actions for flag in action.option_strings} - {"-h", "--help"}
+    assert options == set().union(*SAMPLE_CALLS)
+    loads, decodes = [], []
+    real_load, real_decode = ASARM.from_pretrained, cli.decode
+
+    def load(name, revision=None, device=None):
+        loads.append((name, revision, device))
+        return real_load(tiny_model_dir, device=device)
+
+    def decode(model, spec, tokens, sigma, n_prompt, **kw):
+        decodes.append((spec, tokens, sigma, n_prompt, kw))
+        return real_decode(model, spec, tokens, sigma, n_prompt, **kw)
+
+    monkeypatch.setattr(ASARM, "from_pretrained", load)
+    monkeypatch.setattr(cli, "decode", decode)
+    trace = tmp_path / "trace.html"
+    for call in SAMPLE_CALLS:
+        argv = [part for flag, value in call.items() for part in ([flag] if value is None else [flag, value])]
+        argv = [{"MODEL": "some/model", "TRACE": str(trace)}.get(part, part) for part in argv]
+        assert main(["sample", *argv]) == 0, capsys.readouterr().err
+    assert loads == [("some/model", "nlp", "cpu"), ("asarm-tiny", None, None)]
+    (spec, tokens, sigma, n_prompt, kw), (fused, *_, fused_kw) = decodes
+    assert (spec.name, spec.drafter_name, spec.k, spec.temperature, spec.temperature_mode, spec.bonus) == (
+        "assd-ngram-bonus-adaptive", "ngram", 3, 0.7, "no_temp_oracle", True)
+    assert (spec.draft_length.threshold, spec.draft_temperature_ratio, spec.r_atol) == (0.2, 1.25, 0.1)
+    assert tokens.shape[0] == 2  # --batch-size; --masking-rate hides half the tokens:
+    assert torch.equal(n_prompt, orders.num_prompt_for_rate(0.5, torch.full((2,), tokens.shape[1])))
+    assert (kw["engine"], kw["progress"], kw["trace"]) == ("full", False, True)
+    assert torch.equal(kw["seed"], torch.tensor([mix_seed(4, 0), mix_seed(4, 1)]))
+    assert trace.stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "WARNING: r_atol=0.1 > 0: lossy sampling" in out and "round" in out  # --r-atol, --show-rounds
+    assert (fused.name, fused.outcomes, fused.k, fused.temperature) == ("assd-fused", 1, 5, 1.0)
+    assert (fused_kw["engine"], fused_kw["trace"], fused_kw["seed"].tolist()) == ("cached", False, [mix_seed(0, 0)])
+
+
+def test_sample_refuses_a_setting_its_sampler_ignores(capsys):
+    """A setting that means nothing for the chosen sampler is one line, before any model loads."""
+    for argv, message in [(["--sampler", "sequential", "--k", "3"], "--k 3 does not apply to --sampler sequential"),
+                          (["--sampler", "assd-fused", "--bonus"], "--bonus does not apply to --sampler assd-fused"),
+                          (["--outcomes", "2"], "--outcomes 2 does not apply to --sampler assd"),
+                          (["--adaptive-threshold", "2"], "--adaptive-threshold is not valid: the adaptive-length "
+                                                          "threshold must lie in [0, 1], got 2.0")]:
+        assert main(["sample", "--model", "/never/loaded", "--text", "a <mask> b", *argv]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"asarm sample: error: {message}"
 
 
 def test_train_subcommand_reports_config_errors(tmp_path, capsys):

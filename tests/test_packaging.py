@@ -26,7 +26,7 @@ CORE_ONLY = textwrap.dedent("""
         return real_import(name, globals, locals, fromlist, level)
 
     builtins.__import__ = guarded_import
-    import asarm.sampling, asarm.eval.stats, asarm.eval.runner
+    import asarm.sampling, asarm.eval.stats, asarm.eval.arguments, asarm.eval.record
     from asarm.cli import main
     sys.exit(main(["sample", "--text", "The cat <mask:3> on the mat.", "--k", "2", "--device", "cpu",
                    "--no-progress"]))

@@ -23,10 +23,13 @@ import argparse
 from pathlib import Path
 
 from .humaneval import BENCHMARKS, evaluate_completions, load_problems, self_check
-from .infill import (CodeCodec, TextCodec, add_infill_arguments, bar_chart, check_arguments, describe_blank,
+from .infill import (CodeCodec, TextCodec, add_infill_arguments, check_arguments, describe_blank,
                      encode_rows, infill, repeat_trials)
-from .runner import (EvalRun, add_common_arguments, check_samplers, load_model, markdown_table, parse_choices,
-                     samplers_from_args)
+from ..sampling.spec import parse_choices, resolve_samplers
+from .arguments import add_common_arguments, load_model, samplers_from_args
+from .markdown import markdown_table
+from .plots import bar_chart
+from .record import EvalRun
 
 __all__ = ["add_arguments", "run", "parse_benchmarks", "parse_pass_k"]
 
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     if empty:
         raise ValueError(f"no problems in benchmark(s) {empty}")
     model = load_model(args)
-    check_samplers(model, samplers, args.model)
+    samplers = resolve_samplers(samplers, model, args.model)
     codec = TextCodec(model.tokenizer) if args.no_code_mapping else CodeCodec(model.tokenizer)
     out = EvalRun("humaneval", args)
     checks: dict[str, dict] = {}
@@ -110,8 +113,8 @@ def run(args: argparse.Namespace) -> dict:
         samples, sample_rows, seeds = repeat_trials(rows, n_samples, args.seed)
         results[benchmark] = {}
         for spec in samplers:
-            decoded = infill(model, spec, sample_rows, seeds, batch_size=args.batch_size, k=args.k,
-                             temperature=args.temperature, engine=args.engine, progress=not args.no_progress)
+            decoded = infill(model, spec, sample_rows, seeds, batch_size=args.batch_size, engine=args.engine,
+                             progress=not args.no_progress)
             completions = {p.task_id: [] for p in problems}
             for j, (_, i) in enumerate(samples):
                 completions[problems[i].task_id].append(codec.decode_blank(rows[i].prefix, decoded.blank(j)))

@@ -1,11 +1,11 @@
 """What the ROCStories and HumanEval infilling runners share: tokenising an item's three parts
 (prefix, reference blank, suffix), the blank length, padded batches in the infilling order,
-decoding the blanks with any sampler of ``asarm.eval.runner``, cost statistics, and the plot.
+decoding the blanks with any sampler spec (``asarm.sampling.spec``), cost statistics, and the plot.
 
 An item becomes one row: prefix tokens, ``blank`` placeholders, suffix tokens. The order is
 ``orders.infilling``: every given token is visible, the blank is decoded left to right. Rows of
 different lengths share a batch through ``lengths`` (right padding with the tokenizer's pad id).
-A row's sampling seed belongs to the row (``runner.row_seeds``), so rows are batched in whatever
+A row's sampling seed belongs to the row (``asarm.seeds.row_seeds``), so rows are batched in whatever
 grouping is cheapest (similar lengths together) without changing what any row decodes.
 """
 
@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from ..model import ASARM
 from ..orders import infilling
 from ..tokenization import CLS_ID, SEP_ID, UNK_ID, CodeTokenizer, decode_text, encode_text
-from .runner import SamplerSpec, decode, label_bars, row_seeds
+from ..sampling import SamplerSpec, decode
+from ..seeds import row_seeds
 
 __all__ = ["TextCodec", "CodeCodec", "parse_limit", "add_infill_arguments", "check_arguments", "blank_length",
-           "describe_blank", "InfillRow", "encode_rows", "repeat_trials", "make_batch", "InfillOutput", "infill",
-           "bar_chart"]
+           "describe_blank", "InfillRow", "encode_rows", "repeat_trials", "make_batch", "InfillOutput", "infill"]
 
 
 class TextCodec:
@@ -89,10 +88,6 @@ def add_infill_arguments(parser: argparse.ArgumentParser, *, limit: int | None, 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Reject bad values before the model loads (ValueError with the option's name)."""
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     if args.batch_size < 1:
@@ -176,7 +171,7 @@ class InfillOutput:
     decoded: list[list[int]]
     nfe: torch.Tensor            # (N,)
     rounds: torch.Tensor         # (N,)
-    ngram_calls: torch.Tensor    # (N,)
+    model_free_draft_calls: torch.Tensor  # (N,)
     drafted_by_index: torch.Tensor | None   # (k,) summed over rows (ASSD only)
     accepted_by_index: torch.Tensor | None  # (k,)
     seconds: float
@@ -186,13 +181,14 @@ class InfillOutput:
         return self.decoded[i][start:start + self.rows[i].blank]
 
     def summary(self) -> dict:
-        """Mean NFE, rounds and n-gram calls per row; tokens per round pooled over rows; draft
+        """Mean NFE, rounds and model-free draft calls (n-gram drafts) per row; tokens per round pooled over rows; draft
         acceptance rate per draft index (None where no draft reached that index)."""
         generated = sum(row.blank for row in self.rows)
         out = {"rows": len(self.rows), "blank_tokens": generated / len(self.rows),
                "nfe": float(self.nfe.double().mean()), "rounds": float(self.rounds.double().mean()),
                "tokens_per_round": generated / max(1, int(self.rounds.sum())),
-               "ngram_calls": float(self.ngram_calls.double().mean()), "seconds": round(self.seconds, 3)}
+               "model_free_draft_calls": float(self.model_free_draft_calls.double().mean()),
+               "seconds": round(self.seconds, 3)}
         if self.accepted_by_index is not None:
             out["acceptance_by_index"] = [a / d if d else None for a, d in
                                           zip(self.accepted_by_index.tolist(), self.drafted_by_index.tolist())]
@@ -200,7 +196,7 @@ class InfillOutput:
 
 
 def infill(model: ASARM, spec: SamplerSpec, rows: Sequence[InfillRow], seeds: torch.Tensor, *, batch_size: int,
-           k: int, temperature: float, engine: str, progress: bool = False) -> InfillOutput:
+           engine: str, progress: bool = False) -> InfillOutput:
     """Fill every row's blank with one sampler; row ``i`` uses ``seeds[i]`` whatever its batch."""
     rows = list(rows)
     if len(seeds) != len(rows):
@@ -210,43 +206,21 @@ def infill(model: ASARM, spec: SamplerSpec, rows: Sequence[InfillRow], seeds: to
     order = sorted(range(len(rows)), key=lambda i: rows[i].length)  # similar lengths: little padding
     decoded: list[list[int]] = [[] for _ in rows]
     nfe = torch.zeros(len(rows), dtype=torch.long)
-    row_rounds, ngram_calls = torch.zeros_like(nfe), torch.zeros_like(nfe)
-    assd = spec.algorithm == "assd"
+    row_rounds, model_free_draft_calls = torch.zeros_like(nfe), torch.zeros_like(nfe)
+    assd, k = spec.algorithm == "assd", spec.k
     drafted = torch.zeros(k, dtype=torch.long) if assd else None
     accepted = torch.zeros(k, dtype=torch.long) if assd else None
     start_time = time.perf_counter()
     for start in range(0, len(rows), batch_size):
         idx = order[start:start + batch_size]
         tokens, sigma, n_prompt, lengths = make_batch([rows[i] for i in idx], pad_id, model.mask_token_id)
-        out = decode(model, spec, tokens, sigma, n_prompt, seeds=seeds[idx], k=k, temperature=temperature,
-                     engine=engine, lengths=lengths, progress=progress)
+        out = decode(model, spec, tokens, sigma, n_prompt, lengths, seed=seeds[idx], engine=engine, progress=progress)
         result = out.tokens.cpu()
         for j, i in enumerate(idx):
             decoded[i] = result[j, :rows[i].length].tolist()
-        nfe[idx], row_rounds[idx], ngram_calls[idx] = out.nfe, out.rounds, out.ngram_calls
+        nfe[idx], row_rounds[idx], model_free_draft_calls[idx] = out.nfe, out.rounds, out.model_free_draft_calls
         if assd:
             drafted += out.drafted_by_index.sum(0)
             accepted += out.accepted_by_index.sum(0)
-    return InfillOutput(rows, decoded, nfe, row_rounds, ngram_calls, drafted, accepted,
+    return InfillOutput(rows, decoded, nfe, row_rounds, model_free_draft_calls, drafted, accepted,
                         time.perf_counter() - start_time)
-
-
-def bar_chart(path: Path, panels: Mapping[str, Mapping[str, Mapping[str, float]]], ylabel: str) -> Path:
-    """Grouped bars, one panel per ``panels`` key: panel -> group (x axis) -> series (bar) -> value."""
-    from matplotlib.figure import Figure  # lazy: matplotlib is slow to import; no pyplot, no global backend
-
-    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, groups) in zip(axes, panels.items()):
-        series = list(dict.fromkeys(s for values in groups.values() for s in values))
-        width = 0.8 / max(1, len(series))
-        for j, name in enumerate(series):
-            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-            heights = [values.get(name, 0.0) for values in groups.values()]
-            label_bars(ax, ax.bar(xs, heights, width, label=name), heights)
-        ax.set_xticks(range(len(groups)), list(groups))
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize="small")
-    fig.savefig(path, dpi=120)
-    return path

@@ -21,7 +21,7 @@ The three request types:
   document separator the trainer packs with). Texts longer than ``max_length`` (default: the model's trained
   length, else 512) are scored in windows of at most ``max_length`` tokens, each keeping at least
   ``rolling_context`` (default ``max_length // 2``) earlier tokens as visible context.
-- ``generate_until``: the project's samplers (``asarm.eval.runner.decode``): ``sampler`` (``sequential``,
+- ``generate_until``: the project's samplers (``asarm.sampling.decode``): ``sampler`` (``sequential``,
   ``assd-self``, ``assd-fused``, ... or ``greedy``), ``k``, ``temperature``, ``seed``, ``max_gen_toks``,
   ``engine``, set in ``--model_args`` and overridable per task by its ``generation_kwargs``
   (``do_sample: false`` or ``temperature: 0`` mean greedy). The output stops at ``</s>`` and is cut at the
@@ -52,7 +52,8 @@ from ..orders import positions_by_rank, positions_of_ranks
 from ..sampling.engine import DEFAULT_ENGINE
 from ..tokenization import decode_text, encode_text
 from .likelihood import ORDER_FAMILIES, order_for
-from .runner import available_samplers, decode, row_seeds
+from ..sampling import SAMPLERS, decode
+from ..seeds import row_seeds
 
 __all__ = ["ASARMLM", "DEFAULT_MAX_LENGTH", "main"]
 
@@ -131,8 +132,8 @@ class ASARMLM(LM):
 
     @staticmethod
     def _check_sampler(name: str) -> None:
-        if name != "greedy" and name not in available_samplers():
-            raise ValueError(f"unknown sampler {name!r}; choose from greedy, {', '.join(available_samplers())}")
+        if name != "greedy" and name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; choose from greedy, {', '.join(SAMPLERS)}")
 
     @property
     def device(self) -> torch.device:
@@ -286,11 +287,10 @@ class ASARMLM(LM):
         if settings["sampler"] == "greedy":
             tokens = self._greedy(tokens, sigma, n_prompt, new)
         else:
-            spec = available_samplers()[settings["sampler"]]
+            spec = SAMPLERS[settings["sampler"]].replace(k=settings["k"], temperature=settings["temperature"])
             seeds = row_seeds(settings["seed"], 0, [zlib.crc32(c.encode("utf-8")) for c in contexts])
-            tokens = decode(self.model, spec, tokens, sigma, n_prompt, seeds=seeds, k=settings["k"],
-                            temperature=settings["temperature"], engine=settings["engine"],
-                            lengths=lengths).tokens.cpu()
+            tokens = decode(self.model, spec, tokens, sigma, n_prompt, lengths, seed=seeds,
+                            engine=settings["engine"]).tokens.cpu()
         texts = []
         for r in range(len(prompts)):
             ids = tokens[r, int(n_prompt[r]):int(lengths[r])].tolist()

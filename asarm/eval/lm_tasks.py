@@ -29,7 +29,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..paths import DataFileNotFoundError, data_dir, data_file
-from .runner import EvalRun, add_model_arguments, load_model, markdown_table, parse_choices, unset_means
+from ..sampling.spec import parse_choices
+from .arguments import add_model_arguments, load_model, unset_means
+from .markdown import markdown_table
+from .record import EvalRun
 
 __all__ = ["LAMBADA_FILE", "LAMBADA_HUB", "HELLASWAG_FILE", "HELLASWAG_HUB", "TASKS", "LambadaExample",
            "split_last_word", "load_lambada", "HellaSwagExample", "load_hellaswag", "hellaswag_accuracy",

@@ -16,8 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import orders
-from .runner import (EvalRun, add_model_arguments, load_model, markdown_table, packed_text, parse_count_or_all,
-                     unset_means)
+from .arguments import add_model_arguments, load_model, parse_count_or_all, unset_means
+from .markdown import markdown_table
+from .record import EvalRun
+from .texts import packed_text
 from .stats import summarize
 
 __all__ = ["unigram_log_probs", "heldout_nll", "add_arguments", "run"]

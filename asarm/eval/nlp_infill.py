@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from .infill import (TextCodec, add_infill_arguments, bar_chart, check_arguments, describe_blank, encode_rows,
+from .infill import (TextCodec, add_infill_arguments, check_arguments, describe_blank, encode_rows,
                      infill, repeat_trials)
 from .rocstories import DEFAULT_FILE, ROUGE_TYPES, SETTINGS, load_stories, make_items, rouge_scores
-from .runner import (EvalRun, add_common_arguments, check_samplers, load_model, markdown_table, parse_choices,
-                     samplers_from_args)
+from ..sampling.spec import parse_choices, resolve_samplers
+from .arguments import add_common_arguments, load_model, samplers_from_args
+from .markdown import markdown_table
+from .plots import bar_chart
+from .record import EvalRun
 
 __all__ = ["add_arguments", "run", "parse_settings"]
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> dict:
     if not stories:
         raise ValueError("no stories to evaluate")
     model = load_model(args)
-    check_samplers(model, samplers, args.model)
+    samplers = resolve_samplers(samplers, model, args.model)
     codec = TextCodec(model.tokenizer)
     out = EvalRun("rocstories", args)
     results: dict[str, dict[str, dict]] = {}
@@ -56,8 +59,8 @@ def run(args: argparse.Namespace) -> dict:
         references = [items[i].reference for _, i in trials]
         results[setting] = {}
         for spec in samplers:
-            decoded = infill(model, spec, trial_rows, seeds, batch_size=args.batch_size, k=args.k,
-                             temperature=args.temperature, engine=args.engine, progress=not args.no_progress)
+            decoded = infill(model, spec, trial_rows, seeds, batch_size=args.batch_size, engine=args.engine,
+                             progress=not args.no_progress)
             predictions = [codec.decode_blank(decoded.rows[j].prefix, decoded.blank(j)) for j in range(len(trials))]
             rouge = rouge_scores(predictions, references)
             results[setting][spec.name] = {**rouge.mean, **decoded.summary()}

@@ -5,10 +5,10 @@ unigram entropy with paired tests.
 Protocol: the text (WikiText-2 raw test from the data directory, else the Hub, or ``--text-file``)
 is tokenized with the model's tokenizer and packed into consecutive chunks of ``--length`` tokens
 the way the trainer packs its data (one document a line, ``</s>`` after each:
-``runner.packed_text``). Each chunk shows
+``asarm.eval.texts.packed_text``). Each chunk shows
 ``length - floor(length * (1 - start_fraction))`` random positions (26 of 512 in the paper) and the
 rest is decoded left to right (``orders.any_subset``). Paired design: for each (sequence, trial) every
-sampler gets the same order and the same per-row seed (``runner.row_seeds``), so per-sample differences
+sampler gets the same order and the same per-row seed (``asarm.seeds.row_seeds``), so per-sample differences
 are paired.
 
 Timing: one untimed warm-up decode per sampler, ``torch.cuda.synchronize`` around each timed decode
@@ -33,7 +33,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import orders
-from . import runner
+from ..sampling import decode
+from ..sampling.spec import resolve_samplers
+from ..seeds import row_seeds
+from .arguments import add_common_arguments, load_model, parse_count_or_all, samplers_from_args, unset_means
+from .markdown import markdown_table
+from .plots import label_bars
+from .record import EvalRun
+from .texts import WIKITEXT_TEST_FILE, packed_text
 from .perplexity import decode_clean, entropy_tokenizer, try_load_causal_lm
 from .stats import geometric_summary, paired_comparison, paired_ratio, significance, summarize, unigram_entropy
 
@@ -43,7 +50,8 @@ BASELINE = "sequential"
 # the default --samplers; with a model that ships a draft head, assd-fused-head is added
 DEFAULT_SAMPLERS = "sequential,assd-self,assd-ngram,assd-fused"
 # Per-sample metrics: record key -> table label.
-METRICS = {"nfe": "NFE", "model_calls": "model calls", "ngram_calls": "n-gram calls", "rounds": "rounds",
+METRICS = {"nfe": "NFE", "model_calls": "model calls", "model_free_draft_calls": "model-free draft calls",
+           "rounds": "rounds",
            "tokens_per_round": "tokens/round", "tokens_per_call": "tokens/model call",
            "seconds": "wall-clock s", "gen_ppl": "gen. ppl", "entropy": "entropy (bits)"}
 # Positive metrics summarised by their geometric mean with a log-scale interval, which stays positive.
@@ -55,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("benchmark (paper: --length 512 --num-sequences all --model therealgabeguo/ASARM "
                                   "--revision nlp)")
     g.add_argument("--text-file", default=None,
-                   help="plain-text file to chunk" + runner.unset_means("WikiText-2 raw test from the data directory, "
+                   help="plain-text file to chunk" + unset_means("WikiText-2 raw test from the data directory, "
                                                                         "else the Hub"))
     g.add_argument("--length", type=int, default=128, help="tokens per sequence (the paper: 512)")
-    g.add_argument("--num-sequences", type=runner.parse_count_or_all, default=8,
+    g.add_argument("--num-sequences", type=parse_count_or_all, default=8,
                    help="consecutive chunks to decode, or 'all' (the paper: all)")
     g.add_argument("--start-fraction", type=float, default=0.05,
                    help="fraction of each sequence shown at random positions; the rest is decoded left to right")
@@ -67,18 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="causal LM (Hub name or local directory) scoring the decoded text; 'none' disables it")
     g.add_argument("--ppl-batch-size", type=int, default=8, help="texts (windows) scored together")
     g.add_argument("--ppl-stride", type=int, default=None,
-                   help="window stride for texts longer than the LM's context" + runner.unset_means("half the context"))
-    runner.add_common_arguments(parser, out="runs/eval/speculative", batch_size=1, samplers=DEFAULT_SAMPLERS)
+                   help="window stride for texts longer than the LM's context" + unset_means("half the context"))
+    add_common_arguments(parser, out="runs/eval/speculative", batch_size=1, samplers=DEFAULT_SAMPLERS)
 
 
 def check_arguments(args: argparse.Namespace) -> int:
     """Validate the options before anything is loaded; return the number of visible tokens per sequence."""
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+    samplers_from_args(args)
     if not 0.0 < args.start_fraction < 1.0:
         raise ValueError(f"--start-fraction must lie strictly between 0 and 1, got {args.start_fraction}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     for option in ("batch_size", "trials", "ppl_batch_size"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
@@ -110,8 +115,7 @@ def _synchronize(device: torch.device) -> None:
 def _timed_decode(model, spec, tokens, sigma, n_visible, seeds, args) -> tuple[Any, float]:
     _synchronize(model.device)
     started = time.perf_counter()
-    out = runner.decode(model, spec, tokens, sigma, n_visible, seeds=seeds, k=args.k, temperature=args.temperature,
-                        engine=args.engine)
+    out = decode(model, spec, tokens, sigma, n_visible, seed=seeds, engine=args.engine)
     _synchronize(model.device)
     return out, time.perf_counter() - started
 
@@ -128,7 +132,8 @@ def _records(out, spec, tokenizer, tokens, sigma, n_visible, items, trial, seeds
             "sampler": spec.name, "trial": trial, "sequence": int(item), "seed": int(seeds[b]),
             "prompt_positions": prompt_positions.tolist(), "prompt_tokens": tokens[b, prompt_positions].tolist(),
             "generated_tokens": generated, "nfe": int(out.nfe[b]), "model_calls": int(out.nfe[b]),
-            "ngram_calls": int(out.ngram_calls[b]), "rounds": int(out.rounds[b]), "accepted": int(out.accepted[b]),
+            "model_free_draft_calls": int(out.model_free_draft_calls[b]), "rounds": int(out.rounds[b]),
+            "accepted": int(out.accepted[b]),
             "tokens_per_round": float(out.tokens_per_round[b]), "tokens_per_call": float(out.tokens_per_call[b]),
             "bonus_tokens": None if out.bonus_tokens is None else int(out.bonus_tokens[b]),
             "draft_calls": None if out.draft_calls is None else int(out.draft_calls[b]),
@@ -259,7 +264,7 @@ def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexit
     rows = [{"sampler": name, "n": entry["n_samples"], **{label: _fmt(entry["metrics"][m])
                                                            for m, label in METRICS.items()}}
             for name, entry in per_sampler.items()]
-    lines.append(runner.markdown_table(rows))
+    lines.append(markdown_table(rows))
     speedups = [{"sampler": name, "NFE speed-up": _fmt_number(e.get("speedup_nfe")),
                  "wall-clock ratio [95% CI]": _fmt_ratio(e.get("wallclock_ratio")),
                  "tokens/round (pooled)": _fmt_number(e["tokens_per_round_pooled"]),
@@ -269,24 +274,24 @@ def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexit
         lines += [f"## Versus {BASELINE} (NFE speed-up: ratio of means; wall-clock ratio: {BASELINE} time / sampler "
                   f"time, geometric mean of the paired ratios, t interval on the log scale; not significant: the "
                   f"interval holds 1)", "",
-                  runner.markdown_table(speedups)]
+                  markdown_table(speedups)]
     acceptance = [{"sampler": name, **{f"draft {i + 1}": _fmt_number(rate, ".3f")
                                        for i, rate in enumerate(e["acceptance_by_index"])}}
                   for name, e in per_sampler.items() if "acceptance_by_index" in e]
     if acceptance:
         lines += ["## Acceptance rate by draft index (accepted / drafted, pooled over samples)", "",
-                  runner.markdown_table(acceptance)]
+                  markdown_table(acceptance)]
     tests, skipped = _paired_rows(paired)
     if tests or skipped:
         lines += [f"## Paired tests against {BASELINE} (two-sided; difference = sampler - {BASELINE}; verdict: "
                   f"significant when both p < 0.05, not significant when neither is)", ""]
         if tests:
-            lines.append(runner.markdown_table(tests))
+            lines.append(markdown_table(tests))
         lines += skipped
     return "\n".join(lines) + "\n"
 
 
-def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
+def _plots(run: EvalRun, per_sampler: dict, k: int) -> list[str]:
     """Bar charts of NFE and wall-clock per sampler (95% CI) and acceptance rate by draft index."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -297,7 +302,7 @@ def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
         cis = [per_sampler[n]["metrics"][metric]["ci95"] for n in names]
         errors = [[m - lo if lo is not None else 0.0 for m, (lo, _) in zip(means, cis)],
                   [hi - m if hi is not None else 0.0 for m, (_, hi) in zip(means, cis)]]
-        runner.label_bars(ax, ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue"), means)
+        label_bars(ax, ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue"), means)
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=15)
 
@@ -328,19 +333,20 @@ def _plots(run: runner.EvalRun, per_sampler: dict, k: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     visible = check_arguments(args)
-    model = runner.load_model(args)
+    specs = samplers_from_args(args)
+    model = load_model(args)
     if args.samplers == DEFAULT_SAMPLERS and model.draft_head is not None:  # the default list shows the model's head
         args.samplers += ",assd-fused-head"
-    specs = runner.samplers_from_args(args)
-    runner.check_samplers(model, specs, args.model)
+        specs = samplers_from_args(args)
+    specs = resolve_samplers(specs, model, args.model)
     progress = not args.no_progress
-    source = args.text_file or runner.WIKITEXT_TEST_FILE
-    chunks = runner.packed_text(model.tokenizer, args.length, args.text_file, args.num_sequences)
+    source = args.text_file or WIKITEXT_TEST_FILE
+    chunks = packed_text(model.tokenizer, args.length, args.text_file, args.num_sequences)
     num_sequences, length = chunks.shape
     print(f"speculative benchmark: {num_sequences} sequences x {args.trials} trial(s) of {length} tokens "
           f"({visible} visible), samplers {', '.join(s.name for s in specs)}, on {model.device}")
 
-    run_dir = runner.EvalRun("speculative", args)
+    run_dir = EvalRun("speculative", args)
     # Loaded before decoding so that a failure is reported at once, not after a long run.
     lm, ppl_reason = try_load_causal_lm(args.ppl_model, model.device, stride=args.ppl_stride,
                                         batch_size=args.ppl_batch_size)
@@ -359,14 +365,13 @@ def run(args: argparse.Namespace) -> dict:
     # Warm-up: lazy initialisation, allocator and kernel caches are paid outside the timed regions.
     trial, items = jobs[0]
     for spec in specs:
-        runner.decode(model, spec, chunks[items], sigmas[trial][items], visible,
-                      seeds=runner.row_seeds(args.seed, trial, items), k=args.k, temperature=args.temperature,
-                      engine=args.engine)
+        decode(model, spec, chunks[items], sigmas[trial][items], visible, seed=row_seeds(args.seed, trial, items),
+               engine=args.engine)
 
     records: list[dict] = []
     for j, (trial, items) in enumerate(tqdm(jobs, desc="speculative", unit="batch", disable=not progress)):
         tokens, sigma = chunks[items], sigmas[trial][items]
-        seeds = runner.row_seeds(args.seed, trial, items)
+        seeds = row_seeds(args.seed, trial, items)
         rotation = j % len(specs)
         for slot, spec in enumerate(specs[rotation:] + specs[:rotation]):
             out, seconds = _timed_decode(model, spec, tokens, sigma, visible, seeds, args)

@@ -40,22 +40,15 @@ import torch
 
 from ..model import ASARM
 from ..orders import positions_of_ranks
-from .decode import TEMPERATURE_MODES, DecodeOutput, LossySamplingWarning, _Batch, _check_temperature, _Progress, \
-    _to_probs, add_rows
-from .draft_length import make_draft_length
-from .drafters import DraftRequest, chain_drafts, drafter_name, first_draft_exact, make_drafter
+from .batch import DecodeBatch, DecodeOutput, LossySamplingWarning, TokenProgress, add_rows, probabilities_fn
+from .drafters import DraftRequest, chain_drafts
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
 from .rejection import verify_drafts
+from .spec import SamplerSpec
 from .trace import TraceRecorder
 
-__all__ = ["assd_decode", "DEFAULT_OUTCOMES", "HEAD_OUTCOMES", "DEFAULT_DRAFT_TEMPERATURE_RATIO",
-           "HEAD_DRAFT_TEMPERATURE_RATIO"]
-
-DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
-HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
-DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the target's (see assd_decode)
-HEAD_DRAFT_TEMPERATURE_RATIO = 1.0  # the same with drafter "head": it is distilled to match the target at T = 1
+__all__ = ["assd_decode"]
 
 
 class _CountingSession:
@@ -105,25 +98,26 @@ class _Speculation:
     rows, or ``slice(None)`` when every row takes part (then state is read as views and updated in place:
     a batch-1 call does no gathers or scatters of bookkeeping)."""
 
-    def __init__(self, model: ASARM, batch: _Batch, session, streams: RowStreams, drafter, k: int,
-                 temperature: float, temperature_mode: str, draft_temperature_ratio: float, bonus: bool,
-                 fused: bool, cover: int, rule, r_atol: float, trace: bool):
-        self.model, self.batch, self.streams, self.drafter, self.k = model, batch, streams, drafter, k
-        self.bonus, self.fused, self.cover, self.rule, self.r_atol = bonus, fused, cover, rule, r_atol
+    def __init__(self, model: ASARM, batch: DecodeBatch, session, streams: RowStreams, spec: SamplerSpec,
+                 trace: bool):
+        k = spec.k
+        self.model, self.batch, self.streams, self.drafter, self.k = model, batch, streams, spec.drafter, k
+        self.bonus, self.fused, self.rule, self.r_atol = spec.bonus, spec.fused, spec.draft_length, spec.r_atol
+        self.cover = k + 1 if spec.outcomes == "all" else spec.outcomes  # outcome blocks a fused call holds
         B, device = batch.tokens.shape[0], batch.tokens.device
         self.recorder = TraceRecorder(batch.positions, batch.n_prompt, batch.nfe) if trace else None
         self.session = _CountingSession(session, batch.nfe, self.recorder)
         self.drafts = torch.zeros(B, k, dtype=torch.long, device=device)
         self.q = torch.zeros(B, k, model.vocab_size, dtype=torch.float64, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)  # pending drafts per row
-        self.oracle_temp = float(temperature) if temperature_mode == "target" else 1.0
+        self.oracle_temp = float(spec.temperature) if spec.temperature_mode == "target" else 1.0
         # Verified drafts may come from any proposal, so their temperature is free (flatter ones overlap the
         # target more on asarm-tiny); an exact first draft is accepted unverified: it keeps the oracle's.
-        self.proposal_temp = temperature * draft_temperature_ratio  # one number: no tensor ops per call
+        self.proposal_temp = spec.temperature * spec.draft_temperature_ratio  # one number: no tensor ops per call
         self.draft_temps = torch.full((k,), self.proposal_temp, dtype=torch.float64)
-        self.first_exact = first_draft_exact(drafter) and not fused  # fused rounds never call the drafter
-        head = drafter.head_of(model) if hasattr(drafter, "head_of") else None  # fails early without a head
-        self.head = head if fused else None  # single-pass rounds with drafter 'head': outcome drafts are chained
+        self.first_exact = self.drafter.first_draft_exact and not self.fused  # fused rounds never call the drafter
+        # single-pass rounds with a head drafter: outcome drafts are chained by the model's draft head
+        self.head = self.drafter.head_for(model) if self.fused else None
         # the covered outcomes, most likely first: the head's drafts are mostly all accepted, the model's own
         # mostly rejected early
         self.accepted_first = self.head is not None
@@ -135,7 +129,7 @@ class _Speculation:
         self.bonus_tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.draft_calls = torch.zeros(B, dtype=torch.long, device=device)
         self._layouts: dict[int, tuple] = {}
-        self.probs = _to_probs(model)
+        self.probs = probabilities_fn(model)
 
     def _sel(self, rows: torch.Tensor):
         return slice(None) if len(rows) == len(self.count) else rows
@@ -157,7 +151,7 @@ class _Speculation:
             query_ranks=ranks, query_positions=positions_of_ranks(batch.positions[sel], ranks), uniforms=uniforms,
             to_probs=self.probs, draft_temperatures=self.draft_temps[:len(idx)],
             mask_token_id=self.model.mask_token_id, vocab_size=self.model.vocab_size, model=self.model))
-        add_rows(batch.ngram_calls, sel, batch.nfe[sel] == calls_before)
+        add_rows(batch.model_free_draft_calls, sel, batch.nfe[sel] == calls_before)
         add_rows(self.draft_calls, sel, torch.ones_like(count))
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
         if self.first_exact:
@@ -291,10 +285,10 @@ class _Speculation:
         j = torch.where(verdict.rejected, verdict.num_accepted, K)  # the outcome: first rejected slot, or K
         count = torch.clamp(stop - n, max=k)
         take, prev_token = verdict.has_next & (count > 0), verdict.next_token
-        blocks = min(self.cover, W + 1)
+        num_blocks = min(self.cover, W + 1)
         if self.accepted_first:
             j = torch.where(j == K, 0, j + 1)  # the outcome's block
-        take &= j < blocks
+        take &= j < num_blocks
         if not bool(take.all()):
             self.count[sel] = 0
             if not take.any():
@@ -303,7 +297,7 @@ class _Speculation:
             sel, j, count, uniforms, n = rows[taken], j[taken], count[taken], uniforms[taken], n[taken]
             outputs, column = outputs[taken], None if column is None else column[taken]
             prev_token = prev_token[taken]
-        blocks = _columns(outputs, column, W + int(self.bonus), blocks * k).unflatten(1, (-1, k))
+        blocks = _columns(outputs, column, W + int(self.bonus), num_blocks * k).unflatten(1, (-1, k))
         block = blocks.gather(1, j[:, None, None, None].expand(-1, 1, k, blocks.shape[-1]))[:, 0]
         if self.head is None:
             q = self.probs(block, self.proposal_temp)
@@ -318,12 +312,10 @@ class _Speculation:
 
 
 @torch.no_grad()
-def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None, k: int = 5,
-                drafter="self", temperature: float = 1.0, temperature_mode: str = "target", r_atol: float = 0.0,
-                bonus: bool = False, fused: bool = False, outcomes=None, draft_length=None,
-                draft_temperature_ratio: float | None = None,
-                seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
-                max_new_tokens: int | None = None, progress: bool = False, trace: bool = False) -> DecodeOutput:
+def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: SamplerSpec | None = None,
+                padding_mask=None, seed=None, generator: torch.Generator | None = None, engine=DEFAULT_ENGINE,
+                max_new_tokens: int | None = None, progress: bool = False, trace: bool = False,
+                **settings) -> DecodeOutput:
     """Any-Subset Speculative Decoding (see the module docstring for the schedules).
 
     Per round (n tokens fixed) the pending drafts for ranks ``n..n+K-1`` (``K <= k``) are verified by one
@@ -332,16 +324,21 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
     ``normalize(max(0, p_i - q_i))``. With the self drafter the first draft is the exact conditional and
     is accepted by construction.
 
-    Args:
-        k: drafts per round (>= 1).
-        drafter: a name of ``DRAFTERS`` (``"self"``, ``"ngram"``) or an object with ``propose(DraftRequest)``.
+    The sampler is ``spec`` (a :class:`~asarm.sampling.spec.SamplerSpec`, e.g. ``SAMPLERS["assd-fused"]``;
+    default: two-call rounds with self drafts) with the keyword ``settings`` applied on top, one keyword per
+    spec field:
+
+        k: drafts per round (>= 1; default 5).
+        drafter: a name of ``DRAFTERS`` (``"self"``, ``"head"``, ``"ngram"``) or a drafter object
+            (asarm.sampling.drafters).
         temperature: > 0. ``temperature_mode="target"`` tempers drafts and oracle (target = tempered
             sequential joint); ``"no_temp_oracle"`` keeps the oracle and the exact first draft at T=1 and
             tempers only the other drafts (target = the T=1 joint).
         bonus: the verify call also queries rank ``n+K``; an all-accepted round commits that token too.
-        fused: single-pass rounds (drafter ``"self"`` or ``"head"``; implies ``bonus``): the verify call also
-            holds the next round's draft rows for each covered outcome; the drafter is never called (with
-            ``"head"`` the draft head turns the outcome's rows into chained drafts after the call).
+        fused: single-pass rounds (a ``single_pass`` drafter: ``"self"`` or ``"head"``; implies ``bonus``):
+            the verify call also holds the next round's draft rows for each covered outcome; the drafter is
+            never called (with ``"head"`` the draft head turns the outcome's rows into chained drafts after
+            the call).
         outcomes: ``"all"`` or the number of outcomes covered, most likely first: the earliest rejections
             for the model's own drafts (accepted less than half the time), the all-accepted outcome and then
             the earliest rejections for the draft head's (mostly all accepted). After an uncovered outcome
@@ -359,6 +356,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         r_atol: LOSSY when > 0: added to the acceptance ratio, so more drafts pass and the output no
             longer follows the target distribution (per-token TV error roughly 0.6-0.7 x r_atol).
             The output is marked ``exact=False`` and a LossySamplingWarning is emitted.
+
+    Args:
         seed: int, or ``(B,)`` per-row seeds (a row then decodes identically alone or in any batch);
             or pass ``generator``.
         engine: ``"cached"`` (default), ``"full"`` (a plain two-stream forward per NFE, the reference's
@@ -366,61 +365,29 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_
         max_new_tokens: stop each row after that many tokens (the rest stay ``<mask>``).
         trace: record every round in ``DecodeOutput.trace`` (:mod:`asarm.sampling.trace`; same tokens).
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    _check_temperature(temperature)
-    if temperature_mode not in TEMPERATURE_MODES:
-        raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {temperature_mode!r}")
-    if r_atol < 0:
-        raise ValueError(f"r_atol must be >= 0, got {r_atol}")
-    drafter = make_drafter(drafter)
-    if fused and drafter_name(drafter) not in ("self", "head"):
-        raise ValueError(f"fused=True drafts with the model's own draft rows (and its draft head): use drafter='self' "
-                         f"or 'head', not {drafter_name(drafter)!r}")
-    if outcomes is not None and not fused:
-        raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
-    if outcomes is None:
-        outcomes = HEAD_OUTCOMES if drafter_name(drafter) == "head" else DEFAULT_OUTCOMES
-    if outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool) or outcomes < 1):
-        raise ValueError(f"outcomes must be 'all' or an integer >= 1, got {outcomes!r}")
-    if draft_temperature_ratio is None:
-        draft_temperature_ratio = HEAD_DRAFT_TEMPERATURE_RATIO if drafter_name(drafter) == "head" \
-            else DEFAULT_DRAFT_TEMPERATURE_RATIO
-    if not (isinstance(draft_temperature_ratio, (int, float)) and 0 < draft_temperature_ratio < float("inf")) \
-            or isinstance(draft_temperature_ratio, bool):
-        raise ValueError(f"draft_temperature_ratio must be a finite number > 0, got {draft_temperature_ratio!r}")
-    rule = make_draft_length(draft_length)
-    if r_atol > 0:
-        warnings.warn(f"r_atol={r_atol} > 0 makes ASSD lossy: samples no longer follow the model's distribution",
+    spec = (spec or SamplerSpec()).replace(**settings)
+    if spec.algorithm != "assd":
+        raise ValueError(f"assd_decode runs ASSD samplers, not {spec.name!r} (asarm.sampling.decode runs any sampler)")
+    spec = spec.resolve(model)
+    if not spec.exact:
+        warnings.warn(f"r_atol={spec.r_atol} > 0 makes ASSD lossy: samples no longer follow the model's distribution",
                       LossySamplingWarning, stacklevel=2)
-    batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
+    batch = DecodeBatch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
-    bonus = bonus or fused
-    run = _Speculation(model, batch, session, streams, drafter, k, temperature, temperature_mode,
-                       draft_temperature_ratio, bonus, fused, k + 1 if outcomes == "all" else outcomes, rule, r_atol,
-                       trace)
-    if fused:
-        name = "assd-fused" + ("-head" if run.head is not None else "")
-    else:
-        name = f"assd-{drafter_name(drafter)}" + ("-bonus" if bonus else "")
-    name += "-adaptive" if rule is not None else ""
-    bar = _Progress(batch, progress, name)
+    run = _Speculation(model, batch, session, streams, spec, trace)
+    bar = TokenProgress(batch, progress, spec.name)
 
     while len(rows := batch.active_rows()):
         verify_rows = rows
-        if not fused:  # single-pass rounds never call the drafter: a call without drafts drafts itself
+        if not spec.fused:  # single-pass rounds never call the drafter: a call without drafts drafts itself
             run.draft(rows[run.count[rows] == 0])
             verify_rows = run.commit_exact(rows)
         if len(verify_rows):
             run.verify(verify_rows)
         bar.advance()
     bar.close()
-    return batch.output(sampler=name, exact=r_atol == 0, drafted_by_index=run.drafted_by_index.cpu(),
+    return batch.output(sampler=spec.name, exact=spec.exact, drafted_by_index=run.drafted_by_index.cpu(),
                         accepted_by_index=run.accepted_by_index.cpu(), bonus_tokens=run.bonus_tokens.cpu(),
                         draft_calls=run.draft_calls.cpu(), trace=None if run.recorder is None else run.recorder.trace,
-                        settings={"k": k, "temperature": temperature, "temperature_mode": temperature_mode,
-                                  "r_atol": r_atol, "drafter": drafter_name(drafter), "bonus": bonus,
-                                  "draft_temperature_ratio": draft_temperature_ratio,
-                                  "fused": fused, "outcomes": outcomes if fused else None,
-                                  "draft_length": None if rule is None else getattr(rule, "name", repr(rule))})
+                        settings=spec.settings())

@@ -3,10 +3,19 @@
 A drafter proposes ``K`` tokens for the ranks ``n .. n+K-1`` of each active row, together with the
 full proposal distributions it drew them from (needed for the acceptance ratio and the residual).
 Any proposal keeps ASSD exact, because the verify pass corrects it; better proposals are accepted
-more often. The protocol (:class:`Drafter`) needs only ``propose(DraftRequest)``; two attributes are
-optional: ``name`` (default: the class name) and ``first_draft_exact`` (default False: True promises
-that the first proposal is the exact conditional, so ASSD accepts it without verification). Model
-calls are counted by the sampler (every ``session.logits`` call a drafter makes), not declared.
+more often. The protocol (:class:`Drafter`):
+
+* ``propose(DraftRequest)``: the drafts and their proposals;
+* ``name``: how samplers name it (``assd-<name>``);
+* ``first_draft_exact``: the first proposal is the exact conditional, so ASSD accepts it unverified;
+* ``single_pass``: single-pass (fused) rounds can draft as it does: from the verify call's own draft rows
+  (the model's query states), with no drafter call. True for ``self`` and ``head`` only;
+* ``head_for(model)``: the chained draft head it drafts with (None: none); MissingDraftHeadError when it
+  needs one that the model lacks.
+
+An object with only ``propose()`` (and optionally ``name`` and ``first_draft_exact``) is a drafter too:
+:func:`make_drafter` gives it the defaults (its class name, False, False, no head). Model calls are
+counted by the sampler (every ``session.logits`` call a drafter makes), not declared.
 
 * ``SelfDrafter``: one model pass with the draft mask; the K tokens are drawn independently from
   ``p(x_{n+i} | x_{<n})``. Its first proposal is the exact conditional, so it is always accepted.
@@ -30,8 +39,7 @@ import torch
 from .random import sample_categorical
 
 __all__ = ["DraftRequest", "Drafter", "SelfDrafter", "HeadDrafter", "NGramDrafter", "chain_drafts", "DRAFTERS",
-           "register_drafter", "make_drafter",
-           "drafter_name", "first_draft_exact"]
+           "register_drafter", "make_drafter", "MissingDraftHeadError"]
 
 
 @dataclass
@@ -53,20 +61,37 @@ class DraftRequest:
     model: object = None  # the ASARM (HeadDrafter reads its draft head)
 
 
+class MissingDraftHeadError(ValueError):
+    """A drafter needs the model's draft head, and the model has none."""
+
+
 @runtime_checkable
 class Drafter(Protocol):
-    """What ASSD needs of a drafter: ``propose`` returns ``(drafts (b, K) long, probs (b, K, V) float64)``,
-    each draft drawn from its row of ``probs`` with the matching uniform of ``req.uniforms``."""
+    """What ASSD needs of a drafter (see the module docstring): ``propose`` returns ``(drafts (b, K) long,
+    probs (b, K, V) float64)``, each draft drawn from its row of ``probs`` with the matching uniform of
+    ``req.uniforms``."""
+
+    name: str
+    first_draft_exact: bool
+    single_pass: bool
+
+    def head_for(self, model): ...
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def drafter_name(drafter) -> str:
-    return getattr(drafter, "name", type(drafter).__name__)
+class _ProposeOnly:
+    """A drafter given as an object with ``propose()``: the protocol's defaults for what it leaves out."""
 
+    single_pass = False
 
-def first_draft_exact(drafter) -> bool:
-    return bool(getattr(drafter, "first_draft_exact", False))
+    def __init__(self, drafter):
+        self.propose = drafter.propose
+        self.name = getattr(drafter, "name", type(drafter).__name__)
+        self.first_draft_exact = bool(getattr(drafter, "first_draft_exact", False))
+
+    def head_for(self, model):
+        return None
 
 
 class SelfDrafter:
@@ -74,6 +99,10 @@ class SelfDrafter:
 
     name = "self"
     first_draft_exact = True
+    single_pass = True
+
+    def head_for(self, model):
+        return None
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
         logits = req.session.logits(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
@@ -89,19 +118,20 @@ class HeadDrafter:
 
     name = "head"
     first_draft_exact = True
+    single_pass = True
 
     def __init__(self, head=None):
         self.head = head
 
-    def head_of(self, model):
-        head = self.head if self.head is not None else getattr(model, "draft_head", None)
+    def head_for(self, model):
+        head = self.head if self.head is not None else model.draft_head
         if head is None:
-            raise ValueError("drafter 'head' needs a draft head, and this model has none: train one with "
+            raise MissingDraftHeadError("drafter 'head' needs a draft head, and this model has none: train one with "
                              "`asarm train-draft-head`, or use drafter 'self'")
         return head
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        head = self.head_of(req.model)
+        head = self.head_for(req.model)
         states = req.session.states(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
         # the first draft is the exact conditional, from the model's own LM head
         probs = req.to_probs(req.model.backbone.lm_head(states[:, :1]), req.draft_temperatures[:1])
@@ -135,6 +165,10 @@ class NGramDrafter:
 
     name = "ngram"
     first_draft_exact = False
+    single_pass = False
+
+    def head_for(self, model):
+        return None
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = req.tokens.clone()
@@ -180,13 +214,16 @@ def register_drafter(name: str, cls: type) -> None:
 
 
 def make_drafter(drafter) -> Drafter:
-    """A drafter from a name in ``DRAFTERS`` or an object with ``propose()``."""
+    """A drafter from a name in ``DRAFTERS`` or an object with ``propose()`` (given the protocol's defaults for
+    what it leaves out)."""
     if isinstance(drafter, str):
         if drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)} or pass an object "
                              f"with propose()")
-        return DRAFTERS[drafter]()
-    if not isinstance(drafter, Drafter):
+        drafter = DRAFTERS[drafter]()
+    if isinstance(drafter, Drafter):
+        return drafter
+    if not callable(getattr(drafter, "propose", None)):
         raise ValueError(f"a drafter must be a name ({', '.join(DRAFTERS)}) or an object with propose(), "
                          f"got {type(drafter).__name__}")
-    return drafter
+    return _ProposeOnly(drafter)

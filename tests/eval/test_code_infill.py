@@ -132,7 +132,7 @@ def test_code_codec_round_trips_blanks(xlnet_tokenizer):
 
 @pytest.mark.parametrize("argv, message", [
     (["--benchmarks", "single_line"], "unknown HumanEval-infilling benchmark"),
-    (["--k", "0"], "--k must be >= 1"),
+    (["--k", "0"], "--k must be an integer >= 1"),
     (["--blank-ratio", "0"], "--blank-ratio must be > 0"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--pass-k", "2"], "--pass-k values must lie in [1, 1]"),

@@ -6,7 +6,8 @@ import torch
 from asarm import cli
 from asarm.eval.infill import TextCodec, blank_length, encode_rows, infill, make_batch
 from asarm.eval.rocstories import ROUGE_TYPES, load_infilling, rouge_scores
-from asarm.eval.runner import SAMPLERS, row_seeds
+from asarm.sampling import SAMPLERS
+from asarm.seeds import row_seeds
 from asarm.model import ASARM
 from asarm.tokenization import encode_text
 
@@ -127,8 +128,8 @@ def test_decoded_rows_keep_prompt_and_suffix(tiny_model_dir):
         assert n_prompt[b] == p + len(row.suffix)
         assert sigma[b, p:p + row.blank].tolist() == list(range(int(n_prompt[b]), int(n_prompt[b]) + row.blank))
     for name in ("sequential", "assd-self", "assd-ngram"):
-        out = infill(model, SAMPLERS[name], rows, row_seeds(0, 0, range(len(rows))), batch_size=2, k=4,
-                     temperature=1.0, engine="cached")
+        out = infill(model, SAMPLERS[name].replace(k=4), rows, row_seeds(0, 0, range(len(rows))), batch_size=2,
+                     engine="cached")
         for i, row in enumerate(rows):
             p = len(row.prefix)
             assert len(out.decoded[i]) == row.length
@@ -136,14 +137,13 @@ def test_decoded_rows_keep_prompt_and_suffix(tiny_model_dir):
             assert len(out.blank(i)) == row.blank and model.mask_token_id not in out.blank(i)
         assert out.summary()["blank_tokens"] == sum(r.blank for r in rows) / len(rows)
     with pytest.raises(ValueError, match="seeds"):
-        infill(model, SAMPLERS["sequential"], rows, torch.zeros(1, dtype=torch.long), batch_size=2, k=4,
-               temperature=1.0, engine="cached")
+        infill(model, SAMPLERS["sequential"], rows, torch.zeros(1, dtype=torch.long), batch_size=2, engine="cached")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--settings", "2/5"], "unknown ROCStories setting"),
     (["--settings", ","], "unknown ROCStories setting"),
-    (["--k", "0"], "--k must be >= 1"),
+    (["--k", "0"], "--k must be an integer >= 1"),
     (["--blank-ratio", "0"], "--blank-ratio must be > 0"),
     (["--blank-ratio", "-1"], "--blank-ratio must be > 0"),
     (["--blank-length", "0"], "--blank-length must be >= 1"),

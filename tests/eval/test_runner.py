@@ -5,11 +5,13 @@ import json
 import pytest
 
 from asarm.cli import EVALUATIONS
-from asarm.eval import runner
+from asarm.eval.arguments import parse_count_or_all
+from asarm.eval.plots import label_bars
+from asarm.eval.record import EvalRun
 
 
 def _finish(tmp_path, capsys, warn=None):
-    run = runner.EvalRun("demo", {"out": str(tmp_path / "out"), "seed": 0})
+    run = EvalRun("demo", {"out": str(tmp_path / "out"), "seed": 0})
     run.samples([{"x": 1}])
     run.path("plot.png").write_bytes(b"png")
     run.path("never_written.png")  # asked for, never written: not listed
@@ -47,7 +49,7 @@ def test_label_bars_keeps_an_all_zero_panel_readable(tmp_path):
     fig = Figure()
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    runner.label_bars(ax, ax.bar(["sequential", "assd-self"], [0.0, 0.0]), [0.0, 0.0])
+    label_bars(ax, ax.bar(["sequential", "assd-self"], [0.0, 0.0]), [0.0, 0.0])
     assert [t.get_text() for t in ax.texts] == ["0", "0"]
     bottom, top = ax.get_ylim()
     assert bottom <= 0 < top  # the zero line and the labels lie inside the axes
@@ -83,8 +85,8 @@ def test_parsed_defaults(name, defaults):
 
 
 def test_parse_count_or_all():
-    assert runner.parse_count_or_all("all") is None and runner.parse_count_or_all(" ALL ") is None
-    assert runner.parse_count_or_all("12") == 12
+    assert parse_count_or_all("all") is None and parse_count_or_all(" ALL ") is None
+    assert parse_count_or_all("12") == 12
     for bad in ("0", "-3", "many"):
         with pytest.raises(argparse.ArgumentTypeError):
-            runner.parse_count_or_all(bad)
+            parse_count_or_all(bad)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from asarm.cli import main
-from asarm.eval import runner, speculative
+from asarm.eval import speculative
+from asarm.eval.texts import packed_text
 
 TEXT = ("The quick brown fox jumps over the lazy dog near the river bank. Every morning the farmer walks to "
         "the market with a basket of apples and pears, and he sells them to the people of the town.\n\n"
@@ -93,7 +94,7 @@ def test_outputs_and_structure(bench_run, xlnet_tokenizer):
         assert set(tests) == {"nfe", "seconds", "gen_ppl", "entropy"}
         assert all(t["n"] == 6 and 0 <= t["wilcoxon_pvalue"] <= 1 for t in tests.values())
     summary = (out / "summary.md").read_text()
-    for text in ("NFE", "model calls", "n-gram calls", "tokens/round", "wall-clock s", "gen. ppl", "entropy",
+    for text in ("NFE", "model calls", "model-free draft calls", "tokens/round", "wall-clock s", "gen. ppl", "entropy",
                  "Acceptance rate by draft index", "Paired tests", "Wilcoxon p", "verdict (5%)"):
         assert text in summary
     _assert_verdicts_follow_the_tests(summary, metrics)
@@ -160,7 +161,7 @@ def test_cost_accounting(bench_run):
         assert generated == LENGTH - VISIBLE and r["model_calls"] == r["nfe"]
         assert r["tokens_per_round"] == pytest.approx(generated / r["rounds"])
         if r["sampler"] == "sequential":
-            assert r["nfe"] == r["rounds"] == generated and r["ngram_calls"] == 0
+            assert r["nfe"] == r["rounds"] == generated and r["model_free_draft_calls"] == 0
             assert r["drafted_by_index"] is None
             continue
         drafted, accepted = r["drafted_by_index"], r["accepted_by_index"]
@@ -171,14 +172,14 @@ def test_cost_accounting(bench_run):
         if r["sampler"] == "assd-self":
             # Draft + verify per round; a last round with one token left needs no verify pass.
             assert 2 * r["rounds"] - 1 <= r["nfe"] <= 2 * r["rounds"] and r["nfe"] <= generated
-            assert drafted[0] == accepted[0] == r["rounds"] and r["ngram_calls"] == 0
+            assert drafted[0] == accepted[0] == r["rounds"] and r["model_free_draft_calls"] == 0
         elif r["sampler"] == "assd-fused":
             # one call per round; the calls without drafts to verify (the first) draft for themselves
             assert r["nfe"] == r["rounds"] and 1 <= r["draft_calls"] <= r["rounds"]
-            assert r["nfe"] <= generated and r["ngram_calls"] == 0
+            assert r["nfe"] <= generated and r["model_free_draft_calls"] == 0
             assert r["tokens_per_call"] == pytest.approx(generated / r["nfe"])
         else:
-            assert r["nfe"] == r["rounds"] == r["ngram_calls"] == drafted[0]
+            assert r["nfe"] == r["rounds"] == r["model_free_draft_calls"] == drafted[0]
 
 
 def test_unloadable_perplexity_model_is_recorded(tiny_model_dir, text_file, tmp_path, hub_offline, capsys):
@@ -207,13 +208,13 @@ def test_unloadable_perplexity_model_is_recorded(tiny_model_dir, text_file, tmp_
 def test_packed_text_is_the_trainer_layout(xlnet_tokenizer, text_file):
     lines = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
     ids = [i for line in lines for i in xlnet_tokenizer(line, add_special_tokens=False)["input_ids"] + [2]]
-    chunks = runner.packed_text(xlnet_tokenizer, 7, text_file)
+    chunks = packed_text(xlnet_tokenizer, 7, text_file)
     assert chunks.shape == (len(ids) // 7, 7) and chunks.flatten().tolist() == ids[:chunks.numel()]
-    assert runner.packed_text(xlnet_tokenizer, 7, text_file, 2).tolist() == chunks[:2].tolist()
+    assert packed_text(xlnet_tokenizer, 7, text_file, 2).tolist() == chunks[:2].tolist()
     with pytest.raises(ValueError, match="only"):
-        runner.packed_text(xlnet_tokenizer, 7, text_file, 1000)
+        packed_text(xlnet_tokenizer, 7, text_file, 1000)
     with pytest.raises(ValueError, match="fewer than"):
-        runner.packed_text(xlnet_tokenizer, 10_000, text_file)
+        packed_text(xlnet_tokenizer, 10_000, text_file)
 
 
 def _args(**overrides):
@@ -232,7 +233,7 @@ def test_defaults_and_paper_visible_count():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"k": 0}, "--k must be >= 1"),
+    ({"k": 0}, "--k must be an integer >= 1"),
     ({"start_fraction": 0.0}, "--start-fraction must lie strictly between 0 and 1"),
     ({"start_fraction": 1.5}, "--start-fraction must lie strictly between 0 and 1"),
     ({"length": 1}, "--length 1 is too short"),
@@ -245,7 +246,7 @@ def test_bad_arguments(overrides, message):
 
 def test_bad_input_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
     assert main(_argv(tiny_model_dir, text_file, tmp_path, "--k", "0")) == 2
-    assert "--k must be >= 1" in capsys.readouterr().err
+    assert "--k must be an integer >= 1" in capsys.readouterr().err
     assert main(_argv(tiny_model_dir, text_file, tmp_path, "--num-sequences", "500")) == 2
     assert "500 sequences asked for, but the text has only" in capsys.readouterr().err
     assert main(_argv(tiny_model_dir, tmp_path / "missing.txt", tmp_path)) == 2

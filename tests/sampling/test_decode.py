@@ -135,7 +135,7 @@ def test_assd_k1_is_one_exact_draft_per_token(model):
 def test_ngram_counts_one_model_call_and_one_ngram_call_per_round(model):
     tokens, sigma, n_prompt, lengths = _batch(seed=4)
     out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=4, drafter="ngram", seed=0)
-    assert torch.equal(out.nfe, out.rounds) and torch.equal(out.ngram_calls, out.rounds)
+    assert torch.equal(out.nfe, out.rounds) and torch.equal(out.model_free_draft_calls, out.rounds)
     assert (out.nfe <= lengths - n_prompt).all()
 
 
@@ -287,7 +287,7 @@ def test_custom_drafter_with_only_propose(model):
     tokens, sigma, n_prompt, lengths = _batch(seed=8)
     out = assd_decode(model, tokens, sigma, n_prompt, lengths, k=3, drafter=UniformDrafter(), seed=0)
     assert out.sampler == "assd-UniformDrafter" and torch.equal(out.nfe, out.rounds)
-    assert torch.equal(out.ngram_calls, out.draft_calls)  # calls without a model forward
+    assert torch.equal(out.model_free_draft_calls, out.draft_calls)  # calls without a model forward
 
 
 def test_drafter_registry_and_bad_modes(model):

@@ -12,7 +12,7 @@ import pytest
 from test_trainer import tiny_overrides, tokenizer_dir, train_losses  # noqa: F401 (fixtures; small_text: conftest)
 
 from asarm.cli import main as asarm_main
-from asarm.eval.runner import EvalRun, flatten_metrics
+from asarm.eval.record import EvalRun, flatten_metrics
 from asarm.training.trainer import WANDB_ID_FILE, main as trainer_main, train
 
 

@@ -1,14 +1,5 @@
-"""Batched exact sequential any-order decoding, and what every sampler shares (ASSD: ``assd.py``).
-
-Samplers take ``tokens (B, L)``, ``sigma (B, L)`` (rank of each position), ``n_prompt (B,)`` and
-optionally ``lengths (B,)`` or ``padding_mask (B, L)``; every row keeps its own order, prompt size,
-acceptance count and random stream. Tokens on ranks ``>= n_prompt`` are ignored (they are replaced
-by ``<mask>`` placeholders) and returned filled in.
-
-Exactness (tested against brute-force joints in tests/sampling): the sequential sampler draws from
-``prod_r p_T(x_r | x_{<r})``; ASSD draws from the same joint (``temperature_mode="target"``) or from
-the T=1 joint (``"no_temp_oracle"``) for every drafter, unless ``r_atol > 0``, which is lossy.
-"""
+"""What every sampler shares: the validated batch and its bookkeeping (:class:`DecodeBatch`), the output
+(:class:`DecodeOutput`), a tokens-decoded progress bar, and the model's probabilities as a function."""
 
 from __future__ import annotations
 
@@ -20,13 +11,10 @@ from tqdm.auto import tqdm
 
 from ..model import ASARM
 from ..orders import validate_order
-from .engine import DEFAULT_ENGINE, make_engine
-from .random import RowStreams, sample_categorical
-from .trace import DecodeTrace, TraceRecorder
+from .trace import DecodeTrace
 
-__all__ = ["DecodeOutput", "LossySamplingWarning", "sequential_decode", "TEMPERATURE_MODES"]
-
-TEMPERATURE_MODES = ("target", "no_temp_oracle")
+__all__ = ["DecodeOutput", "LossySamplingWarning", "DecodeBatch", "TokenProgress", "probabilities_fn", "add_rows",
+           "check_temperature"]
 
 
 class LossySamplingWarning(UserWarning):
@@ -41,7 +29,7 @@ class DecodeOutput:
     nfe: torch.Tensor  # (B,) model forward passes the row took part in
     rounds: torch.Tensor  # (B,) decoding rounds (= NFE for sequential)
     accepted: torch.Tensor  # (B,) draft tokens accepted (ASSD; includes the first self-draft token)
-    ngram_calls: torch.Tensor  # (B,) n-gram drafter calls
+    model_free_draft_calls: torch.Tensor  # (B,) drafter calls that made no model call (n-gram drafts)
     drafted_by_index: torch.Tensor | None = None  # (B, k) drafts that reached verification, per draft index
     accepted_by_index: torch.Tensor | None = None  # (B, k) drafts accepted, per draft index
     bonus_tokens: torch.Tensor | None = None  # (B,) tokens committed from bonus rows (ASSD)
@@ -63,7 +51,7 @@ class DecodeOutput:
         return generated.double() / self.nfe.clamp(min=1).double()
 
 
-class _Batch:
+class DecodeBatch:
     """Validated inputs moved to the model's device, plus the bookkeeping every sampler needs."""
 
     def __init__(self, model: ASARM, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens):
@@ -91,7 +79,7 @@ class _Batch:
         self.nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rounds = torch.zeros_like(self.nfe)
         self.accepted = torch.zeros_like(self.nfe)
-        self.ngram_calls = torch.zeros_like(self.nfe)
+        self.model_free_draft_calls = torch.zeros_like(self.nfe)
 
     def active_rows(self) -> torch.Tensor:
         return (self.n_fixed < self.stop).nonzero().flatten()
@@ -117,19 +105,19 @@ class _Batch:
         settings = kwargs.pop("settings", {})
         settings.update(n_prompt=self.n_prompt.cpu(), lengths=self.lengths.cpu(), stop=self.stop.cpu())
         return DecodeOutput(tokens=self.tokens.contiguous(), nfe=self.nfe.cpu(), rounds=self.rounds.cpu(),
-                            accepted=self.accepted.cpu(), ngram_calls=self.ngram_calls.cpu(), settings=settings,
-                            **kwargs)
+                            accepted=self.accepted.cpu(), model_free_draft_calls=self.model_free_draft_calls.cpu(),
+                            settings=settings, **kwargs)
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
     if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
-class _Progress:
+class TokenProgress:
     """A tokens-decoded progress bar; costs nothing per step when disabled."""
 
-    def __init__(self, batch: _Batch, enabled: bool, desc: str):
+    def __init__(self, batch: DecodeBatch, enabled: bool, desc: str):
         self.batch, self.enabled = batch, enabled
         self.done = int(batch.n_prompt.sum())
         self.bar = tqdm(total=int(batch.stop.sum()) - self.done, desc=desc, unit="tok", disable=not enabled,
@@ -145,7 +133,7 @@ class _Progress:
         self.bar.close()
 
 
-def _to_probs(model: ASARM):
+def probabilities_fn(model: ASARM):
     """``to_probs(logits (b, k, V), temperature)``: one number for every query, or ``(k,)``, one per query."""
     def to_probs(logits: torch.Tensor, temperatures: float | torch.Tensor) -> torch.Tensor:
         if isinstance(temperatures, torch.Tensor):
@@ -162,37 +150,3 @@ def add_rows(target: torch.Tensor, sel, values: torch.Tensor | int) -> None:
         target[sel] += values
     else:
         target.index_add_(0, sel, values.to(target.dtype))
-
-
-@torch.no_grad()
-def sequential_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, padding_mask=None,
-                      temperature: float = 1.0, seed=None, generator: torch.Generator | None = None,
-                      engine=DEFAULT_ENGINE, max_new_tokens: int | None = None, progress: bool = False,
-                      trace: bool = False) -> DecodeOutput:
-    """One oracle pass per token, in each row's order: NFE = length - n_prompt exactly.
-
-    ``max_new_tokens`` stops each row after that many tokens (the rest stay ``<mask>``); ``trace=True``
-    records every step in ``DecodeOutput.trace`` (same tokens as without it)."""
-    _check_temperature(temperature)
-    batch = _Batch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
-    streams = RowStreams(batch.tokens.shape[0], seed, generator)
-    session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
-    to_probs = _to_probs(model)
-    bar = _Progress(batch, progress, "sequential")
-    recorder = TraceRecorder(batch.positions, batch.n_prompt, batch.nfe) if trace else None
-    while len(rows := batch.active_rows()):
-        n = batch.n_fixed[rows]
-        logits = session.logits(rows, batch.tokens[rows], n, n[:, None], draft=False)
-        probs = to_probs(logits, float(temperature))[:, 0]
-        new = sample_categorical(probs, streams.uniform(rows, 1, probs.device)[:, 0])
-        batch.tokens[rows, batch.positions[rows, n]] = new
-        batch.n_fixed[rows] += 1
-        batch.nfe[rows] += 1
-        if recorder is not None:
-            recorder.query(rows, n[:, None])
-            recorder.round(rows, n, new[:, None], torch.ones_like(n), [["sequential"]] * len(rows))
-        bar.advance()
-    bar.close()
-    batch.rounds.copy_(batch.nfe)
-    return batch.output(sampler="sequential", settings={"temperature": temperature},
-                        trace=None if recorder is None else recorder.trace)

@@ -1,0 +1,315 @@
+"""One object for a sampler and all its settings (:class:`SamplerSpec`), the registry of named samplers
+(:data:`SAMPLERS`), and the command-line options that set them, declared once.
+
+A spec travels unchanged from the command line (or Python) to the decode loop: ``SAMPLERS[name]`` plus
+overrides (``spec.replace(k=3)``); :meth:`SamplerSpec.resolve` checks every setting, fills in the
+drafter-dependent defaults and returns the spec the decode loop runs. A sampler's name is derived from its
+settings (:attr:`SamplerSpec.name`), so the name a decode reports is the registry name.
+
+Adding an ASSD option: a field of :class:`SamplerSpec` (with its command-line option in the field's
+metadata, and its check in :meth:`SamplerSpec.resolve`) and its use in the decode loop (``assd.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Sequence
+
+from .draft_length import make_draft_length
+from .drafters import DRAFTERS, MissingDraftHeadError, make_drafter
+
+__all__ = ["SamplerSpec", "SAMPLERS", "available_samplers", "parse_samplers", "parse_choices", "parse_outcomes",
+           "count_or_all", "SettingError", "add_sampler_arguments", "sampler_overrides", "apply_override",
+           "resolve_samplers", "TEMPERATURE_MODES", "DEFAULT_OUTCOMES", "HEAD_OUTCOMES",
+           "DEFAULT_DRAFT_TEMPERATURE_RATIO", "HEAD_DRAFT_TEMPERATURE_RATIO", "DEFAULT_ADAPTIVE_THRESHOLD"]
+
+TEMPERATURE_MODES = ("target", "no_temp_oracle")
+DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
+HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
+DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the target's (see assd_decode)
+HEAD_DRAFT_TEMPERATURE_RATIO = 1.0  # the same with drafter "head": it is distilled to match the target at T = 1
+# Confidence threshold of the adaptive draft length (ConfidenceLength): a draft slot is verified only
+# while its proposal's top probability reaches it. Chosen from benchmarks/bench_speculative.py.
+DEFAULT_ADAPTIVE_THRESHOLD = 0.3
+
+
+class SettingError(ValueError):
+    """A sampler setting with a bad value: ``setting`` names it (the command line names its option instead)."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+    def for_command_line(self) -> ValueError:
+        """The same error naming the command-line option (``--k must be ...``)."""
+        option = next((f.metadata["option"].flag for f in fields(SamplerSpec)
+                       if f.name == self.setting and "option" in f.metadata), self.setting)
+        return ValueError(f"{option} {self.problem}")
+
+
+def count_or_all(value: str, all_means):
+    """A positive integer, or ``all`` (returned as ``all_means``); argparse reports the option with the message."""
+    if value.strip().lower() == "all":
+        return all_means
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    return count
+
+
+def parse_outcomes(value: str) -> str | int:
+    """``--outcomes``: a count, or ``all``."""
+    return count_or_all(value, "all")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one :class:`SamplerSpec` field is set from the command line.
+
+    ``applies(spec, value)``: whether the setting means anything for that sampler (``asarm sample`` refuses
+    it otherwise; in a ``--samplers`` list it goes to the samplers it applies to). ``every_command``: also an
+    option of every evaluation that decodes (else of ``asarm sample`` only). ``given_default``: the option's
+    value when not given is the field's default (else "not given", and the sampler keeps its own)."""
+
+    flag: str
+    help: str
+    applies: Callable[[Any, Any], bool]
+    every_command: bool = False
+    given_default: bool = False
+    kwargs: dict = field(default_factory=dict)
+
+
+def _is_assd(spec, value) -> bool:
+    return spec.algorithm == "assd"
+
+
+def _setting(default, option: Option | None = None):
+    return field(default=default, metadata={"option": option} if option else {})
+
+
+def _drafter_applies(spec, name) -> bool:
+    return spec.algorithm == "assd" and (not spec.fused or make_drafter(name).single_pass)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A decoding algorithm with every setting: ``sequential``, or ``assd`` with a drafter and a round schedule.
+
+    ``drafter``: a name of ``DRAFTERS`` or a drafter object (asarm.sampling.drafters). ``None`` in
+    ``outcomes`` and ``draft_temperature_ratio`` means the drafter's default, filled in by :meth:`resolve`.
+    See :func:`~asarm.sampling.assd.assd_decode` for what each setting does."""
+
+    algorithm: str = "assd"
+    drafter: Any = _setting("self", Option("--drafter", "ASSD draft proposer (head: the model's chained draft head; "
+                                           "with assd or assd-fused)", _drafter_applies,
+                                           kwargs={"choices": list(DRAFTERS)}))
+    k: int = _setting(5, Option("--k", "ASSD drafts per round (>= 1)", _is_assd, every_command=True,
+                                given_default=True, kwargs={"type": int}))
+    temperature: float = _setting(1.0, Option("--temperature", "sampling temperature (> 0)", lambda spec, value: True,
+                                              every_command=True, given_default=True, kwargs={"type": float}))
+    temperature_mode: str = _setting("target", Option(
+        "--temperature-mode", "target: sample the tempered joint; no_temp_oracle: temper drafts 2..k only (T=1 joint)",
+        _is_assd, given_default=True, kwargs={"choices": TEMPERATURE_MODES}))
+    bonus: bool = _setting(False, Option("--bonus", "assd: an all-accepted round commits one more exact token",
+                                         lambda spec, value: spec.algorithm == "assd" and not spec.fused,
+                                         kwargs={"action": "store_true", "default": None}))
+    fused: bool = False
+    outcomes: str | int | None = _setting(None, Option(
+        "--outcomes", "single-pass (fused) samplers: outcomes whose next drafts one call holds ('all' or a count, "
+        "most likely first); others fall back to a call without drafts (default%(default).0s: 2; all with the "
+        "draft head)",
+        lambda spec, value: spec.fused, every_command=True, kwargs={"type": parse_outcomes}))
+    draft_length: Any = _setting(None, Option(
+        "--adaptive-threshold", "adaptive draft length: verify a draft slot only while its proposal's top probability "
+        "reaches this (exact; with --samplers: changes the *-adaptive ones' threshold; asarm sample: makes the "
+        f"sampler adaptive) (default%(default).0s: {DEFAULT_ADAPTIVE_THRESHOLD:g} for the *-adaptive samplers, "
+        "else always k)", _is_assd, every_command=True, kwargs={"type": float}))
+    draft_temperature_ratio: float | None = _setting(None, Option(
+        "--draft-temperature-ratio", "ASSD: verified drafts are drawn at this multiple of --temperature (exact at any "
+        f"value; > 1 flattens them) (default%(default).0s: {DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or "
+        f"{HEAD_DRAFT_TEMPERATURE_RATIO:g} for draft-head drafts)", _is_assd, every_command=True,
+        kwargs={"type": float}))
+    r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
+                                         _is_assd, given_default=True, kwargs={"type": float}))
+
+    @property
+    def drafter_name(self) -> str:
+        return self.drafter if isinstance(self.drafter, str) else self.drafter.name
+
+    @property
+    def name(self) -> str:
+        """The registry name: ``sequential``, ``assd-<drafter>``, ``assd-bonus``, ``assd-fused[-head]``, with
+        ``-adaptive`` for an adaptive draft length (a drafter outside the registry gives ``assd-<its name>``)."""
+        if self.algorithm == "sequential":
+            return "sequential"
+        if self.fused:
+            base = "assd-fused" + ("-head" if self.drafter_name == "head" else "")
+        elif self.bonus:
+            base = "assd-bonus" if self.drafter_name == "self" else f"assd-{self.drafter_name}-bonus"
+        else:
+            base = f"assd-{self.drafter_name}"
+        return base + ("-adaptive" if self.draft_length is not None else "")
+
+    @property
+    def exact(self) -> bool:
+        return self.r_atol == 0
+
+    def replace(self, **settings) -> SamplerSpec:
+        """This spec with some settings changed; an unknown name is a one-line error."""
+        unknown = sorted(set(settings) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown sampler setting(s) {', '.join(unknown)}; the settings are "
+                             f"{', '.join(f.name for f in fields(self))}")
+        return replace(self, **settings)
+
+    def resolve(self, model=None) -> SamplerSpec:
+        """Check every setting and fill in the drafter-dependent defaults; the drafter (and an adaptive length)
+        become objects. With ``model``, a drafter that needs a draft head the model lacks is refused here
+        (MissingDraftHeadError), before any decoding. Resolving a resolved spec changes nothing."""
+        if self.algorithm not in ("sequential", "assd"):
+            raise SettingError("algorithm", f"must be 'sequential' or 'assd', got {self.algorithm!r}")
+        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+                and 0 < self.temperature < math.inf):
+            raise SettingError("temperature", f"must be a finite number > 0, got {self.temperature}")
+        if self.algorithm == "sequential":
+            return self
+        k = self.k
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise SettingError("k", f"must be an integer >= 1, got {k!r}")
+        if self.temperature_mode not in TEMPERATURE_MODES:
+            raise SettingError("temperature_mode", f"must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
+        if not (isinstance(self.r_atol, (int, float)) and self.r_atol >= 0):
+            raise SettingError("r_atol", f"must be >= 0, got {self.r_atol}")
+        drafter = make_drafter(self.drafter)
+        if self.fused and not drafter.single_pass:
+            raise ValueError(f"fused=True drafts with the model's own draft rows (and its draft head): use "
+                             f"drafter='self' or 'head', not {drafter.name!r}")
+        outcomes = self.outcomes
+        if outcomes is not None and not self.fused:
+            raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
+        if self.fused and outcomes is None:
+            outcomes = HEAD_OUTCOMES if drafter.name == "head" else DEFAULT_OUTCOMES
+        if self.fused and outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool)
+                                                 or outcomes < 1):
+            raise SettingError("outcomes", f"must be 'all' or an integer >= 1, got {outcomes!r}")
+        ratio = self.draft_temperature_ratio
+        if ratio is None:
+            ratio = HEAD_DRAFT_TEMPERATURE_RATIO if drafter.name == "head" else DEFAULT_DRAFT_TEMPERATURE_RATIO
+        if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < math.inf):
+            raise SettingError("draft_temperature_ratio", f"must be a finite number > 0, got {ratio!r}")
+        if model is not None:
+            drafter.head_for(model)  # MissingDraftHeadError now, not mid-decode
+        try:
+            rule = make_draft_length(self.draft_length)
+        except ValueError as err:
+            raise SettingError("draft_length", f"is not valid: {err}") from None
+        return replace(self, drafter=drafter, outcomes=outcomes, draft_temperature_ratio=ratio,
+                       bonus=self.bonus or self.fused, draft_length=rule)
+
+    def settings(self) -> dict:
+        """The settings as plain values (a decode's ``DecodeOutput.settings``, results files)."""
+        if self.algorithm == "sequential":
+            return {"temperature": self.temperature}
+        rule = self.draft_length
+        return {"k": self.k, "temperature": self.temperature, "temperature_mode": self.temperature_mode,
+                "r_atol": self.r_atol, "drafter": self.drafter_name, "bonus": self.bonus,
+                "draft_temperature_ratio": self.draft_temperature_ratio, "fused": self.fused,
+                "outcomes": self.outcomes if self.fused else None,
+                "draft_length": None if rule is None else getattr(rule, "name", repr(rule))}
+
+
+def available_samplers() -> dict[str, SamplerSpec]:
+    """Every sampler by name: sequential, ``assd-<drafter>`` for each registered drafter, the bonus schedule,
+    single-pass (fused) rounds with the model's draft rows or its draft head, and adaptive-length variants."""
+    specs = [SamplerSpec("sequential")] + [SamplerSpec(drafter=name) for name in DRAFTERS]
+    specs += [SamplerSpec(bonus=True), SamplerSpec(bonus=True, fused=True),
+              SamplerSpec(drafter="head", bonus=True, fused=True)]
+    by_name = {spec.name: spec for spec in specs}
+    adaptive = [replace(by_name[name], draft_length=DEFAULT_ADAPTIVE_THRESHOLD)
+                for name in ("assd-self", "assd-bonus", "assd-fused", "assd-head", "assd-fused-head")]
+    return by_name | {spec.name: spec for spec in adaptive}
+
+
+SAMPLERS = available_samplers()
+
+
+def parse_choices(value: str | Sequence[str], choices: Iterable[str], what: str) -> list[str]:
+    """A comma-separated option (or a list) -> its names in the given order, without repeats;
+    ValueError naming ``what`` when a name is not one of ``choices`` or none is given."""
+    choices = list(choices)
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    names = list(dict.fromkeys(n for n in names if n))
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}(s) {unknown or value!r}; choose from {', '.join(choices)}")
+    return names
+
+
+def _options(every_command: bool) -> list[tuple[str, Option]]:
+    return [(f.name, f.metadata["option"]) for f in fields(SamplerSpec) if "option" in f.metadata
+            and (f.metadata["option"].every_command or not every_command)]
+
+
+def add_sampler_arguments(parser, *, every_command: bool) -> None:
+    """The sampler settings' options: all of them (``asarm sample``), or (``every_command``) those that every
+    evaluation takes."""
+    defaults = {f.name: f.default for f in fields(SamplerSpec)}
+    for name, option in _options(every_command):
+        kwargs = dict(option.kwargs)
+        kwargs.setdefault("default", defaults[name] if option.given_default else None)
+        if kwargs.get("action") != "store_true" and "choices" not in kwargs:
+            kwargs["metavar"] = option.flag.lstrip("-").upper().replace("-", "_")
+        shown = " (default: %(default)s)" if option.given_default else ""
+        parser.add_argument(option.flag, dest=name, help=option.help + shown, **kwargs)
+
+
+def sampler_overrides(args: argparse.Namespace, *, every_command: bool) -> dict[str, Any]:
+    """The settings given on the command line (those left unset keep each sampler's own)."""
+    return {name: getattr(args, name) for name, _ in _options(every_command) if getattr(args, name) is not None}
+
+
+def apply_override(spec: SamplerSpec, name: str, value, sampler: str) -> SamplerSpec:
+    """``spec`` with one command-line setting; a setting that does not apply to it is a one-line error."""
+    setting = next(f for f in fields(SamplerSpec) if f.name == name)
+    option = setting.metadata["option"]
+    if not option.applies(spec, value):
+        if option.given_default and value == setting.default:  # not set by the user: nothing is ignored
+            return spec
+        given = option.flag if option.kwargs.get("action") == "store_true" else f"{option.flag} {value}"
+        raise ValueError(f"{given} does not apply to --sampler {sampler}")
+    return spec.replace(**{name: value})
+
+
+def parse_samplers(names: str | Sequence[str], overrides: dict[str, Any] | None = None) -> list[SamplerSpec]:
+    """``"sequential,assd-self"`` (or a list) -> specs, in the given order, without repeats, each with the
+    ``overrides`` (command-line settings) that apply to it: ``draft_length`` (``--adaptive-threshold``) only to
+    the adaptive samplers. A setting explicitly given that applies to none of them is an error."""
+    specs = [SAMPLERS[name] for name in parse_choices(names, SAMPLERS, "sampler")]
+    options = dict(_options(every_command=False))
+    for name, value in (overrides or {}).items():
+        takes = [options[name].applies(spec, value) and (name != "draft_length" or spec.draft_length is not None)
+                 for spec in specs]
+        if not any(takes) and not options[name].given_default:
+            raise ValueError(f"{options[name].flag} applies to none of the samplers {', '.join(s.name for s in specs)}")
+        specs = [spec.replace(**{name: value}) if take else spec for spec, take in zip(specs, takes)]
+    return specs
+
+
+def resolve_samplers(specs: Sequence[SamplerSpec], model, source: str) -> list[SamplerSpec]:
+    """Every spec resolved against ``model`` before any decoding; the samplers that need a draft head the model
+    lacks are named together in one line."""
+    resolved, needing = [], []
+    for spec in specs:
+        try:
+            resolved.append(spec.resolve(model))
+        except MissingDraftHeadError:
+            needing.append(spec.name)
+    if needing:
+        raise ValueError(f"{', '.join(needing)} need a draft head and {source!r} has none: train one with "
+                         f"`asarm train-draft-head`, or drop them from --samplers")
+    return resolved
