@@ -12,9 +12,10 @@ A backbone (an ``nn.Module``) provides
   objectives (with gradients); ``query_states(...)`` the final query states behind them, ``lm_head`` their
   readout (``readout()``: its weight and bias), ``embed`` the input token embedding;
 * the cached any-order pass behind ``CachedEngine`` (asarm.sampling.cached_engine), which owns the
-  bookkeeping (which ranks are valid, batch rows coming and going) and calls
-  ``cache_context(seq_len)`` once per session and ``cached_pass(...)`` once per batched layer stack,
-  with key/value storage by rank in an :class:`asarm.backbones.kv_cache.RankCache`;
+  bookkeeping (which ranks are valid, batch rows coming and going), asks ``check_cached_supported()`` when
+  it is built, sizes its :class:`asarm.backbones.kv_cache.RankCache` (key/value storage by rank) from
+  ``config.n_layer``, ``config.n_head`` and ``d_head``, and calls ``cache_context(seq_len)`` once per session
+  and ``cached_pass(...)`` once per batched layer stack;
 * ``save_pretrained(directory)`` and the class methods ``from_pretrained(path, **kwargs)`` and
   ``from_config(fields)`` (a random init from the global RNG); ``config`` (with ``vocab_size``, ``d_model``,
   ``n_layer``, ``n_head``, ``d_head``), ``name``, the registry key (asarm.backbones.BACKBONES), and ``model_type``, what
@@ -51,6 +52,14 @@ class Backbone(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_cached_supported(self) -> None:
+        """Raise NotImplementedError, saying why, when this backbone or its configuration has no cached pass, so
+        that ``CachedEngine`` refuses the model when it is built instead of failing in its first call. By default:
+        a subclass that implements ``cached_pass`` supports every configuration."""
+        if type(self).cached_pass is Backbone.cached_pass:
+            raise NotImplementedError(f"the {self.name or type(self).__name__} backbone has no cached pass; "
+                                      f"use engine='full'")
+
     def cache_context(self, seq_len: int):
         """Whatever ``cached_pass`` needs per sequence length (positional tables), computed once per session."""
         raise NotImplementedError
@@ -70,3 +79,7 @@ class Backbone(nn.Module):
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
 
+    @property
+    def d_head(self) -> int:
+        """The width of one attention head: the last dimension of the keys and values in the ``RankCache``."""
+        return int(self.config.d_head)

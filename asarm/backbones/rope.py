@@ -38,12 +38,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Backbone
+from .positional_tables import PositionalTables
 
 __all__ = ["RopeBackbone", "RopeConfig", "RMSNorm", "rotary_table", "apply_rotary", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_TABLES_KEPT = 4  # rotary tables kept per (length, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -216,12 +216,8 @@ class RopeBackbone(Backbone):
         self.layers = nn.ModuleList(RopeLayer(config) for _ in range(config.n_layer))
         self.norm_out = RMSNorm(config.d_model, config.norm_eps)
         self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))  # the head's weight is the embedding's
-        self._tables: dict = {}
+        self._tables = PositionalTables()
         self._init_weights()
-
-    @property
-    def d_head(self) -> int:
-        return self.config.d_head
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -314,22 +310,13 @@ class RopeBackbone(Backbone):
         return x
 
     # ------------------------------------------------------------------ the cached pass
-    def check_cached_supported(self) -> None:
-        """Every configuration runs the cached pass."""
-
     @torch.no_grad()
     def cache_context(self, seq_len: int):
         """Rotary ``(cos, sin)``, each ``(L + 1, d_head)``, for positions ``0 .. L`` (``L``: padding rows). Kept
-        per (length, dtype, device); the full forward reads the same tables, so both passes agree."""
+        per length, for the weights' dtype and device; the full forward reads the same tables, so both passes agree."""
         weight = self.embedding.weight
-        key = (seq_len, weight.dtype, weight.device)
-        table = self._tables.get(key)
-        if table is None:
-            if len(self._tables) >= _TABLES_KEPT:  # keep a few lengths only
-                self._tables.pop(next(iter(self._tables)))
-            table = rotary_table(seq_len + 1, self.d_head, self.config.rope_theta, weight.dtype, weight.device)
-            self._tables[key] = table
-        return table
+        return self._tables.get(seq_len, (weight.dtype, weight.device), lambda: rotary_table(
+            seq_len + 1, self.d_head, self.config.rope_theta, weight.dtype, weight.device))
 
     def cached_pass(self, cache, context, layout, content_tokens):
         b, nc = content_tokens.shape

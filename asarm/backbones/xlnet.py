@@ -19,6 +19,7 @@ from packaging.version import Version
 from transformers import XLNetConfig, XLNetLMHeadModel
 
 from .base import Backbone
+from .positional_tables import PositionalTables
 
 __all__ = ["XLNetBackbone", "XLNET_BASE_SIZES"]
 
@@ -40,15 +41,11 @@ class XLNetBackbone(Backbone):
         # does not cast them, so float64 (or half) weights fail: cast them at call time. A bound method (not a
         # closure) so that copy.deepcopy binds the copy's to the copy.
         xl.relative_positional_encoding = types.MethodType(_positional_encoding_in_weight_dtype, xl)
-        self._tables: dict = {}
+        self._tables = PositionalTables()
 
     @property
     def config(self) -> XLNetConfig:
         return self.hf.config
-
-    @property
-    def d_head(self) -> int:
-        return int(self.config.d_head)
 
     # ------------------------------------------------------------------ construction and saving
     @classmethod
@@ -91,24 +88,11 @@ class XLNetBackbone(Backbone):
         ``d = query position - key position`` in ``[-L, L]`` (``d = -L`` only reaches the scratch slot and is
         zero). Kept per length, dtype, device and weight version."""
         xl = self.hf.transformer
-        layers = [layer.rel_attn for layer in xl.layer]
         dtype, device = xl.word_embedding.weight.dtype, xl.word_embedding.weight.device
-        key = (dtype, device, tuple((a.r.data_ptr(), a.r._version) for a in layers))
-        table = self._tables.get(seq_len)
-        if table is not None and table[0] == key:
-            return table[1]
-        if len(self._tables) >= 4:  # keep a few lengths only
-            self._tables.pop(next(iter(self._tables)))
-        # Hugging Face's own sinusoids for qlen = klen = L (bit-identical to the full forward's): rows are the
-        # distances L, L-1, ..., -L+1, with clamp_len applied inside
-        pe = xl.relative_positional_encoding(seq_len, seq_len, bsz=None, **_device_argument(xl, device))
-        pe = pe[:, 0, :].to(device=device, dtype=dtype).flip(0)  # distances -L+1 .. L
-        pe = torch.cat([pe.new_zeros(1, pe.shape[1]), pe], dim=0)  # distances -L .. L
-        n_head, d_head = layers[0].n_head, layers[0].d_head
-        out = torch.stack([(pe @ a.r.reshape(a.r.shape[0], n_head * d_head)).reshape(-1, n_head, d_head)
-                           .permute(1, 2, 0).contiguous() for a in layers])
-        self._tables[seq_len] = (key, out)
-        return out
+        # the projections change as the model trains: a weight replaced or changed in place makes a new table
+        weights = tuple((layer.rel_attn.r.data_ptr(), layer.rel_attn.r._version) for layer in xl.layer)
+        return self._tables.get(seq_len, (dtype, device, weights),
+                                lambda: _projected_sinusoids(xl, seq_len, dtype, device))
 
     def cached_pass(self, cache, context, layout, content_tokens):
         xl = self.hf.transformer
@@ -144,6 +128,19 @@ class XLNetBackbone(Backbone):
             x = attn.layer_norm(vec @ attn.o.reshape(d_model, H * dh).t() + x)
             x = layer.ff(x)
         return x[:, nc:]
+
+
+def _projected_sinusoids(xl, seq_len: int, dtype, device) -> torch.Tensor:
+    """The table of :meth:`XLNetBackbone.cache_context`, computed."""
+    layers = [layer.rel_attn for layer in xl.layer]
+    # Hugging Face's own sinusoids for qlen = klen = L (bit-identical to the full forward's): rows are the
+    # distances L, L-1, ..., -L+1, with clamp_len applied inside
+    pe = xl.relative_positional_encoding(seq_len, seq_len, bsz=None, **_device_argument(xl, device))
+    pe = pe[:, 0, :].to(device=device, dtype=dtype).flip(0)  # distances -L+1 .. L
+    pe = torch.cat([pe.new_zeros(1, pe.shape[1]), pe], dim=0)  # distances -L .. L
+    n_head, d_head = layers[0].n_head, layers[0].d_head
+    return torch.stack([(pe @ a.r.reshape(a.r.shape[0], n_head * d_head)).reshape(-1, n_head, d_head)
+                        .permute(1, 2, 0).contiguous() for a in layers])
 
 
 def _positional_encoding_in_weight_dtype(self, *args, **kwargs):

@@ -18,9 +18,10 @@ Reported: the expected acceptance of each slot's draft, ``sum_v min(p_i(v), q_i(
 from __future__ import annotations
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import orders
-from ..draft_head import DraftHead, outside_logit
+from ..draft_head import DraftHead
 from ..model import ASARM
 
 __all__ = ["draft_points", "distillation_loss", "frequent_tokens"]
@@ -35,7 +36,8 @@ def draft_points(n_prompt: torch.Tensor, length: int, generator: torch.Generator
 def distillation_loss(asarm: ASARM, head: DraftHead, tokens: torch.Tensor, sigma: torch.Tensor,
                       n_prompt: torch.Tensor, n: torch.Tensor, slots: int, generator: torch.Generator):
     """The loss of one micro-batch (module doc) and its statistics: ``acceptance`` (per slot, over the rows
-    where that slot exists), ``drafted`` (those rows per slot), ``loss`` and ``slots`` (scored slots in all)."""
+    where that slot exists), ``drafted`` (those rows per slot), ``loss`` and ``slots`` (scored slots in all).
+    ``head``: the draft head, or its ``DistributedDataParallel`` wrapper (the trainer's, with several processes)."""
     batch, length = tokens.shape
     device = tokens.device
     idx = torch.arange(slots, device=device)
@@ -61,7 +63,10 @@ def distillation_loss(asarm: ASARM, head: DraftHead, tokens: torch.Tensor, sigma
     drafted[rows, positions[rows, cols]] = torch.stack(drafts, 1)[rows, cols]
     target = asarm.probabilities(asarm.logits(drafted, sigma, n_prompt, positions)).float()
     log_q = torch.log_softmax(logits.float().masked_fill(mask_column, float("-inf")), -1)
-    scored = (logits > outside_logit(logits.dtype) / 2) & ~mask_column  # the draft vocabulary
+    draft_vocab = (head.module if isinstance(head, DistributedDataParallel) else head).draft_vocab
+    scored = ~mask_column  # the tokens the head may propose: its draft vocabulary (empty: all), never <mask>
+    if len(draft_vocab):
+        scored = scored & torch.zeros_like(scored).index_fill_(0, draft_vocab, True)
     cross = -torch.where(scored, target * log_q, 0.0).sum(-1)  # (b, slots)
     count = valid.sum().clamp(min=1)
     loss = (cross * valid).sum() / count

@@ -36,15 +36,19 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import orders
 from ..draft_head import DraftHead
+from ..files import write_atomic
 from ..model import ASARM
 from ..paths import DataFileNotFoundError, data_dir, data_file
+from ..seeds import mix_seed
 from .config import TrainConfig, config_to_dict, load_config, save_config
 from .data import (CodeDirectorySource, JsonlSource, PackedStream, StreamLoader, TextFileSource, hub_source,
                    make_encoder)
@@ -66,13 +70,17 @@ WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the wandb run a resume c
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+@contextmanager
+def _evaluation_mode(model: nn.Module):
+    """``model.eval()`` for the block, then every submodule back in its own mode: in draft-head training the
+    frozen model stays in eval mode and the draft head it carries goes back to training."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -206,7 +214,8 @@ class Trainer:
             raise ValueError("train.grad_accum must be >= 1")
         if cfg.log.wandb:
             _check_wandb_installed()
-        # XLNet's segment parameters (no token_type_ids) and mask_emb get no gradient: DDP must know
+        # XLNet's segment parameters (r_s_bias, seg_embed) get no gradient, since asarm passes no token_type_ids:
+        # DDP must know
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.accelerator = Accelerator(gradient_accumulation_steps=run.grad_accum,
                                        mixed_precision=run.mixed_precision, cpu=run.cpu, kwargs_handlers=[ddp])
@@ -223,7 +232,9 @@ class Trainer:
                 self._trim_metrics(int(self._trainer_state(self.resume_from)["step"]))
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        set_seed(run.seed)  # python, numpy, torch (same on every rank: identical initial weights)
+        # the global RNGs (python, numpy, torch), the same on every rank: dropout and a new draft head's initial
+        # weights draw from them (the model's own initial weights have their seed in ASARM.from_config)
+        set_seed(run.seed)
 
         self.head_mode = cfg.draft_head.train
         if self.head_mode and not cfg.model.init:
@@ -240,7 +251,8 @@ class Trainer:
         for name, p in trainable.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "layer_norm" in name or name.endswith("bias") else decay).append(p)
+            # norms and biases are not decayed; XLNet's attention biases (r_w_bias, ...) are 2-d, hence the name
+            (no_decay if p.ndim < 2 or name.endswith("bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -266,7 +278,7 @@ class Trainer:
                                          max_masking_rate=m.final_max_masking_rate, min_prompt=m.min_prompt,
                                          mask_token_id=self.asarm.mask_token_id, mixture=m.mixture,
                                          slot_weights=tuple(m.slot_weights))
-        self.generator = torch.Generator().manual_seed(run.seed * 1000003 + self.rank)
+        self.generator = torch.Generator().manual_seed(mix_seed(run.seed, self.rank))
         self.stream = PackedStream(build_source(cfg, "train"), self.encode, max_length=cfg.data.max_length,
                                    rank=self.rank, world_size=self.world_size, epochs=cfg.data.epochs)
         # the DataLoader draws its workers' base seed from this generator, not the global RNG (which would
@@ -380,11 +392,11 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             state = {"step": self.step, "world_size": self.world_size, "time": time.time()}
-            _atomic_write_text(tmp / "trainer_state.json", json.dumps(state))  # marks the directory complete
+            write_atomic(tmp / "trainer_state.json", json.dumps(state))  # marks the directory complete
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _atomic_write_text(self.ckpt_dir / "latest", final.name + "\n")
+            write_atomic(self.ckpt_dir / "latest", final.name + "\n")
             self._prune()
         acc.wait_for_everyone()
         return final
@@ -469,7 +481,7 @@ class Trainer:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
         if len(kept) != len(lines):
-            _atomic_write_text(path, "".join(kept))
+            write_atomic(path, "".join(kept))
 
     def maybe_resume(self) -> Path | None:
         """Load the checkpoint chosen at construction, if any."""
@@ -509,15 +521,19 @@ class Trainer:
         except wandb.errors.Error as err:  # no API key, no network: one line, not a traceback
             raise ValueError(f"log.wandb: {err} (WANDB_MODE=offline logs without an account)") from None
         # after init, with allow_val_change: a resume may change log.*, eval.* or train.max_steps
-        run.config.update({**_config_dict(self.cfg), "resolved": self.resolved}, allow_val_change=True)
-        _atomic_write_text(id_file, run.id + "\n")
+        run.config.update({**config_to_dict(self.cfg), "resolved": self.resolved}, allow_val_change=True)
+        write_atomic(id_file, run.id + "\n")
         return run
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, to_trackers: bool = True) -> None:
+        """Append ``record`` to metrics.jsonl and, with ``to_trackers``, send its numbers to TensorBoard and wandb
+        (the training loop sends every ``log.every``-th step; metrics.jsonl holds every step)."""
         if not self.is_main:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if not to_trackers:
+            return
         kind = record.get("kind", "train")
         scalars = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.writer is not None:
@@ -539,12 +555,10 @@ class Trainer:
                               rank=0, world_size=1, epochs=1)
         loader = StreamLoader(stream, batch_size=ec.batch_size or self.cfg.data.batch_size,
                               generator=torch.Generator().manual_seed(ec.seed))
-        was_training = model.training
-        model.eval()
         total_nll, total_tokens, first = 0.0, 0, None
         accepted, drafted = 0.0, 0.0  # draft_head.train: expected acceptance per slot, summed over rows
         device = self.accelerator.device
-        try:
+        with _evaluation_mode(model):
             for i, tokens in enumerate(loader):
                 if i >= ec.batches:
                     break
@@ -554,10 +568,9 @@ class Trainer:
                 sigma = orders.any_subset(n_prompt, length, batch_size=batch, generator=gen).to(device)
                 with self.accelerator.autocast():
                     if self.head_mode:
-                        with torch.no_grad():
-                            n = draft_points(n_prompt, length, gen).to(device)
-                            _, stats = distillation_loss(model, model.draft_head, tokens, sigma,
-                                                         n_prompt.to(device), n, self.cfg.draft_head.slots, gen)
+                        n = draft_points(n_prompt, length, gen).to(device)
+                        _, stats = distillation_loss(model, model.draft_head, tokens, sigma, n_prompt.to(device), n,
+                                                     self.cfg.draft_head.slots, gen)
                         slot_rows = stats["drafted"].double().cpu()
                         accepted += stats["acceptance"].double().cpu() * slot_rows
                         drafted += slot_rows
@@ -578,13 +591,10 @@ class Trainer:
                 drafter = "head" if self.head_mode else "self"
                 out = assd_decode(model, tokens, sigma, n_prompt.to(device), k=ec.sample_k, seed=ec.seed,
                                   drafter=drafter)
-                generated = (tokens.shape[1] - n_prompt).double()
                 record["assd_nfe"] = float(out.nfe.double().mean())
-                record["assd_tokens_per_nfe"] = float((generated / out.nfe.clamp(min=1).double()).mean())
+                record["assd_tokens_per_nfe"] = float(out.tokens_per_call.mean())
                 if self.tokenizer is not None:
                     record["samples"] = [self.tokenizer.decode(row.tolist()) for row in out.tokens.cpu()]
-        finally:
-            model.train(was_training)
         return record
 
     def _run_eval(self) -> None:
@@ -681,11 +691,7 @@ class Trainer:
                       "lr": lr_used,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": tokens_seen * self.world_size / max(time.time() - t0, 1e-9)}
-            if self.step % max(cfg.log.every, 1) == 0 or self.step == stop:
-                self.log(record)
-            elif self.is_main:
-                with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
+            self.log(record, to_trackers=self.step % max(cfg.log.every, 1) == 0 or self.step == stop)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
@@ -708,10 +714,6 @@ class Trainer:
             self.wandb.finish()
         acc.wait_for_everyone()
         return {"step": self.step, "losses": losses, "checkpoint": str(final), "run_dir": str(self.run_dir)}
-
-
-def _config_dict(cfg: TrainConfig) -> dict:
-    return config_to_dict(cfg)
 
 
 def run_training(cfg: TrainConfig) -> dict:

@@ -10,7 +10,8 @@ import torch
 
 from asarm.cli import main
 from asarm.model import ASARM
-from asarm.training.config import load_config
+from asarm.training import trainer
+from asarm.training.config import config_to_dict, load_config
 from asarm.training.draft_head import frequent_tokens
 from asarm.training.trainer import run_training
 
@@ -65,6 +66,24 @@ def test_draft_head_training_resumes_exactly(tmp_path, tiny_model_dir, small_tex
                                                         **{"draft_head.slots": 2, "train.max_steps": 6})))
 
 
+def test_the_head_trains_in_training_mode_after_every_evaluation(tmp_path, tiny_model_dir, small_text, monkeypatch):
+    """An evaluation runs the head in eval mode; the training steps after it run it in training mode again, and the
+    frozen model stays in eval mode throughout."""
+    modes = []  # per distillation loss: (a training step: gradients on, the head's mode, the frozen model's mode)
+    distil = trainer.distillation_loss
+
+    def recording_distillation_loss(asarm, head, *args):
+        modes.append((torch.is_grad_enabled(), head.training, asarm.training))
+        return distil(asarm, head, *args)
+
+    monkeypatch.setattr(trainer, "distillation_loss", recording_distillation_loss)
+    extra = {"train.max_steps": 3, "eval.every": 1, "eval.batches": 1, "eval.samples": 0}
+    run_training(load_config(REPO / "configs" / "tiny_draft_head.yaml",
+                             head_overrides(tmp_path / "run", tiny_model_dir, small_text, **extra)))
+    # steps 1, 2 and 3, with an evaluation after steps 1 and 2 (none after the last: eval.at_end is off)
+    assert modes == [(True, True, False), (False, False, False)] * 2 + [(True, True, False)]
+
+
 def test_draft_head_needs_a_model_to_distil(tmp_path, small_text, capsys):
     code = main(["train-draft-head", "--config", str(REPO / "configs" / "tiny_draft_head.yaml"),
                  *head_overrides(tmp_path / "r", "null", small_text)])
@@ -115,6 +134,8 @@ def test_export_of_a_head_run_keeps_the_models_own_training_files(tmp_path, tiny
     out = tmp_path / "out"
     assert (out / "training_config.yaml").read_text() == "data: {max_length: 32}\n"
     assert (out / "training_log.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
-    assert "draft_head:" in (out / "draft_head_training_config.yaml").read_text()
+    head_run_config = load_config(out / "draft_head_training_config.yaml")  # the head run's own, as it trained
+    assert config_to_dict(head_run_config) == config_to_dict(load_config(tmp_path / "run" / "config.yaml"))
+    assert head_run_config.draft_head.train and head_run_config.model.init == str(model_dir)
     assert len((out / "draft_head_training_log.jsonl").read_text().splitlines()) == 2
     assert ASARM.from_pretrained(out, device="cpu").draft_head is not None
