@@ -59,7 +59,8 @@ SAMPLE_CALLS = [
      "--temperature-mode": "no_temp_oracle", "--bonus": None, "--adaptive-threshold": "0.2",
      "--draft-temperature-ratio": "1.25", "--r-atol": "0.1", "--seed": "4", "--batch-size": "2", "--engine": "full",
      "--no-progress": None, "--trace": "TRACE", "--show-rounds": None},
-    {"--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused", "--outcomes": "1", "--no-progress": None},
+    {"--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused", "--outcomes": "1",
+     "--outcome-order": "accepted-first", "--no-progress": None},
 ]
 
 
@@ -104,7 +105,7 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     assert trace.stat().st_size > 0
     out = capsys.readouterr().out
     assert "WARNING: r_atol=0.1 > 0: lossy sampling" in out and "round" in out  # --r-atol, --show-rounds
-    assert (fused.name, fused.outcomes, fused.k, fused.temperature) == ("assd-fused", 1, 5, 1.0)
+    assert (fused.name, fused.outcomes, fused.outcome_order, fused.k) == ("assd-fused", 1, "accepted-first", 5)
     assert (fused_kw["engine"], fused_kw["trace"], fused_kw["seed"].tolist()) == ("cached", False, [mix_seed(0, 0)])
 
 

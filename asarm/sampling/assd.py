@@ -118,9 +118,7 @@ class _Speculation:
         self.first_exact = self.drafter.first_draft_exact and not self.fused  # fused rounds never call the drafter
         # single-pass rounds with a head drafter: outcome drafts are chained by the model's draft head
         self.head = self.drafter.head_for(model) if self.fused else None
-        # the covered outcomes, most likely first: the head's drafts are mostly all accepted, the model's own
-        # mostly rejected early
-        self.accepted_first = self.head is not None
+        self.accepted_first = spec.outcome_order == "accepted-first"
         if self.first_exact:
             self.draft_temps[0] = self.oracle_temp
             self.exact = torch.zeros(B, dtype=torch.bool, device=device)  # pending slot 0 is exact

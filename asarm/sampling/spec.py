@@ -22,10 +22,11 @@ from .drafters import DRAFTERS, MissingDraftHeadError, make_drafter
 
 __all__ = ["SamplerSpec", "SAMPLERS", "available_samplers", "parse_samplers", "parse_choices", "parse_outcomes",
            "count_or_all", "SettingError", "add_sampler_arguments", "sampler_overrides", "apply_override",
-           "resolve_samplers", "TEMPERATURE_MODES", "DEFAULT_OUTCOMES", "HEAD_OUTCOMES",
+           "resolve_samplers", "TEMPERATURE_MODES", "OUTCOME_ORDERS", "DEFAULT_OUTCOMES", "HEAD_OUTCOMES",
            "DEFAULT_DRAFT_TEMPERATURE_RATIO", "HEAD_DRAFT_TEMPERATURE_RATIO", "DEFAULT_ADAPTIVE_THRESHOLD"]
 
 TEMPERATURE_MODES = ("target", "no_temp_oracle")
+OUTCOME_ORDERS = ("earliest-rejection", "accepted-first")  # which outcomes a single-pass call covers first
 DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
 HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
 DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the target's (see assd_decode)
@@ -124,6 +125,12 @@ class SamplerSpec:
         "most likely first); others fall back to a call without drafts (default%(default).0s: 2; all with the "
         "draft head)",
         lambda spec, value: spec.fused, every_command=True, kwargs={"type": parse_outcomes}))
+    outcome_order: str | None = _setting(None, Option(
+        "--outcome-order", "single-pass (fused) samplers: which outcomes a call covers first: earliest-rejection "
+        "(first rejection at slot 1, 2, ...) or accepted-first (every draft accepted, then the earliest "
+        "rejections) (default%(default).0s: accepted-first for the draft head, whose drafts mostly pass; "
+        "earliest-rejection for the model's own)", lambda spec, value: spec.fused, every_command=True,
+        kwargs={"choices": OUTCOME_ORDERS}))
     draft_length: Any = _setting(None, Option(
         "--adaptive-threshold", "adaptive draft length: verify a draft slot only while its proposal's top probability "
         "reaches this (exact; with --samplers: changes the *-adaptive ones' threshold; asarm sample: makes the "
@@ -197,6 +204,13 @@ class SamplerSpec:
         if self.fused and outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool)
                                                  or outcomes < 1):
             raise SettingError("outcomes", f"must be 'all' or an integer >= 1, got {outcomes!r}")
+        order = self.outcome_order
+        if order is not None and not self.fused:
+            raise ValueError("outcome_order only applies to fused=True (single-pass rounds)")
+        if self.fused and order is None:
+            order = "accepted-first" if drafter.name == "head" else "earliest-rejection"
+        if self.fused and order not in OUTCOME_ORDERS:
+            raise SettingError("outcome_order", f"must be one of {', '.join(OUTCOME_ORDERS)}, got {order!r}")
         ratio = self.draft_temperature_ratio
         if ratio is None:
             ratio = HEAD_DRAFT_TEMPERATURE_RATIO if drafter.name == "head" else DEFAULT_DRAFT_TEMPERATURE_RATIO
@@ -208,7 +222,7 @@ class SamplerSpec:
             rule = make_draft_length(self.draft_length)
         except ValueError as err:
             raise SettingError("draft_length", f"is not valid: {err}") from None
-        return replace(self, drafter=drafter, outcomes=outcomes, draft_temperature_ratio=ratio,
+        return replace(self, drafter=drafter, outcomes=outcomes, outcome_order=order, draft_temperature_ratio=ratio,
                        bonus=self.bonus or self.fused, draft_length=rule)
 
     def settings(self) -> dict:
@@ -219,7 +233,7 @@ class SamplerSpec:
         return {"k": self.k, "temperature": self.temperature, "temperature_mode": self.temperature_mode,
                 "r_atol": self.r_atol, "drafter": self.drafter_name, "bonus": self.bonus,
                 "draft_temperature_ratio": self.draft_temperature_ratio, "fused": self.fused,
-                "outcomes": self.outcomes if self.fused else None,
+                "outcomes": self.outcomes if self.fused else None, "outcome_order": self.outcome_order,
                 "draft_length": None if rule is None else getattr(rule, "name", repr(rule))}
 
 

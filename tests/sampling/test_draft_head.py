@@ -158,22 +158,25 @@ def test_the_embedded_model_ships_its_draft_head():
 
 
 @pytest.mark.parametrize("outcomes", [1, 2])
-@pytest.mark.parametrize("drafter", ["head", "self"])
-def test_covered_outcomes_most_likely_first(model, drafter, outcomes):
+@pytest.mark.parametrize("drafter, order", [("head", None), ("self", None), ("self", "accepted-first"),
+                                            ("head", "earliest-rejection")])
+def test_covered_outcomes_most_likely_first(model, drafter, order, outcomes):
     """Single-pass rounds prepare the next drafts for the covered outcomes only: with the head (drafts mostly
     all accepted) the all-accepted outcome first, then the earliest rejections; with the model's own drafts
-    the earliest rejections. Read from the trace: a round verifies drafts exactly when the outcome of the
-    row's previous round was covered."""
+    the earliest rejections; ``outcome_order`` picks either for any drafter. Read from the trace: a round
+    verifies drafts exactly when the outcome of the row's previous round was covered."""
     tokens, sigma, n_prompt = _batch(batch_size=8, seq_len=12)
     chosen = HeadDrafter(random_head(model, seed=7)) if drafter == "head" else "self"
     out = assd_decode(model, tokens, sigma, n_prompt, k=3, fused=True, drafter=chosen, outcomes=outcomes,
-                      seed=torch.arange(8), trace=True)
+                      outcome_order=order, seed=torch.arange(8), trace=True)
+    accepted_first = (order or ("accepted-first" if drafter == "head" else "earliest-rejection")) == "accepted-first"
+    assert out.settings["outcome_order"] == ("accepted-first" if accepted_first else "earliest-rejection")
     checked = 0
     for rounds in out.trace.rows:
         for before, after in zip(rounds, rounds[1:]):
             all_accepted = before.committed[-1][2] in ("bonus", "sequential")
             j = len(before.drafts) if all_accepted else before.accepted  # the outcome: first rejected slot, or K
-            if drafter == "head":
+            if accepted_first:
                 covered = all_accepted or j + 1 < outcomes
             else:
                 covered = j < outcomes

@@ -85,6 +85,8 @@ SAMPLERS = {
     "assd-fused-k3-T0.7-no_temp_oracle": (assd_decode, {"k": 3, "fused": True, "temperature": 0.7,
                                                          "temperature_mode": "no_temp_oracle"}, 1.0),
     "assd-fused-k1": (assd_decode, {"k": 1, "fused": True}, 1.0),
+    "assd-fused-k3-outcomes2-accepted-first": (assd_decode, {"k": 3, "fused": True, "outcomes": 2,
+                                                             "outcome_order": "accepted-first"}, 1.0),
     "assd-fused-k2-ratio1": (assd_decode, {"k": 2, "fused": True, "draft_temperature_ratio": 1.0}, 1.0),
     "assd-self-k3-ratio2": (assd_decode, {"k": 3, "draft_temperature_ratio": 2.0}, 1.0),
     "assd-self-k3-T0.7-ratio2-no_temp_oracle": (assd_decode, {"k": 3, "temperature": 0.7,
@@ -138,6 +140,8 @@ HEAD_SAMPLERS = {  # (head, kwargs, target temperature); head: "random", "random
                                                      "temperature_mode": "no_temp_oracle"}, 1.0),
     "assd-trained-head-k3": ("trained", {"k": 3}, 1.0),
     "assd-fused-trained-head-k3": ("trained", {"k": 3, "fused": True}, 1.0),
+    "assd-fused-head-k3-outcomes2-earliest-rejection": ("random", {"k": 3, "fused": True, "outcomes": 2,
+                                                                   "outcome_order": "earliest-rejection"}, 1.0),
 }
 
 
