@@ -26,11 +26,11 @@ from .sampling.spec import SettingError, add_sampler_arguments, apply_override, 
 from .sampling.trace import render_html, render_text
 from .seeds import mix_seed
 
-__all__ = ["main", "sample", "sample_spec", "add_sample_parser", "encode_template"]
+__all__ = ["main", "sample", "sample_spec", "profile", "add_sample_parser", "encode_template"]
 
 # `asarm sample --sampler`: any registry name, or "assd" (two-call rounds with --drafter's drafts: assd-self,
 # assd-ngram, ...)
-SAMPLE_SAMPLERS = {"assd": "assd-self", **{name: name for name in SAMPLERS}}
+SAMPLE_SAMPLERS = {"assd": "assd-self", "auto": "assd-auto", **{name: name for name in SAMPLERS}}
 # Anything that looks like a blank tag (``<mask``, then ``:``, a space or ``>``) is parsed, so a
 # mistyped tag is an error instead of literal text sent to the model.
 _BLANK_TAG = re.compile(r"<mask(?=[\s:>])[^<>]*>")
@@ -181,6 +181,58 @@ def _run_sample(args: argparse.Namespace) -> list[dict]:
                   **sampler_overrides(args, every_command=False))
 
 
+def profile(model: str = "asarm-tiny", revision: str | None = None, device: str | None = None, length: int = 128,
+            batch_size: int = 1, k: int = 5, threads: int | None = None, out: str | None = None) -> dict:
+    """Measure the call-cost model of assd-auto on WikiText-2 test chunks (95% masked) and print the profiled
+    calls with the model's prediction beside each, and the predicted time of every schedule it can choose."""
+    from .eval.arguments import set_threads
+    from .eval.markdown import markdown_table
+    from .eval.texts import packed_text
+    from .sampling.assd import auto_controller, profile_calls
+
+    spec = sample_spec("auto", k=k)
+    if batch_size < 1 or length < 2:
+        raise ValueError(f"--batch-size must be >= 1 and --length >= 2, got {batch_size} and {length}")
+    set_threads(threads)
+    asarm = ASARM.from_pretrained(model, revision=revision, device=device)
+    spec = spec.resolve(asarm)
+    chunks = packed_text(asarm.tokenizer, length, None, batch_size)
+    visible = int(orders.num_prompt_for_rate(0.95, length))
+    sigma = orders.any_subset(visible, length, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
+    n_prompt = torch.full((batch_size,), visible)
+    cost = profile_calls(asarm, (chunks, sigma, n_prompt, None, None, None), spec)
+    controller = auto_controller(asarm, spec, cost)
+    print(f"call-cost profile of {model} ({spec.drafter.name} drafts) on {cost.device}, {cost.threads} threads, "
+          f"batch {batch_size}, length {length}: {1000 * cost.profile_seconds:.0f} ms\n")
+    print(markdown_table([{"schedule (drafts, outcomes)": f"{s['width']}, {s['cover']}", "query rows": s["query_rows"],
+                           "head slots": s["head_slots"], "content rows": s["content_rows"],
+                           "measured ms": 1000 * s["seconds"], "predicted ms": 1000 * s["predicted"]}
+                          for s in cost.table()]))
+    print(f"fit: {1000 * cost.host:.3f} ms a call + {1000 * cost.per_query_row:.4f} ms a query row + "
+          f"{1000 * cost.per_head_slot:.4f} ms a head slot + {1000 * cost.per_content_row:.4f} ms a content row\n")
+    print(markdown_table([{"drafts": int(w), "outcomes": int(c), "ms a call with drafts": 1000 * float(t_with),
+                           "ms a call without": 1000 * float(t_without)}
+                          for w, c, t_with, t_without in zip(controller.widths, controller.covers,
+                                                             controller.seconds_with, controller.seconds_without)]))
+    if out is not None:
+        cost.save(out)
+        print(f"wrote {out} (use it with --cost-profile)")
+    return cost.summary()
+
+
+def _add_profile_parser(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="measure the call-cost model that assd-auto schedules with",
+                              description=profile.__doc__.split("\n\n")[0])
+    add_model_source_arguments(p)
+    p.add_argument("--length", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="rows decoded together (default: %(default)s)")
+    p.add_argument("--k", type=_positive_int, default=5, help="the most drafts a call verifies (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--out", default=None, help="write the profile here (JSON), for --cost-profile")
+    p.set_defaults(func=lambda a: profile(a.model, a.revision, a.device, a.length, a.batch_size, a.k, a.threads,
+                                          a.out))
+
+
 def _add_train_parser(subparsers) -> None:
     _add_config_command(subparsers, "train", "train or fine-tune an AS-ARM (masking-distribution objective)",
                         "Train from a YAML config (configs/*.yaml) with dotted overrides, e.g. optim.lr=3e-4 "
@@ -210,7 +262,7 @@ def _add_config_command(subparsers, name: str, summary: str, description: str, c
     p.set_defaults(func=run)
 
 
-# asarm eval NAME -> the runner module defining add_arguments(parser) and run(args) (asarm.eval.runner)
+# asarm eval NAME -> the runner module defining add_arguments(parser) and run(args) (see asarm.eval.arguments)
 EVALUATIONS = {
     "speculative": ("asarm.eval.speculative", "speculative-decoding benchmark: NFE, wall-clock, gen. perplexity"),
     "rocstories": ("asarm.eval.nlp_infill", "ROCStories story infilling with ROUGE"),
@@ -236,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
+    _add_profile_parser(subparsers)
     _add_train_parser(subparsers)
     _add_eval_parser(subparsers)
     args = parser.parse_args(argv)

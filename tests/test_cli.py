@@ -61,6 +61,7 @@ SAMPLE_CALLS = [
      "--no-progress": None, "--trace": "TRACE", "--show-rounds": None},
     {"--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused", "--outcomes": "1",
      "--outcome-order": "accepted-first", "--no-progress": None},
+    {"--text": "The cat <mask:3> on the mat.", "--sampler": "auto", "--cost-profile": "PROFILE", "--no-progress": None},
 ]
 
 
@@ -91,10 +92,11 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     trace = tmp_path / "trace.html"
     for call in SAMPLE_CALLS:
         argv = [part for flag, value in call.items() for part in ([flag] if value is None else [flag, value])]
-        argv = [{"MODEL": "some/model", "TRACE": str(trace)}.get(part, part) for part in argv]
+        argv = [{"MODEL": "some/model", "TRACE": str(trace), "PROFILE": str(tmp_path / "cost.json")}.get(part, part)
+                for part in argv]
         assert main(["sample", *argv]) == 0, capsys.readouterr().err
-    assert loads == [("some/model", "nlp", "cpu"), ("asarm-tiny", None, None)]
-    (spec, tokens, sigma, n_prompt, kw), (fused, *_, fused_kw) = decodes
+    assert loads == [("some/model", "nlp", "cpu"), ("asarm-tiny", None, None), ("asarm-tiny", None, None)]
+    (spec, tokens, sigma, n_prompt, kw), (fused, *_, fused_kw), (auto, *_) = decodes
     assert (spec.name, spec.drafter_name, spec.k, spec.temperature, spec.temperature_mode, spec.bonus) == (
         "assd-ngram-bonus-adaptive", "ngram", 3, 0.7, "no_temp_oracle", True)
     assert (spec.draft_length.threshold, spec.draft_temperature_ratio, spec.r_atol) == (0.2, 1.25, 0.1)
@@ -107,6 +109,9 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     assert "WARNING: r_atol=0.1 > 0: lossy sampling" in out and "round" in out  # --r-atol, --show-rounds
     assert (fused.name, fused.outcomes, fused.outcome_order, fused.k) == ("assd-fused", 1, "accepted-first", 5)
     assert (fused_kw["engine"], fused_kw["trace"], fused_kw["seed"].tolist()) == ("cached", False, [mix_seed(0, 0)])
+    # the test model has no draft head: assd-auto drafts with the model's own draft rows
+    assert (auto.name, auto.drafter_name, auto.cost_profile) == ("assd-auto", "self", str(tmp_path / "cost.json"))
+    assert (tmp_path / "cost.json").stat().st_size > 0  # the profile measured for the decode was saved there
 
 
 def test_sample_refuses_a_setting_its_sampler_ignores(capsys):

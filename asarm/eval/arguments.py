@@ -18,7 +18,7 @@ from ..sampling.spec import SAMPLERS, SamplerSpec, SettingError, add_sampler_arg
     parse_samplers, sampler_overrides
 
 __all__ = ["unset_means", "add_model_source_arguments", "add_model_arguments", "add_common_arguments",
-           "parse_count_or_all", "samplers_from_args", "load_model"]
+           "parse_count_or_all", "samplers_from_args", "set_threads", "load_model"]
 
 
 def unset_means(meaning: str) -> str:
@@ -83,12 +83,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
     g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads (None: torch's choice)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def load_model(args: argparse.Namespace) -> ASARM:
     """The model of ``--model``/``--revision`` on ``--device``, after applying ``--threads``."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = ASARM.from_pretrained(args.model, revision=args.revision, device=args.device)
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer files; save one next to the weights")

@@ -34,13 +34,18 @@ left, so ``NFE <= length - n_prompt`` for the self drafter with ``k >= 2``.
 
 from __future__ import annotations
 
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from ..model import ASARM
 from ..orders import positions_of_ranks
 from .batch import DecodeBatch, DecodeOutput, LossySamplingWarning, TokenProgress, add_rows, probabilities_fn
+from .controller import ControlState, FixedSchedule, GoodputController
+from .cost import CallCost, cached_profile, fit_call_cost, profile_key, remember_profile, timed
 from .drafters import DraftRequest, chain_drafts
 from .engine import DEFAULT_ENGINE, make_engine
 from .random import RowStreams, sample_categorical
@@ -48,7 +53,7 @@ from .rejection import verify_drafts
 from .spec import SamplerSpec
 from .trace import TraceRecorder
 
-__all__ = ["assd_decode"]
+__all__ = ["assd_decode", "profile_calls", "auto_controller"]
 
 
 class _CountingSession:
@@ -99,11 +104,13 @@ class _Speculation:
     a batch-1 call does no gathers or scatters of bookkeeping)."""
 
     def __init__(self, model: ASARM, batch: DecodeBatch, session, streams: RowStreams, spec: SamplerSpec,
-                 trace: bool):
+                 trace: bool, controller=None):
         k = spec.k
         self.model, self.batch, self.streams, self.drafter, self.k = model, batch, streams, spec.drafter, k
         self.bonus, self.fused, self.rule, self.r_atol = spec.bonus, spec.fused, spec.draft_length, spec.r_atol
-        self.cover = k + 1 if spec.outcomes == "all" else spec.outcomes  # outcome blocks a fused call holds
+        cover = k + 1 if spec.outcomes == "all" else spec.outcomes  # outcome blocks a fused call holds
+        self.controller = controller or FixedSchedule(k, cover or 1)
+        self.schedule: list[dict] | None = [] if isinstance(controller, GoodputController) else None
         B, device = batch.tokens.shape[0], batch.tokens.device
         self.recorder = TraceRecorder(batch.positions, batch.n_prompt, batch.nfe) if trace else None
         self.session = _CountingSession(session, batch.nfe, self.recorder)
@@ -126,7 +133,7 @@ class _Speculation:
         self.accepted_by_index = torch.zeros_like(self.drafted_by_index)
         self.bonus_tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.draft_calls = torch.zeros(B, dtype=torch.long, device=device)
-        self._layouts: dict[int, tuple] = {}
+        self._layouts: dict[tuple, tuple] = {}
         self.probs = probabilities_fn(model)
 
     def _sel(self, rows: torch.Tensor):
@@ -194,46 +201,73 @@ class _Speculation:
         return rows[~alone]
 
     # ---------------------------------------------------------------------------- verifying
-    def _layout(self, W: int):
+    def _layout(self, W: int, width: int, cover: int):
         """Query columns of a verify call whose rows hold at most ``W`` drafts: the verify columns
-        ``0..W-1``, the bonus column ``W`` (if ``bonus``), then ``C`` outcome blocks of ``k`` columns each (if
-        ``fused``): outcomes ``j = 0..C-1`` (first rejection at slot j), or with ``accepted_first`` the
-        all-accepted outcome (``j = K``) and then ``j = 0..C-2``. Per column: rank and limit offsets from ``n``,
-        whether the row's ``K`` is added to both (the bonus column and the all-accepted block), and the fewest
-        pending drafts ``K`` that make it used."""
-        if W not in self._layouts:
-            device, k = self.batch.tokens.device, self.k
+        ``0..W-1``, the bonus column ``W`` (if ``bonus``), then ``C = min(cover, W + 1)`` outcome blocks of
+        ``width`` columns each (if ``fused``): outcomes ``j = 0..C-1`` (first rejection at slot j), or with
+        ``accepted_first`` the all-accepted outcome (``j = K``) and then ``j = 0..C-2``. Per column: rank and
+        limit offsets from ``n``, whether the row's ``K`` is added to both (the bonus column and the
+        all-accepted block), the fewest pending drafts ``K`` that make it used, and for outcome columns their
+        slot in the block (1..width; 0 elsewhere) and block index (-1 elsewhere): a row uses the slots up to its
+        own width and the blocks below its own cover."""
+        key = (W, width, cover)
+        if key not in self._layouts:
+            device = self.batch.tokens.device
             idx, zero = torch.arange(W, device=device), torch.zeros(1, dtype=torch.long, device=device)
-            rank, limit, plus_k, needs = [idx], [idx], [idx * 0], [idx + 1]
+            rank, limit, plus_k, needs, slot, block = [idx], [idx], [idx * 0], [idx + 1], [idx * 0], [idx * 0 - 1]
             if self.bonus:
                 rank, limit, plus_k, needs = rank + [zero], limit + [zero], plus_k + [zero + 1], needs + [zero]
-            if self.fused:
-                blocks = min(self.cover, W + 1)
-                j = torch.arange(blocks - int(self.accepted_first), device=device)[:, None].expand(-1, k)
-                after = torch.arange(1, k + 1, device=device)
+                slot, block = slot + [zero], block + [zero - 1]
+            if self.fused and width:
+                blocks = min(cover, W + 1)
+                j = torch.arange(blocks - int(self.accepted_first), device=device)[:, None].expand(-1, width)
+                after = torch.arange(1, width + 1, device=device)
                 if self.accepted_first:  # ranks after n + K, seeing ranks < n + K: used by every row
                     rank, limit, plus_k, needs = rank + [after], limit + [after * 0], plus_k + [after * 0 + 1], \
                         needs + [after * 0]
+                    slot, block = slot + [after], block + [after * 0]
                 rank.append((j + after).flatten())
                 limit.append(j.flatten())
                 plus_k.append(j.flatten() * 0)
                 needs.append(j.flatten() + int(self.accepted_first))  # (j = K is the all-accepted block then)
-            self._layouts[W] = tuple(torch.cat(parts)[None, :] for parts in (rank, limit, plus_k, needs))
-        return self._layouts[W]
+                slot.append(after.expand_as(j).flatten())
+                block.append(j.flatten() + int(self.accepted_first))
+            self._layouts[key] = tuple(torch.cat(parts)[None, :] for parts in (rank, limit, plus_k, needs, slot, block))
+        return self._layouts[key]
+
+    def _plan(self, rows, sel, K):
+        """The controller's schedule for this call (asarm.sampling.controller)."""
+        state = ControlState(n_fixed=self.batch.n_fixed[sel], stop=self.batch.stop[sel], pending=K,
+                             proposals=self.q[sel], drafted_by_index=self.drafted_by_index[sel],
+                             accepted_by_index=self.accepted_by_index[sel])
+        plan = self.controller.plan(state, rows) if isinstance(self.controller, GoodputController) \
+            else self.controller.plan(state)
+        if plan.verify is not None:
+            K = torch.minimum(K, plan.verify)
+        return plan, K
 
     def verify(self, rows: torch.Tensor) -> None:
         """One model call: verify rows, bonus row and outcome rows; commit; set the next pending drafts."""
         batch, k, sel = self.batch, self.k, self._sel(rows)
         n, K, stop = batch.n_fixed[sel].clone(), self.count[sel].clone(), batch.stop[sel]
+        plan, K = self._plan(rows, sel, K) if self.fused else (None, K)
         W = int(K.max())
-        rank_offset, limit_offset, plus_k, needs = self._layout(W)
+        width, cover = (int(plan.width.max()), int(plan.cover.max())) if self.fused else (0, 0)
+        rank_offset, limit_offset, plus_k, needs, slot, block = self._layout(W, width, cover)
         base = n[:, None] + K[:, None] * plus_k
         ranks, limits = base + rank_offset, base + limit_offset
         used = (needs <= K[:, None]) & (ranks < stop[:, None])
+        if self.fused:
+            used &= (slot <= plan.width[:, None]) & (block < plan.cover[:, None])
         exact = self.exact[sel] if self.first_exact and W else None
         if exact is not None:
             used[:, 0] &= ~exact  # an exact first draft is accepted by construction: not queried again
         query_ranks, query_limits, column = _compact(ranks.masked_fill(~used, -1), limits)
+        self.last_call = {"query_rows": query_ranks.shape[1], "head_slots": width if self.head is not None else 0,
+                          "content_rows": W}
+        if self.schedule is not None:
+            self.schedule.append({"rows": len(rows), "query_rows": query_ranks.shape[1],
+                                  "drafts": plan.width.tolist(), "outcomes": plan.cover.tolist()})
         drafts, q = self.drafts[sel, :W], self.q[sel, :W]
         written = batch.with_values(sel, ranks[:, :W].masked_fill(needs[:, :W] > K[:, None], -1), drafts)
         if self.head is None:
@@ -263,7 +297,8 @@ class _Speculation:
             add_rows(self.bonus_tokens, sel, verdict.bonus)
         if self.fused:
             add_rows(self.draft_calls, sel, K == 0)  # a call without drafts is the fused form of a draft call
-            self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, outputs, column, W, uniforms[:, k + 1:])
+            self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, outputs, column, W, uniforms[:, k + 1:],
+                                     plan, width, cover)
         else:
             self.count[sel] = 0
 
@@ -275,18 +310,21 @@ class _Speculation:
         q_x = q.gather(2, drafts[..., None])[..., 0]
         self.recorder.round(rows, n, values, fixed, origins, drafts, q_x, verified, verdict.num_accepted)
 
-    def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, outputs, column, W, uniforms) -> None:
+    def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, outputs, column, W, uniforms, plan, width,
+                            cover) -> None:
         """Each row's next pending drafts, from the outcome block that happened (``outputs``: the call's logits,
         or with a draft head its query states, which the head turns into chained drafts that follow the token
-        just committed); none (the next call then drafts for itself) where that outcome was not covered."""
-        k = self.k
+        just committed); none (the next call then drafts for itself) where that outcome was not covered or the
+        plan gave the row no drafts."""
         j = torch.where(verdict.rejected, verdict.num_accepted, K)  # the outcome: first rejected slot, or K
-        count = torch.clamp(stop - n, max=k)
+        count = torch.minimum(stop - n, plan.width)
         take, prev_token = verdict.has_next & (count > 0), verdict.next_token
-        num_blocks = min(self.cover, W + 1)
+        num_blocks = min(cover, W + 1)
         if self.accepted_first:
             j = torch.where(j == K, 0, j + 1)  # the outcome's block
-        take &= j < num_blocks
+        take &= (j < num_blocks) & (j < plan.cover)
+        if not width:
+            take &= False
         if not bool(take.all()):
             self.count[sel] = 0
             if not take.any():
@@ -295,18 +333,86 @@ class _Speculation:
             sel, j, count, uniforms, n = rows[taken], j[taken], count[taken], uniforms[taken], n[taken]
             outputs, column = outputs[taken], None if column is None else column[taken]
             prev_token = prev_token[taken]
-        blocks = _columns(outputs, column, W + int(self.bonus), num_blocks * k).unflatten(1, (-1, k))
-        block = blocks.gather(1, j[:, None, None, None].expand(-1, 1, k, blocks.shape[-1]))[:, 0]
+        blocks = _columns(outputs, column, W + int(self.bonus), num_blocks * width).unflatten(1, (-1, width))
+        block = blocks.gather(1, j[:, None, None, None].expand(-1, 1, width, blocks.shape[-1]))[:, 0]
+        uniforms = uniforms[:, :width]
         if self.head is None:
             q = self.probs(block, self.proposal_temp)
             drafts = sample_categorical(q, uniforms)
         else:
-            idx = torch.arange(-1, k, device=n.device)  # the committed token's rank n - 1, then the drafts'
+            idx = torch.arange(-1, width, device=n.device)  # the committed token's rank n - 1, then the drafts'
             ranks = (n[:, None] + idx).masked_fill(idx >= count[:, None], -1)
             positions = positions_of_ranks(self.batch.positions[sel], ranks)
             drafts, q = chain_drafts(self.head, self.model, block, prev_token, positions[:, 1:], positions[:, 0],
                                      uniforms, self.probs, self.proposal_temp)
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
+
+
+PROFILE_CALLS = 4  # timed calls per profiled schedule (after one untimed call that fills the cache)
+PROFILE_BUDGET_SECONDS = 0.4  # the profile stops adding schedules past this (at least two are timed)
+PRIOR_ACCEPTANCE = {True: 0.7, False: 0.3}  # a row's acceptance before its own drafts: with the head, without
+
+
+def _profiled_schedules(k: int) -> list[tuple[int, int]]:
+    """(width, cover) of the profile: from a sequential step to the widest call, so the fit spans the query
+    rows that the controller can choose."""
+    return list(dict.fromkeys([(0, 1), (k, k + 1), (1, 2), (k, 1), (max(1, k // 2), 2)]))
+
+
+def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT_ENGINE,
+                  budget_seconds: float = PROFILE_BUDGET_SECONDS) -> CallCost:
+    """Time real single-pass calls of a few fixed schedules on the decode's own inputs (``(tokens, sigma,
+    n_prompt, lengths, padding_mask, max_new_tokens)``) and fit the call cost model (asarm.sampling.cost)."""
+    samples, began = [], time.perf_counter()
+    for width, cover in _profiled_schedules(spec.k):
+        batch = DecodeBatch(model, *inputs)
+        session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
+        run = _Speculation(model, batch, session, RowStreams(batch.tokens.shape[0], 0, None), spec, trace=False,
+                           controller=FixedSchedule(width, cover))
+        for call in range(1 + PROFILE_CALLS):
+            rows = batch.active_rows()
+            if not len(rows):
+                break
+            seconds, _ = timed(model.device, lambda: run.verify(rows))
+            if call:
+                samples.append(dict(run.last_call, width=width, cover=cover, seconds=seconds))
+        if time.perf_counter() - began > budget_seconds and len({s["query_rows"] for s in samples}) >= 2:
+            break
+    B, L = inputs[0].shape
+    return fit_call_cost(samples, B, L, model.device, time.perf_counter() - began)
+
+
+def _call_cost(model: ASARM, inputs: tuple, spec: SamplerSpec, engine) -> CallCost:
+    """The cost model for this decode: the process's profile of the same setting, else the saved one of
+    ``spec.cost_profile`` if it was measured here, else a new profile (saved there when a path is given)."""
+    B, L = inputs[0].shape
+    key = profile_key(model, B, L, (spec.drafter.name, spec.k, spec.outcome_order, str(engine)))
+    cost = cached_profile(key)
+    if cost is None and spec.cost_profile is not None and Path(spec.cost_profile).is_file():
+        cost = CallCost.load(spec.cost_profile)
+        if not cost.matches(model.device, B, L):
+            print(f"assd-auto: the cost profile {spec.cost_profile} was measured for {cost.device}, "
+                  f"{cost.threads} threads, batch {cost.batch_rows}, length {cost.length}: measuring again",
+                  file=sys.stderr)
+            cost = None
+    if cost is None:
+        cost = profile_calls(model, inputs, spec, engine)
+        if spec.cost_profile is not None:
+            cost.save(spec.cost_profile)
+    remember_profile(key, cost)
+    return cost
+
+
+def auto_controller(model: ASARM, spec: SamplerSpec, cost: CallCost) -> GoodputController:
+    """The goodput controller of ``assd-auto``: widths 0..k, covers 1, 2 and every outcome (or the spec's
+    ``outcomes``), priced by ``cost``."""
+    k, head = spec.k, spec.drafter.head_for(model) is not None
+    options = [(0, 1)]
+    for width in range(1, k + 1):
+        covers = {1, 2, width + 1} if spec.outcomes is None else \
+            {width + 1 if spec.outcomes == "all" else min(spec.outcomes, width + 1)}
+        options += [(width, cover) for cover in sorted(covers)]
+    return GoodputController(cost, k, options, spec.outcome_order == "accepted-first", head, PRIOR_ACCEPTANCE[head])
 
 
 @torch.no_grad()
@@ -370,10 +476,13 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
     if not spec.exact:
         warnings.warn(f"r_atol={spec.r_atol} > 0 makes ASSD lossy: samples no longer follow the model's distribution",
                       LossySamplingWarning, stacklevel=2)
-    batch = DecodeBatch(model, tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
+    inputs = (tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
+    batch = DecodeBatch(model, *inputs)
+    cost = _call_cost(model, (batch.tokens, *inputs[1:]), spec, engine) if spec.controller == "auto" else None
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
-    run = _Speculation(model, batch, session, streams, spec, trace)
+    run = _Speculation(model, batch, session, streams, spec, trace,
+                       controller=None if cost is None else auto_controller(model, spec, cost))
     bar = TokenProgress(batch, progress, spec.name)
 
     while len(rows := batch.active_rows()):
@@ -388,4 +497,5 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
     return batch.output(sampler=spec.name, exact=spec.exact, drafted_by_index=run.drafted_by_index.cpu(),
                         accepted_by_index=run.accepted_by_index.cpu(), bonus_tokens=run.bonus_tokens.cpu(),
                         draft_calls=run.draft_calls.cpu(), trace=None if run.recorder is None else run.recorder.trace,
-                        settings=spec.settings())
+                        schedule=run.schedule, settings=spec.settings() | ({} if cost is None else
+                                                                           {"cost_model": cost.summary()}))

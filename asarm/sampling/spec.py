@@ -141,6 +141,11 @@ class SamplerSpec:
         f"value; > 1 flattens them) (default%(default).0s: {DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or "
         f"{HEAD_DRAFT_TEMPERATURE_RATIO:g} for draft-head drafts)", _is_assd, every_command=True,
         kwargs={"type": float}))
+    controller: str | None = None  # "auto": the goodput controller (assd-auto; asarm.sampling.controller)
+    cost_profile: str | None = _setting(None, Option(
+        "--cost-profile", "assd-auto: a call-cost profile (JSON, `asarm profile --out`) to use when it was measured "
+        "on this device and thread count, else measured again and written there (default%(default).0s: measured "
+        "once per process)", lambda spec, value: spec.controller == "auto", every_command=True))
     r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
                                          _is_assd, given_default=True, kwargs={"type": float}))
 
@@ -154,6 +159,8 @@ class SamplerSpec:
         ``-adaptive`` for an adaptive draft length (a drafter outside the registry gives ``assd-<its name>``)."""
         if self.algorithm == "sequential":
             return "sequential"
+        if self.controller == "auto":
+            return "assd-auto"
         if self.fused:
             base = "assd-fused" + ("-head" if self.drafter_name == "head" else "")
         elif self.bonus:
@@ -192,16 +199,23 @@ class SamplerSpec:
             raise SettingError("temperature_mode", f"must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
         if not (isinstance(self.r_atol, (int, float)) and self.r_atol >= 0):
             raise SettingError("r_atol", f"must be >= 0, got {self.r_atol}")
-        drafter = make_drafter(self.drafter)
+        if self.controller not in (None, "auto"):
+            raise SettingError("controller", f"must be None or 'auto', got {self.controller!r}")
+        if self.controller == "auto" and not self.fused:
+            raise ValueError("controller='auto' schedules single-pass rounds: it needs fused=True")
+        drafter = self.drafter
+        if drafter == "auto":  # assd-auto: the model's draft head when it has one, else its own draft rows
+            drafter = "head" if model is not None and model.draft_head is not None else "self"
+        drafter = make_drafter(drafter)
         if self.fused and not drafter.single_pass:
             raise ValueError(f"fused=True drafts with the model's own draft rows (and its draft head): use "
                              f"drafter='self' or 'head', not {drafter.name!r}")
         outcomes = self.outcomes
         if outcomes is not None and not self.fused:
             raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
-        if self.fused and outcomes is None:
+        if self.fused and outcomes is None and self.controller is None:  # (assd-auto chooses them per call)
             outcomes = HEAD_OUTCOMES if drafter.name == "head" else DEFAULT_OUTCOMES
-        if self.fused and outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool)
+        if outcomes is not None and outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool)
                                                  or outcomes < 1):
             raise SettingError("outcomes", f"must be 'all' or an integer >= 1, got {outcomes!r}")
         order = self.outcome_order
@@ -234,7 +248,8 @@ class SamplerSpec:
                 "r_atol": self.r_atol, "drafter": self.drafter_name, "bonus": self.bonus,
                 "draft_temperature_ratio": self.draft_temperature_ratio, "fused": self.fused,
                 "outcomes": self.outcomes if self.fused else None, "outcome_order": self.outcome_order,
-                "draft_length": None if rule is None else getattr(rule, "name", repr(rule))}
+                "draft_length": None if rule is None else getattr(rule, "name", repr(rule)),
+                "controller": self.controller}
 
 
 def available_samplers() -> dict[str, SamplerSpec]:
@@ -243,6 +258,7 @@ def available_samplers() -> dict[str, SamplerSpec]:
     specs = [SamplerSpec("sequential")] + [SamplerSpec(drafter=name) for name in DRAFTERS]
     specs += [SamplerSpec(bonus=True), SamplerSpec(bonus=True, fused=True),
               SamplerSpec(drafter="head", bonus=True, fused=True)]
+    specs.append(SamplerSpec(drafter="auto", bonus=True, fused=True, controller="auto"))
     by_name = {spec.name: spec for spec in specs}
     adaptive = [replace(by_name[name], draft_length=DEFAULT_ADAPTIVE_THRESHOLD)
                 for name in ("assd-self", "assd-bonus", "assd-fused", "assd-head", "assd-fused-head")]

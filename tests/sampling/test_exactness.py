@@ -16,7 +16,10 @@ import torch
 from asarm import orders
 from asarm.draft_head import DraftHead
 from asarm.sampling import LossySamplingWarning, assd_decode, sequential_decode
+from asarm.sampling.controller import Plan
+from asarm.sampling.cost import CallCost
 from asarm.sampling.drafters import HeadDrafter
+from asarm.sampling.spec import SAMPLERS as REGISTRY
 from asarm.training.draft_head import distillation_loss, draft_points
 
 from helpers import chi_square_pvalue, exact_joint, random_head, tiny_model, total_variation, tv_threshold
@@ -221,3 +224,97 @@ def test_negative_control_value_peeking_draft_length_is_rejected(setup, fused):
         samples = out.tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
         rejected += chi_square_pvalue(samples, completions, probs) < 1e-6
     assert rejected >= 1
+
+
+@pytest.fixture(scope="module")
+def auto_cost(setup, tmp_path_factory):
+    """A call-cost profile for the suite's batch (fixed coefficients, so the schedules are reproducible): a
+    call's fixed cost is large next to a query row, so a row's best width follows its own acceptance."""
+    model, tokens = setup[0], setup[1]
+    path = tmp_path_factory.mktemp("cost") / "cost.json"
+    CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.05, per_content_row=0.0, batch_rows=tokens.shape[0],
+             length=tokens.shape[1], device=str(model.device), threads=torch.get_num_threads()).save(path)
+    return str(path)
+
+
+AUTO_CASES = {  # k_max, head ("random" or None), target temperature, other settings
+    "assd-auto-k2": (2, None, 1.0, {}),
+    "assd-auto-k3": (3, None, 1.0, {}),
+    "assd-auto-k5-T0.7": (5, None, 0.7, {"temperature": 0.7}),
+    "assd-auto-head-k3": (3, "random", 1.0, {}),
+}
+
+
+@pytest.mark.parametrize("engine", ["full", "cached"])
+@pytest.mark.parametrize("name", list(AUTO_CASES))
+def test_auto_matches_exact_joint(setup, auto_cost, name, engine):
+    """assd-auto's controller (per-row widths and covers from a cost model and each row's acceptance) keeps the
+    joint exact; in the same batch rows choose differently."""
+    model, tokens, sigma, n_prompt, joints = setup
+    k, head, target_temperature, settings = AUTO_CASES[name]
+    if head is not None:
+        settings = dict(settings, drafter=HeadDrafter(random_head(model, seed=1, std=1.0)))
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=k, cost_profile=auto_cost,
+                      seed=12345, engine=engine, **settings)
+    assert out.exact and out.sampler == "assd-auto"
+    assert any(len(set(call["drafts"])) > 1 for call in out.schedule)  # a mixed batch
+    _check(out.tokens, joints[target_temperature])
+
+
+class PeekingController:
+    """NOT exact: it verifies a row's pending drafts only up to the first one whose own value is unlikely
+    under its proposal (it reads the drafts, stashed by the test: the controller interface does not give them)."""
+
+    def __init__(self, k):
+        self.k, self.drafts = k, None
+
+    def plan(self, state, rows=None):
+        full = torch.full_like(state.pending, self.k)
+        if self.drafts is None:  # the first call: nothing drafted yet
+            return Plan(None, full, full + 1)
+        own = state.proposals.gather(2, self.drafts[rows][..., None]).squeeze(-1)
+        low = own < 0.5
+        low[:, 0] = False
+        return Plan(torch.where(low.any(1), low.to(torch.int8).argmax(1), self.k), full, full + 1)
+
+
+def test_negative_control_draft_reading_controller_is_rejected(setup, auto_cost, monkeypatch):
+    """The exactness suite has power against a controller that reads the values of pending drafts."""
+    from asarm.sampling import assd
+
+    model, tokens, sigma, n_prompt, joints = setup
+    cheat = PeekingController(5)
+    monkeypatch.setattr(assd, "auto_controller", lambda *args: cheat)
+    monkeypatch.setattr(assd, "GoodputController", PeekingController)  # so the decode passes it the rows
+    set_pending = assd._Speculation._set_pending
+
+    def stash(self, sel, drafts, q, count):
+        set_pending(self, sel, drafts, q, count)
+        cheat.drafts = self.drafts
+
+    monkeypatch.setattr(assd._Speculation, "_set_pending", stash)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=5, cost_profile=auto_cost,
+                      seed=12345, engine="cached")
+    rejected = 0
+    for i, (completions, probs) in enumerate(joints[1.0]):
+        samples = out.tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
+        rejected += chi_square_pvalue(samples, completions, probs) < 1e-6
+    assert rejected >= 1
+
+
+class CommittedOnlyController:
+    """Exact: verifies one or two of a row's pending drafts, and gives the next call one to three, chosen from
+    the number of committed tokens only (the positive twin of PeekingController)."""
+
+    def plan(self, state, rows=None):
+        return Plan(1 + state.n_fixed % 2, 1 + state.n_fixed % 3, torch.full_like(state.pending, 2))
+
+
+def test_value_blind_truncation_stays_exact(setup, auto_cost, monkeypatch):
+    from asarm.sampling import assd
+
+    model, tokens, sigma, n_prompt, joints = setup
+    monkeypatch.setattr(assd, "auto_controller", lambda *args: CommittedOnlyController())
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=3, cost_profile=auto_cost,
+                      seed=12345, engine="cached")
+    _check(out.tokens, joints[1.0])

@@ -76,8 +76,9 @@ def test_bad_settings_name_the_setting(settings, message):
     with pytest.raises(SettingError, match=message) as caught:
         SamplerSpec(**settings).resolve()
     assert caught.value.setting == next(iter(settings.keys() - {"fused"}))
-    flag = {"temperature_mode": "--temperature-mode", "r_atol": "--r-atol", "draft_length": "--adaptive-threshold",
-            "draft_temperature_ratio": "--draft-temperature-ratio"}.get(caught.value.setting, f"--{caught.value.setting}")
+    flags = {"temperature_mode": "--temperature-mode", "r_atol": "--r-atol", "draft_length": "--adaptive-threshold",
+             "draft_temperature_ratio": "--draft-temperature-ratio"}
+    flag = flags.get(caught.value.setting, f"--{caught.value.setting}")
     assert str(caught.value.for_command_line()).startswith(f"{flag} ")
 
 

@@ -1,0 +1,125 @@
+"""Schedules of single-pass ASSD calls: before each call a controller chooses, per row, how many pending drafts
+to verify, how many drafts the next call gets (the width of the outcome blocks; 0 is a sequential step) and
+how many outcomes it covers.
+
+Exactness condition (as for draft-length rules, asarm.sampling.draft_length): a plan may depend on the
+committed tokens, earlier verdicts (acceptance counts), the pending drafts' proposal distributions and the
+clock, never on the values of pending drafts or on the acceptance uniforms. Reading a pending draft's value to
+decide how many drafts to verify biases the output; the exactness suite holds such a controller as a negative
+control and rejects it.
+
+* :class:`FixedSchedule`: every row the same width and cover (the fixed-k samplers).
+* :class:`GoodputController` (``assd-auto``): each row takes the width and cover that maximise its expected
+  committed tokens per second, from a cost model of a call (asarm.sampling.cost) and its running acceptance
+  estimate by slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Plan", "ControlState", "FixedSchedule", "GoodputController", "expected_rates"]
+
+
+@dataclass
+class Plan:
+    """One call's schedule, per row: ``verify`` (None: every pending draft), ``width`` and ``cover``."""
+
+    verify: torch.Tensor | None  # (b,) most pending drafts to verify
+    width: torch.Tensor  # (b,) drafts per outcome block = the next call's drafts (0: none)
+    cover: torch.Tensor  # (b,) outcome blocks held, most likely outcomes first (>= 1)
+
+
+@dataclass
+class ControlState:
+    """What a controller may read before a call (the rows taking part, in order)."""
+
+    n_fixed: torch.Tensor  # (b,) committed tokens
+    stop: torch.Tensor  # (b,) rank at which the row ends
+    pending: torch.Tensor  # (b,) pending drafts
+    proposals: torch.Tensor  # (b, k, V) the pending drafts' proposal distributions (slots < pending)
+    drafted_by_index: torch.Tensor  # (b, k) drafts verified so far, per slot
+    accepted_by_index: torch.Tensor  # (b, k) drafts accepted so far, per slot
+
+
+class FixedSchedule:
+    """Every row: outcome blocks of ``width`` drafts, ``cover`` of them; every pending draft verified."""
+
+    def __init__(self, width: int, cover: int):
+        self.width, self.cover = int(width), int(cover)
+
+    def plan(self, state: ControlState) -> Plan:
+        full = torch.full_like(state.pending, self.width)
+        return Plan(None, full, torch.full_like(state.pending, self.cover))
+
+
+def expected_rates(acceptance: torch.Tensor, widths: torch.Tensor, covers: torch.Tensor, seconds_with: torch.Tensor,
+                   seconds_without: torch.Tensor, accepted_first: bool) -> torch.Tensor:
+    """Expected committed tokens per second ``(b, O)`` of each option ``o`` (``widths[o]`` drafts per block,
+    ``covers[o]`` blocks), in the steady state of rows that follow it, from per-slot conditional acceptance
+    ``(b, k)``. A call with drafts commits ``1 + sum_i S_i`` tokens (``S_i``: the first i drafts all accepted)
+    and leaves the next call drafts with the probability ``P`` that its outcome is covered; a call without
+    drafts commits 1 token and always leaves drafts. So the rate is ``(E + 1 - P) / (T_with + (1 - P)
+    T_without)``; width 0 is plain sequential decoding (``seconds_without`` of width 0)."""
+    b, k = acceptance.shape
+    survival = torch.cat([acceptance.new_ones(b, 1), acceptance.cumprod(1)], 1)  # S_0 .. S_k
+    tokens = survival.cumsum(1)[:, widths]  # 1 + S_1 + ... + S_w
+    all_accepted = survival[:, widths]
+    if accepted_first:  # the all-accepted block, then first rejections at slots 0 .. cover - 2
+        covered = all_accepted + 1 - survival[:, (covers - 1).clamp(max=k)]
+    else:  # first rejections at slots 0 .. cover - 1 (slot w: all accepted)
+        covered = torch.where(covers > widths, 1.0, 1 - survival[:, covers.clamp(max=k)])
+    covered = torch.where(widths == 0, 1.0, covered.clamp(0, 1))
+    tokens = torch.where(widths == 0, 1.0, tokens)
+    missed = 1 - covered
+    return (tokens + missed) / (seconds_with + missed * seconds_without)
+
+
+class GoodputController:
+    """Per row, the (width, cover) of ``options`` with the most expected committed tokens per second.
+
+    ``cost(query_rows, head_slots, content_rows)`` predicts a call's seconds (asarm.sampling.cost.CallCost);
+    a row's acceptance at slot i is its own count plus ``prior_weight`` pseudo-drafts at the row's rate over
+    all slots, itself its count plus ``prior_weight`` pseudo-drafts at ``prior``: a row starts from the prior
+    and follows its own drafts. A row that chose no drafts for ``probe_every`` calls
+    in a row tries width 1 once, so it notices when drafts start to pass again."""
+
+    def __init__(self, cost, k_max: int, options: list[tuple[int, int]], accepted_first: bool, head: bool,
+                 prior: float, prior_weight: float = 4.0, probe_every: int = 16):
+        self.k_max, self.accepted_first = k_max, accepted_first
+        self.prior, self.prior_weight, self.probe_every = prior, prior_weight, probe_every
+        self.widths = torch.tensor([w for w, _ in options])
+        self.covers = torch.tensor([c for _, c in options])
+        # a call with drafts holds w verify rows, the bonus row and min(cover, w + 1) blocks of w; one without
+        # drafts the bonus row and one block; the head chains w slots after either
+        blocks = torch.minimum(self.covers, self.widths + 1)
+        slots = self.widths * int(head)
+        self.seconds_with = torch.tensor([cost(int(w + 1 + c * w), int(s), int(w)) for w, c, s in
+                                          zip(self.widths, blocks, slots)], dtype=torch.float64)
+        self.seconds_without = torch.tensor([cost(int(1 + w), int(s), 0) for w, s in zip(self.widths, slots)],
+                                            dtype=torch.float64)
+        self.idle: dict[int, int] = {}  # batch row -> calls in a row without drafts (probing)
+
+    def acceptance(self, state: ControlState) -> torch.Tensor:
+        """Per row and slot: the slot's own rate, shrunk towards the row's rate over all slots (so a slot the
+        row has not drafted yet takes the row's), which is shrunk towards the prior."""
+        drafted, accepted = state.drafted_by_index.double(), state.accepted_by_index.double()
+        overall = (accepted.sum(1, keepdim=True) + self.prior_weight * self.prior) / \
+            (drafted.sum(1, keepdim=True) + self.prior_weight)
+        return (accepted + self.prior_weight * overall) / (drafted + self.prior_weight)
+
+    def plan(self, state: ControlState, rows: torch.Tensor | None = None) -> Plan:
+        rates = expected_rates(self.acceptance(state).cpu(), self.widths, self.covers, self.seconds_with,
+                               self.seconds_without, self.accepted_first)
+        best = rates.argmax(1)
+        width, cover = self.widths[best], self.covers[best]
+        if rows is not None:  # probing: rows that have not drafted for probe_every calls try one draft
+            for i, row in enumerate(rows.tolist()):
+                idle = self.idle.get(row, 0) + 1 if int(width[i]) == 0 else 0
+                if idle >= self.probe_every:
+                    width[i], cover[i], idle = 1, 2, 0
+                self.idle[row] = idle
+        device = state.pending.device
+        return Plan(None, width.to(device), cover.to(device))

@@ -1,0 +1,119 @@
+"""A cost model of one ASSD call, measured on the machine in use: ``seconds = host + per_query_row x query rows
++ per_head_slot x head slots + per_content_row x new content rows``, at the batch size of the decode.
+
+It is fitted (least squares) to calls timed in a short profile at the start of a decode
+(``asarm.sampling.assd.profile_calls``: a few real single-pass calls of each of a handful of schedules, on the
+decode's own inputs, a few hundred milliseconds), and kept for the process: a later decode with the same
+model, device, dtype, threads, batch size and length reuses it. ``save``/``load`` keep it beside a run or a
+model; a saved profile whose device or threads differ from the current ones is not used (it is measured
+again). On CUDA the timings synchronise the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..files import write_atomic
+
+__all__ = ["CallCost", "fit_call_cost", "profile_key", "cached_profile", "remember_profile", "timed"]
+
+_PROFILES: dict[tuple, "CallCost"] = {}
+
+
+@dataclass
+class CallCost:
+    """Seconds of one call (see the module docstring), with the machine it was measured on and its samples."""
+
+    host: float
+    per_query_row: float
+    per_head_slot: float
+    per_content_row: float
+    batch_rows: int
+    length: int
+    device: str
+    threads: int
+    samples: list[dict] = field(default_factory=list)  # the profiled calls: query_rows, head_slots, ..., seconds
+    profile_seconds: float = 0.0
+
+    def __call__(self, query_rows: int, head_slots: int = 0, content_rows: int = 0) -> float:
+        return (self.host + self.per_query_row * query_rows + self.per_head_slot * head_slots
+                + self.per_content_row * content_rows)
+
+    def summary(self) -> dict:
+        """The coefficients and the machine, without the samples (a decode's settings)."""
+        return {key: value for key, value in asdict(self).items() if key != "samples"}
+
+    def table(self) -> list[dict]:
+        """The profiled calls with the model's prediction beside each (``asarm profile``)."""
+        return [dict(sample, predicted=self(sample["query_rows"], sample["head_slots"], sample["content_rows"]))
+                for sample in self.samples]
+
+    def matches(self, device: torch.device | str, batch_rows: int, length: int) -> bool:
+        return (self.device == str(device) and self.threads == torch.get_num_threads()
+                and self.batch_rows == batch_rows and self.length == length)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CallCost":
+        try:
+            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"cost profile {path}: cannot be read ({err}); write one with `asarm profile`") from None
+
+
+def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: torch.device | str,
+                  profile_seconds: float) -> CallCost:
+    """Least-squares fit of the linear model to the median time of each kind of call in ``samples`` (medians: a
+    call slowed by another process does not move the fit); non-negative coefficients: a column that fits a
+    negative slope is dropped and the fit repeated."""
+    columns = ["query_rows", "head_slots", "content_rows"]
+    groups: dict[tuple, list[float]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample[c] for c in columns), []).append(sample["seconds"])
+    points = [dict(zip(columns, key), seconds=statistics.median(times)) for key, times in groups.items()]
+    kept = [c for c in columns if len({p[c] for p in points}) > 1]
+    while True:
+        design = torch.tensor([[1.0] + [float(p[c]) for c in kept] for p in points], dtype=torch.float64)
+        seconds = torch.tensor([[p["seconds"]] for p in points], dtype=torch.float64)
+        coef = torch.linalg.lstsq(design, seconds).solution[:, 0].tolist()
+        negative = [c for c, value in zip(kept, coef[1:]) if value < 0]
+        if not negative:
+            break
+        kept.remove(negative[0])
+    slopes = dict(zip(kept, coef[1:]))
+    return CallCost(host=max(coef[0], 0.0), per_query_row=slopes.get("query_rows", 0.0),
+                    per_head_slot=slopes.get("head_slots", 0.0), per_content_row=slopes.get("content_rows", 0.0),
+                    batch_rows=batch_rows, length=length, device=str(device), threads=torch.get_num_threads(),
+                    samples=samples, profile_seconds=round(profile_seconds, 4))
+
+
+def profile_key(model, batch_rows: int, length: int, schedule: tuple) -> tuple:
+    return (id(model), str(model.device), str(model.dtype), torch.get_num_threads(), batch_rows, length, schedule)
+
+
+def cached_profile(key: tuple) -> CallCost | None:
+    return _PROFILES.get(key)
+
+
+def remember_profile(key: tuple, cost: CallCost) -> None:
+    _PROFILES[key] = cost
+
+
+def timed(device: torch.device, step):
+    """``(seconds, step())``, with the device synchronised on both sides on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    result = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - began, result

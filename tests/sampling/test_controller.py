@@ -1,0 +1,106 @@
+"""The goodput controller of assd-auto and its call-cost model (exactness: tests/sampling/test_exactness.py)."""
+
+import json
+
+import pytest
+import torch
+
+from asarm import orders
+from asarm.sampling import SAMPLERS, assd_decode
+from asarm.sampling.controller import ControlState, GoodputController, expected_rates
+from asarm.sampling.cost import CallCost, fit_call_cost
+
+from helpers import tiny_model
+
+
+def _batch(batch_size=4, seq_len=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_prompt = torch.full((batch_size,), 2)
+    sigma = orders.any_subset(n_prompt, seq_len, batch_size=batch_size, generator=gen)
+    return torch.randint(7, 10, (batch_size, seq_len), generator=gen), sigma, n_prompt
+
+
+def _cost(path, tokens, **coefficients):
+    values = {"host": 0.0, "per_query_row": 0.0, "per_head_slot": 0.0, "per_content_row": 0.0} | coefficients
+    CallCost(**values, batch_rows=tokens.shape[0], length=tokens.shape[1], device="cpu",
+             threads=torch.get_num_threads()).save(path)
+    return str(path)
+
+
+def test_expected_rates_closed_form():
+    """Drafts always accepted, every outcome covered: a call commits w + 1 tokens; drafts never accepted and
+    one outcome covered (accepted-first): half the calls have no drafts, each call commits one token."""
+    widths, covers = torch.tensor([0, 2, 2]), torch.tensor([1, 3, 1])
+    with_drafts, without = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 1.5, 1.5])
+    always = expected_rates(torch.ones(1, 3, dtype=torch.float64), widths, covers, with_drafts, without, True)
+    assert always[0].tolist() == pytest.approx([1.0, 3 / 2.0, 3 / 2.0])
+    never = expected_rates(torch.zeros(1, 3, dtype=torch.float64), widths, covers, with_drafts, without, True)
+    assert never[0].tolist() == pytest.approx([1.0, 1 / 2.0, 2 / (2.0 + 1.5)])
+
+
+def test_cost_fit_recovers_a_linear_model_and_ignores_a_slow_call():
+    truth = CallCost(host=0.004, per_query_row=0.0005, per_head_slot=0.001, per_content_row=0.0002, batch_rows=1,
+                     length=8, device="cpu", threads=1)
+    samples = [{"query_rows": q, "head_slots": h, "content_rows": c, "seconds": truth(q, h, c)}
+               for q, h, c in [(1, 0, 0), (4, 1, 1), (7, 3, 3), (16, 3, 3), (16, 5, 2), (9, 2, 5)] for _ in range(3)]
+    samples.append({"query_rows": 4, "head_slots": 1, "content_rows": 1, "seconds": 1.0})  # another process ran
+    fitted = fit_call_cost(samples, 1, 8, "cpu", 0.1)
+    for name in ("host", "per_query_row", "per_head_slot", "per_content_row"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6, abs=1e-9)
+
+
+def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
+    cost = CallCost(host=0.01, per_query_row=0.001, per_head_slot=0.0, per_content_row=0.0, batch_rows=2, length=8,
+                    device="cpu", threads=torch.get_num_threads())
+    cost.save(tmp_path / "cost.json")
+    loaded = CallCost.load(tmp_path / "cost.json")
+    assert loaded == cost and loaded.matches("cpu", 2, 8)
+    assert not loaded.matches("cpu", 3, 8) and not loaded.matches("cuda:0", 2, 8)
+    data = json.loads((tmp_path / "cost.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps(data | {"threads": torch.get_num_threads() + 1}))
+    assert not CallCost.load(tmp_path / "other.json").matches("cpu", 2, 8)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot be read"):
+        CallCost.load(tmp_path / "bad.json")
+
+
+def test_auto_falls_back_to_sequential_where_drafts_do_not_pay(tmp_path):
+    """A query row that costs far more than a call: every call is a sequential step (no drafts, no outcome rows),
+    apart from the rare probe."""
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch()
+    path = _cost(tmp_path / "cost.json", tokens, host=0.001, per_query_row=1.0)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=4, cost_profile=path, seed=0)
+    assert torch.equal(out.nfe, torch.full((4,), tokens.shape[1] - 2))  # one token a call
+    assert all(call["query_rows"] == 1 and set(call["drafts"]) == {0} for call in out.schedule)
+
+
+def test_auto_drafts_where_calls_are_fixed_cost(tmp_path):
+    """Calls whose cost does not grow with their rows: the widest schedule pays, and each row verifies drafts."""
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0, init_std=0.02), _batch()  # near-uniform: drafts pass
+    path = _cost(tmp_path / "cost.json", tokens, host=0.01)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, cost_profile=path, seed=0)
+    assert out.tokens_per_call.min() > 1.5 and max(max(call["drafts"]) for call in out.schedule) == 3
+
+
+def test_rows_follow_their_own_acceptance():
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=2, length=8,
+                    device="cpu", threads=1)
+    options = [(0, 1)] + [(w, c) for w in (1, 2, 3) for c in (1, 2, w + 1)]
+    controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3)
+    good, bad = [40, 30, 20], [0, 0, 0]
+    state = ControlState(n_fixed=torch.tensor([3, 3]), stop=torch.tensor([8, 8]), pending=torch.tensor([1, 1]),
+                         proposals=torch.zeros(2, 3, 5), drafted_by_index=torch.tensor([[40, 30, 20], [40, 0, 0]]),
+                         accepted_by_index=torch.tensor([good, bad]))
+    plan = controller.plan(state)
+    assert int(plan.width[0]) > int(plan.width[1]) == 0
+
+
+def test_profile_command_prints_the_fit_and_writes_it(tiny_model_dir, tmp_path, capsys):
+    from asarm.cli import main
+
+    out = tmp_path / "cost.json"
+    assert main(["profile", "--model", str(tiny_model_dir), "--k", "2", "--length", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted ms" in printed and "ms a call with drafts" in printed
+    cost = CallCost.load(out)
+    assert cost.matches("cpu", 1, 16) and len(cost.samples) >= 4 and cost.host >= 0
