@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampling import machine, sync  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-DEFAULT_CONFIGS = "tiny:128:1,tiny:128:16,tiny:512:1,tiny:512:16,base:128:1,base:128:16"
+DEFAULT_CONFIGS = ",".join(f"tiny:{length}:{batch}" for length in (128, 512) for batch in (1, 4, 16, 64))
 # name -> (registry sampler, k, other settings); the paper's k = 5 for two-call ASSD
 CONTENDERS = {
     "sequential": ("sequential", 5, {}),
@@ -76,7 +76,12 @@ CONTENDERS = {
     "assd-fused-head-k5-outcomes2": ("assd-fused-head", 5, {"outcomes": 2}),
     "assd-fused-head-k3-ratio1.5": ("assd-fused-head", 3, {"draft_temperature_ratio": 1.5}),
     "assd-fused-head-k3-adaptive": ("assd-fused-head-adaptive", 3, {}),
+    # goodput-aware single-pass ASSD: drafts per call (0..k) and outcomes chosen from the cost model
+    "assd-auto": ("assd-auto", 5, {}),
 }
+# the default contenders: sequential, assd-auto and the fixed settings that won somewhere in earlier runs
+GRID_SAMPLERS = ("sequential", "assd-fused-k1", "assd-fused-head-k2", "assd-fused-head-k3", "assd-fused-head-k5",
+                 "assd-fused-head-k2-outcomes1", "assd-fused-head-k3-outcomes2", "assd-auto")
 BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused-k1", "assd-fused-k2", "assd-fused-k5")
 
 
@@ -134,13 +139,19 @@ def bench_config(model, label, seq_len, batch_size, specs, args) -> list[dict]:
         base_rate = rate if name == "sequential" else base_rate
         row = {"model": label, "L": seq_len, "B": batch_size, "sampler": name,
                "k": k if name != "sequential" else "-", "tokens/call": generated / nfe,
-               "accepted/round": "-", "acceptance by index": "-", "tok/s": rate, "vs sequential": rate / base_rate}
+               "accepted/round": "-", "acceptance by index": "-", "tok/s": rate, "vs sequential": rate / base_rate,
+               "drafts/call": "-", "ms/call predicted": "-", "ms/call measured": "-"}
         if name != "sequential":
             drafted = sum(o.drafted_by_index.sum(0) for o in outs)
             accepted = sum(o.accepted_by_index.sum(0) for o in outs)
             row["accepted/round"] = sum(int(o.accepted.sum()) for o in outs) / rounds
             row["acceptance by index"] = " ".join(f"{a / d:.2f}" if d else "-"
                                                   for a, d in zip(accepted.tolist(), drafted.tolist()))
+        if outs[0].schedule is not None:  # assd-auto: the cost model's time per call against the measured one
+            calls = sum(len(o.schedule) for o in outs)
+            row["ms/call predicted"] = 1000 * sum(c["predicted_seconds"] for o in outs for c in o.schedule) / calls
+            row["ms/call measured"] = 1000 * sum(fastest[name, g] for g in range(len(groups))) / calls
+            row["drafts/call"] = sum(sum(c["drafts"]) / len(c["drafts"]) for o in outs for c in o.schedule) / calls
         rows.append(row)
         print(f"{label} L={seq_len} B={batch_size} {name}: {row['tokens/call']:.3f} tokens/call, "
               f"{rate:.1f} tok/s, {rate / base_rate:.2f}x sequential", flush=True)
@@ -189,7 +200,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-tokens", type=int, default=128, help="tokens per row at batch > 1 for L > 128")
     p.add_argument("--base-tokens", type=int, default=24, help="tokens per row on the base-sized model")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each chunk per sampler (the fastest counts)")
-    p.add_argument("--samplers", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(CONTENDERS)}")
+    p.add_argument("--samplers", default=",".join(GRID_SAMPLERS),
+                   help=f"comma-separated, from {', '.join(CONTENDERS)} (default: %(default)s)")
     p.add_argument("--adaptive-threshold", type=float, default=DEFAULT_ADAPTIVE_THRESHOLD)
     p.add_argument("--no-curve", action="store_true", help="skip the call-time curve")
     p.add_argument("--seed", type=int, default=0)

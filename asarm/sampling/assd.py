@@ -240,8 +240,7 @@ class _Speculation:
         state = ControlState(n_fixed=self.batch.n_fixed[sel], stop=self.batch.stop[sel], pending=K,
                              proposals=self.q[sel], drafted_by_index=self.drafted_by_index[sel],
                              accepted_by_index=self.accepted_by_index[sel])
-        plan = self.controller.plan(state, rows) if isinstance(self.controller, GoodputController) \
-            else self.controller.plan(state)
+        plan = self.controller.plan(state, rows)
         if plan.verify is not None:
             K = torch.minimum(K, plan.verify)
         return plan, K
@@ -253,6 +252,8 @@ class _Speculation:
         plan, K = self._plan(rows, sel, K) if self.fused else (None, K)
         W = int(K.max())
         width, cover = (int(plan.width.max()), int(plan.cover.max())) if self.fused else (0, 0)
+        if self._sequential_step(W, width):
+            return self._step_without_drafts(rows, sel, n)
         rank_offset, limit_offset, plus_k, needs, slot, block = self._layout(W, width, cover)
         base = n[:, None] + K[:, None] * plus_k
         ranks, limits = base + rank_offset, base + limit_offset
@@ -266,7 +267,8 @@ class _Speculation:
         self.last_call = {"query_rows": query_ranks.shape[1], "head_slots": width if self.head is not None else 0,
                           "content_rows": W}
         if self.schedule is not None:
-            self.schedule.append({"rows": len(rows), "query_rows": query_ranks.shape[1],
+            predicted = self.controller.cost(**self.last_call)
+            self.schedule.append({"rows": len(rows), "query_rows": query_ranks.shape[1], "predicted_seconds": predicted,
                                   "drafts": plan.width.tolist(), "outcomes": plan.cover.tolist()})
         drafts, q = self.drafts[sel, :W], self.q[sel, :W]
         written = batch.with_values(sel, ranks[:, :W].masked_fill(needs[:, :W] > K[:, None], -1), drafts)
@@ -301,6 +303,29 @@ class _Speculation:
                                      plan, width, cover)
         else:
             self.count[sel] = 0
+
+    @staticmethod
+    def _sequential_step(W: int, width: int) -> bool:
+        """A call in which no row verifies drafts or prepares any (assd-auto where drafts do not pay)."""
+        return W == 0 and width == 0
+
+    def _step_without_drafts(self, rows, sel, n) -> None:
+        """The same call as a single-pass one whose rows have no drafts and get none (its bonus row is the exact
+        next token; same uniform, same token), without the outcome machinery: a sequential step's cost."""
+        uniforms = self.streams.uniform(rows, 2 * self.k + 1, rows.device)
+        logits = self.session.logits(rows, self.batch.tokens[sel], n, n[:, None], draft=False)
+        token = sample_categorical(self.probs(logits, self.oracle_temp)[:, 0], uniforms[:, self.k])[:, None]
+        one = torch.ones_like(n)
+        self.batch.write(sel, n[:, None], token)
+        for counter in (self.batch.n_fixed, self.batch.rounds, self.bonus_tokens, self.draft_calls):
+            add_rows(counter, sel, one)
+        self.count[sel] = 0
+        self.last_call = {"query_rows": 1, "head_slots": 0, "content_rows": 0}
+        if self.schedule is not None:
+            self.schedule.append({"rows": len(rows), "query_rows": 1, "predicted_seconds": self.controller.cost(1),
+                                  "drafts": [0] * len(rows), "outcomes": [1] * len(rows)})
+        if self.recorder is not None:
+            self.recorder.round(rows, n, token, one, [["sequential"]] * len(rows))
 
     def _record(self, rows, n, values, fixed, verdict, K, verified, drafts, q) -> None:
         """The trace of a verify round: accepted drafts, then the residual, bonus or (no drafts) exact token."""

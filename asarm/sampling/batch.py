@@ -35,7 +35,8 @@ class DecodeOutput:
     bonus_tokens: torch.Tensor | None = None  # (B,) tokens committed from bonus rows (ASSD)
     draft_calls: torch.Tensor | None = None  # (B,) drafter calls (ASSD; single-pass rounds need fewer)
     trace: DecodeTrace | None = None  # what each round did (samplers' trace=True; see asarm.sampling.trace)
-    schedule: list[dict] | None = None  # assd-auto: per call, the rows in it, its query rows, each row's drafts
+    schedule: list[dict] | None = None  # assd-auto: per call, its rows, query rows, predicted seconds, each row's
+    # drafts for the next call and outcomes covered
     sampler: str = "sequential"
     exact: bool = True  # False when a lossy option (r_atol > 0) was used
     settings: dict = field(default_factory=dict)

@@ -1,6 +1,6 @@
-"""Schedules of single-pass ASSD calls: before each call a controller chooses, per row, how many pending drafts
-to verify, how many drafts the next call gets (the width of the outcome blocks; 0 is a sequential step) and
-how many outcomes it covers.
+"""Schedules of single-pass ASSD calls: before each call a controller (``plan(state, rows) -> Plan``; ``rows``:
+the batch rows of the call) chooses, per row, how many pending drafts to verify, how many drafts the next call
+gets (the width of the outcome blocks; 0 is a sequential step) and how many outcomes it covers.
 
 Exactness condition (as for draft-length rules, asarm.sampling.draft_length): a plan may depend on the
 committed tokens, earlier verdicts (acceptance counts), the pending drafts' proposal distributions and the
@@ -50,7 +50,7 @@ class FixedSchedule:
     def __init__(self, width: int, cover: int):
         self.width, self.cover = int(width), int(cover)
 
-    def plan(self, state: ControlState) -> Plan:
+    def plan(self, state: ControlState, rows: torch.Tensor | None = None) -> Plan:
         full = torch.full_like(state.pending, self.width)
         return Plan(None, full, torch.full_like(state.pending, self.cover))
 
@@ -84,11 +84,12 @@ class GoodputController:
     a row's acceptance at slot i is its own count plus ``prior_weight`` pseudo-drafts at the row's rate over
     all slots, itself its count plus ``prior_weight`` pseudo-drafts at ``prior``: a row starts from the prior
     and follows its own drafts. A row that chose no drafts for ``probe_every`` calls
-    in a row tries width 1 once, so it notices when drafts start to pass again."""
+    in a row tries width 1 once, so it notices when drafts start to pass again, where such a call costs less
+    than 1.25 sequential steps (a probe widens the whole call)."""
 
     def __init__(self, cost, k_max: int, options: list[tuple[int, int]], accepted_first: bool, head: bool,
                  prior: float, prior_weight: float = 4.0, probe_every: int = 16):
-        self.k_max, self.accepted_first = k_max, accepted_first
+        self.cost, self.k_max, self.accepted_first = cost, k_max, accepted_first
         self.prior, self.prior_weight, self.probe_every = prior, prior_weight, probe_every
         self.widths = torch.tensor([w for w, _ in options])
         self.covers = torch.tensor([c for _, c in options])
@@ -100,7 +101,11 @@ class GoodputController:
                                           zip(self.widths, blocks, slots)], dtype=torch.float64)
         self.seconds_without = torch.tensor([cost(int(1 + w), int(s), 0) for w, s in zip(self.widths, slots)],
                                             dtype=torch.float64)
-        self.idle: dict[int, int] = {}  # batch row -> calls in a row without drafts (probing)
+        self.idle = torch.zeros(0, dtype=torch.long)  # per batch row: calls in a row without drafts (probing)
+        self._seen, self._best = None, None  # the last plan's inputs and choices
+        # a probe widens the whole call: worth it only where a call's cost is mostly fixed (small batches)
+        probe = int(((self.widths == 1) & (self.covers == 2)).nonzero()[0]) if (1, 2) in options else None
+        self.probe_pays = probe is not None and float(self.seconds_with[probe]) < 1.25 * float(self.seconds_with[0])
 
     def acceptance(self, state: ControlState) -> torch.Tensor:
         """Per row and slot: the slot's own rate, shrunk towards the row's rate over all slots (so a slot the
@@ -111,15 +116,21 @@ class GoodputController:
         return (accepted + self.prior_weight * overall) / (drafted + self.prior_weight)
 
     def plan(self, state: ControlState, rows: torch.Tensor | None = None) -> Plan:
-        rates = expected_rates(self.acceptance(state).cpu(), self.widths, self.covers, self.seconds_with,
-                               self.seconds_without, self.accepted_first)
-        best = rates.argmax(1)
-        width, cover = self.widths[best], self.covers[best]
-        if rows is not None:  # probing: rows that have not drafted for probe_every calls try one draft
-            for i, row in enumerate(rows.tolist()):
-                idle = self.idle.get(row, 0) + 1 if int(width[i]) == 0 else 0
-                if idle >= self.probe_every:
-                    width[i], cover[i], idle = 1, 2, 0
-                self.idle[row] = idle
+        # the same rows with no new verdicts since the last call (e.g. sequential steps) keep their choice
+        seen = (len(state.pending), int(state.drafted_by_index.sum()), int(state.accepted_by_index.sum()),
+                None if rows is None else int(rows.sum()))
+        if seen != self._seen:
+            rates = expected_rates(self.acceptance(state).cpu(), self.widths, self.covers, self.seconds_with,
+                                   self.seconds_without, self.accepted_first)
+            self._seen, self._best = seen, rates.argmax(1)
+        width, cover = self.widths[self._best], self.covers[self._best]
+        if rows is not None and self.probe_pays:  # rows that have not drafted for probe_every calls try one draft
+            rows = rows.cpu()
+            if len(self.idle) <= int(rows.max()):
+                self.idle = torch.cat([self.idle, self.idle.new_zeros(int(rows.max()) + 1 - len(self.idle))])
+            idle = torch.where(width == 0, self.idle[rows] + 1, 0)
+            probe = idle >= self.probe_every
+            width, cover = torch.where(probe, 1, width), torch.where(probe, 2, cover)
+            self.idle[rows] = idle.masked_fill(probe, 0)
         device = state.pending.device
         return Plan(None, width.to(device), cover.to(device))

@@ -104,3 +104,20 @@ def test_profile_command_prints_the_fit_and_writes_it(tiny_model_dir, tmp_path, 
     assert "predicted ms" in printed and "ms a call with drafts" in printed
     cost = CallCost.load(out)
     assert cost.matches("cpu", 1, 16) and len(cost.samples) >= 4 and cost.host >= 0
+
+
+def test_sequential_steps_take_the_short_path_with_the_same_tokens(tmp_path, monkeypatch):
+    """A call without drafts in or out skips the outcome machinery: same uniform, same token, same counts."""
+    from asarm.sampling import assd
+
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch(seed=2)
+    path = _cost(tmp_path / "cost.json", tokens, host=0.001, per_query_row=1.0)
+    short = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, cost_profile=path,
+                        seed=torch.arange(4), trace=True)
+    monkeypatch.setattr(assd._Speculation, "_sequential_step", staticmethod(lambda W, width: False))
+    general = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, cost_profile=path,
+                          seed=torch.arange(4), trace=True)
+    assert torch.equal(short.tokens, general.tokens) and torch.equal(short.nfe, general.nfe)
+    assert torch.equal(short.bonus_tokens, general.bonus_tokens) and torch.equal(short.rounds, general.rounds)
+    assert [[r.committed for r in row] for row in short.trace.rows] == \
+        [[r.committed for r in row] for row in general.trace.rows]

@@ -285,7 +285,6 @@ def test_negative_control_draft_reading_controller_is_rejected(setup, auto_cost,
     model, tokens, sigma, n_prompt, joints = setup
     cheat = PeekingController(5)
     monkeypatch.setattr(assd, "auto_controller", lambda *args: cheat)
-    monkeypatch.setattr(assd, "GoodputController", PeekingController)  # so the decode passes it the rows
     set_pending = assd._Speculation._set_pending
 
     def stash(self, sel, drafts, q, count):
