@@ -22,7 +22,7 @@ The three request types:
   length, else 512) are scored in windows of at most ``max_length`` tokens, each keeping at least
   ``rolling_context`` (default ``max_length // 2``) earlier tokens as visible context.
 - ``generate_until``: the project's samplers (``asarm.sampling.decode``): ``sampler`` (``sequential``,
-  ``assd-self``, ``assd-fused``, ... or ``greedy``), ``k``, ``temperature``, ``seed``, ``max_gen_toks``,
+  ``assd-self``, ``assd-fused``, ``assd-auto``, ... or ``greedy``), ``k``, ``temperature``, ``seed``, ``max_gen_toks``,
   ``engine``, set in ``--model_args`` and overridable per task by its ``generation_kwargs``
   (``do_sample: false`` or ``temperature: 0`` mean greedy). The output stops at ``</s>`` and is cut at the
   first stop sequence (``until``). Each row's seed depends only on ``seed`` and its context text, so a

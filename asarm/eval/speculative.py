@@ -47,8 +47,9 @@ from .stats import geometric_summary, paired_comparison, paired_ratio, significa
 __all__ = ["add_arguments", "run", "check_arguments", "aggregate"]
 
 BASELINE = "sequential"
-# the default --samplers; with a model that ships a draft head, assd-fused-head is added
-DEFAULT_SAMPLERS = "sequential,assd-self,assd-ngram,assd-fused"
+# the default --samplers; with a model that ships a draft head, assd-fused-head is added (assd-auto then drafts
+# with the head too)
+DEFAULT_SAMPLERS = "sequential,assd-self,assd-ngram,assd-fused,assd-auto"
 # Per-sample metrics: record key -> table label.
 METRICS = {"nfe": "NFE", "model_calls": "model calls", "model_free_draft_calls": "model-free draft calls",
            "rounds": "rounds",
@@ -336,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     specs = samplers_from_args(args)
     model = load_model(args)
     if args.samplers == DEFAULT_SAMPLERS and model.draft_head is not None:  # the default list shows the model's head
-        args.samplers += ",assd-fused-head"
+        args.samplers = args.samplers.replace("assd-fused,", "assd-fused,assd-fused-head,")
         specs = samplers_from_args(args)
     specs = resolve_samplers(specs, model, args.model)
     progress = not args.no_progress

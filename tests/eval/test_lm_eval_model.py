@@ -121,7 +121,7 @@ def test_cut_at_the_first_stop_sequence():
     assert _cut("abc", []) == "abc"
 
 
-@pytest.mark.parametrize("sampler", ["sequential", "assd-self", "assd-fused"])
+@pytest.mark.parametrize("sampler", ["sequential", "assd-self", "assd-fused", "assd-auto"])
 def test_generate_until_samplers_and_stop_sequences(model, sampler):
     lm = ASARMLM(model=model, sampler=sampler, k=2, max_gen_toks=6, batch_size=2)
     contexts = ["The cat sat on the", "Once upon a time", "He said"]

@@ -17,7 +17,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog near the river bank. Every 
         "the harvest and the news from the city. Later the lights go out one by one.\n")
 LENGTH, START_FRACTION, K = 20, 0.25, 3
 VISIBLE = LENGTH - int(LENGTH * (1 - START_FRACTION))  # 5 visible, 15 generated
-SAMPLERS = ("sequential", "assd-self", "assd-ngram", "assd-fused")
+SAMPLERS = ("sequential", "assd-self", "assd-ngram", "assd-fused", "assd-auto")
 
 
 def save_tiny_gpt2(path):
@@ -173,7 +173,7 @@ def test_cost_accounting(bench_run):
             # Draft + verify per round; a last round with one token left needs no verify pass.
             assert 2 * r["rounds"] - 1 <= r["nfe"] <= 2 * r["rounds"] and r["nfe"] <= generated
             assert drafted[0] == accepted[0] == r["rounds"] and r["model_free_draft_calls"] == 0
-        elif r["sampler"] == "assd-fused":
+        elif r["sampler"] in ("assd-fused", "assd-auto"):
             # one call per round; the calls without drafts to verify (the first) draft for themselves
             assert r["nfe"] == r["rounds"] and 1 <= r["draft_calls"] <= r["rounds"]
             assert r["nfe"] <= generated and r["model_free_draft_calls"] == 0
@@ -318,5 +318,5 @@ def test_draft_head_samplers(tiny_model_dir, text_file, tmp_path, capsys):
     assert main(_argv(tmp_path / "with_head", text_file, tmp_path / "run", "--num-sequences", "1",
                       "--ppl-model", "none")) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert list(results["metrics"]["samplers"]) == [*SAMPLERS, "assd-fused-head"]
+    assert list(results["metrics"]["samplers"]) == [*SAMPLERS[:4], "assd-fused-head", "assd-auto"]
     assert results["metrics"]["samplers"]["assd-fused-head"]["tokens_per_call_pooled"] >= 1
