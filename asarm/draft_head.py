@@ -99,18 +99,20 @@ class DraftHead(nn.Module):
         return weight[self.draft_vocab], bias[self.draft_vocab]
 
     def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, positions: torch.Tensor,
-                prev_position: torch.Tensor, pick):
+                prev_position: torch.Tensor, pick, keep_logits: bool = True):
         """Slots ``0..K-1`` in order, at ``positions (b, K)``: slot 0 follows ``first_prev (b,)`` at
         ``prev_position (b,)``, slot i the token ``pick`` returned for slot i-1. ``pick(i, logits (b, V)) ->
-        tokens (b,)`` draws (or chooses) each slot's token. Returns the logits ``(b, K, V)``."""
+        tokens (b,)`` draws (or chooses) each slot's token. Returns the logits ``(b, K, V)`` (None without
+        ``keep_logits``: a sampler has what it needs from ``pick``, and stacking them costs a copy per call)."""
         offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
         readout = self.readout(lm)  # gathered once, not per slot
         prev, memory, out = first_prev, None, []
         for i in range(states.shape[1]):
             logits, memory = self.step(lm, states[:, i], prev, offsets[:, i], memory, readout)
-            out.append(logits)
+            if keep_logits:
+                out.append(logits)
             prev = pick(i, logits)
-        return torch.stack(out, dim=1)
+        return torch.stack(out, dim=1) if keep_logits else None
 
 
 def save_draft_head(head: DraftHead, directory: str | os.PathLike) -> None:

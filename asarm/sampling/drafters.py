@@ -156,7 +156,7 @@ def chain_drafts(head, model, states, prev_token, positions, prev_position, unif
         return drafts[-1]
 
     with torch.no_grad():
-        head(model.backbone, states, prev_token, positions, prev_position, pick)
+        head(model.backbone, states, prev_token, positions, prev_position, pick, keep_logits=False)
     return torch.stack(drafts, 1), torch.stack(probs, 1)
 
 
