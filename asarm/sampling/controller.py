@@ -80,12 +80,12 @@ def expected_rates(acceptance: torch.Tensor, widths: torch.Tensor, covers: torch
 class GoodputController:
     """Per row, the (width, cover) of ``options`` with the most expected committed tokens per second.
 
-    ``cost(query_rows, head_slots, content_rows)`` predicts a call's seconds (asarm.sampling.cost.CallCost);
-    a row's acceptance at slot i is its own count plus ``prior_weight`` pseudo-drafts at the row's rate over
+    ``cost(query_rows, head_slots, content_rows)`` predicts a call's seconds (asarm.sampling.cost.CallCost).
+    A row's acceptance at slot i is its own count plus ``prior_weight`` pseudo-drafts at the row's rate over
     all slots, itself its count plus ``prior_weight`` pseudo-drafts at ``prior``: a row starts from the prior
-    and follows its own drafts. A row that chose no drafts for ``probe_every`` calls
-    in a row tries width 1 once, so it notices when drafts start to pass again, where such a call costs less
-    than 1.25 sequential steps (a probe widens the whole call)."""
+    and follows its own drafts. A row without any verdict yet drafts at least one, to get one; a row that
+    chose no drafts for ``probe_every`` calls in a row tries width 1 once, so it notices when drafts start to
+    pass again, where such a call costs less than 1.25 sequential steps (a probe widens the whole call)."""
 
     def __init__(self, cost, k_max: int, options: list[tuple[int, int]], accepted_first: bool, head: bool,
                  prior: float, prior_weight: float = 4.0, probe_every: int = 16):
@@ -124,6 +124,9 @@ class GoodputController:
                                    self.seconds_without, self.accepted_first)
             self._seen, self._best = seen, rates.argmax(1)
         width, cover = self.widths[self._best], self.covers[self._best]
+        # a row with no verdict yet tries drafts once, so that a pessimistic prior cannot keep it from learning
+        fresh = ((state.drafted_by_index.sum(1) == 0) & (state.pending == 0)).cpu() & (width == 0)
+        width, cover = torch.where(fresh, 1, width), torch.where(fresh, 2, cover)
         if rows is not None and self.probe_pays:  # rows that have not drafted for probe_every calls try one draft
             rows = rows.cpu()
             if len(self.idle) <= int(rows.max()):

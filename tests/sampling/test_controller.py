@@ -65,13 +65,14 @@ def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
 
 
 def test_auto_falls_back_to_sequential_where_drafts_do_not_pay(tmp_path):
-    """A query row that costs far more than a call: every call is a sequential step (no drafts, no outcome rows),
-    apart from the rare probe."""
+    """A query row that costs far more than a call: after the first call, whose rows try one draft each to get a
+    first verdict, every call is a sequential step (no drafts, no outcome rows: one query row, one token)."""
     model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch()
     path = _cost(tmp_path / "cost.json", tokens, host=0.001, per_query_row=1.0)
     out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=4, cost_profile=path, seed=0)
-    assert torch.equal(out.nfe, torch.full((4,), tokens.shape[1] - 2))  # one token a call
-    assert all(call["query_rows"] == 1 and set(call["drafts"]) == {0} for call in out.schedule)
+    assert out.schedule[0]["drafts"] == [1, 1, 1, 1]
+    assert all(call["query_rows"] == 1 and set(call["drafts"]) == {0} for call in out.schedule[2:])
+    assert bool((out.nfe >= tokens.shape[1] - 2 - 1).all())  # at most one token gained by the first draft
 
 
 def test_auto_drafts_where_calls_are_fixed_cost(tmp_path):
@@ -121,3 +122,19 @@ def test_sequential_steps_take_the_short_path_with_the_same_tokens(tmp_path, mon
     assert torch.equal(short.bonus_tokens, general.bonus_tokens) and torch.equal(short.rounds, general.rounds)
     assert [[r.committed for r in row] for row in short.trace.rows] == \
         [[r.committed for r in row] for row in general.trace.rows]
+
+
+def test_output_and_trace_record_the_choices(tmp_path):
+    """The schedule holds each call's rows, query rows and each row's drafts for the next call; the trace shows
+    the same choices: a row's round verifies the drafts its previous call chose (where that outcome was
+    covered) and queries the positions its call held."""
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0, init_std=0.02), _batch(batch_size=3)
+    path = _cost(tmp_path / "cost.json", tokens, host=0.01, per_query_row=0.002)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, cost_profile=path,
+                      seed=torch.arange(3), trace=True)
+    assert len(out.schedule) == int(out.nfe.max()) and out.schedule[0]["rows"] == 3
+    chosen = [[call["drafts"][b] for call in out.schedule] for b in range(3)]  # rows take part in every call
+    for b, rounds in enumerate(out.trace.rows):
+        assert len(rounds) == len(chosen[b])
+        verified = [len(round_.drafts) for round_ in rounds[1:]]
+        assert all(v <= c for v, c in zip(verified, chosen[b])) and any(v == c > 0 for v, c in zip(verified, chosen[b]))
