@@ -52,6 +52,7 @@ DEFAULT_CONFIGS = ",".join(f"tiny:{length}:{batch}" for length in (128, 512) for
 CONTENDERS = {
     "sequential": ("sequential", 5, {}),
     "assd-self": ("assd-self", 5, {}),
+    "assd-paper": ("assd-paper", 5, {}),  # the paper's settings: self drafts at the target temperature
     "assd-bonus": ("assd-bonus", 5, {}),
     "assd-fused-k1": ("assd-fused", 1, {}),
     "assd-fused-k1-ratio1": ("assd-fused", 1, {"draft_temperature_ratio": 1.0}),

@@ -156,7 +156,9 @@ class SamplerSpec:
     @property
     def name(self) -> str:
         """The registry name: ``sequential``, ``assd-<drafter>``, ``assd-bonus``, ``assd-fused[-head]``, with
-        ``-adaptive`` for an adaptive draft length (a drafter outside the registry gives ``assd-<its name>``)."""
+        ``-adaptive`` for an adaptive draft length (a drafter outside the registry gives ``assd-<its name>``);
+        ``assd-auto`` for the goodput controller; ``assd-paper`` for the paper's settings (two-call rounds, self
+        drafts at the target temperature, no bonus, always k drafts)."""
         if self.algorithm == "sequential":
             return "sequential"
         if self.controller == "auto":
@@ -165,6 +167,9 @@ class SamplerSpec:
             base = "assd-fused" + ("-head" if self.drafter_name == "head" else "")
         elif self.bonus:
             base = "assd-bonus" if self.drafter_name == "self" else f"assd-{self.drafter_name}-bonus"
+        elif (self.drafter_name == "self" and self.draft_temperature_ratio == 1.0 and self.draft_length is None
+              and self.temperature_mode == "target"):
+            return "assd-paper"  # Guo & Ermon's ASSD: self drafts at the target temperature, two calls, no bonus
         else:
             base = f"assd-{self.drafter_name}"
         return base + ("-adaptive" if self.draft_length is not None else "")
@@ -259,6 +264,7 @@ def available_samplers() -> dict[str, SamplerSpec]:
     specs += [SamplerSpec(bonus=True), SamplerSpec(bonus=True, fused=True),
               SamplerSpec(drafter="head", bonus=True, fused=True)]
     specs.append(SamplerSpec(drafter="auto", bonus=True, fused=True, controller="auto"))
+    specs.append(SamplerSpec(draft_temperature_ratio=1.0))  # assd-paper
     by_name = {spec.name: spec for spec in specs}
     adaptive = [replace(by_name[name], draft_length=DEFAULT_ADAPTIVE_THRESHOLD)
                 for name in ("assd-self", "assd-bonus", "assd-fused", "assd-head", "assd-fused-head")]

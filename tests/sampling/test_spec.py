@@ -113,3 +113,20 @@ def test_list_overrides_go_to_the_samplers_they_apply_to():
         parse_samplers("sequential,assd-self", _parsed(["--outcomes", "1"]))
     # settings left at their defaults are fine for any list
     assert [s.k for s in parse_samplers("sequential", _parsed([]))] == [5]
+
+
+@pytest.mark.parametrize("k, generated", [(5, 10), (3, 10), (2, 7), (4, 1)])
+def test_assd_paper_nfe_matches_its_analytical_value(k, generated):
+    """assd-paper (the paper's ASSD: self drafts at the target temperature, two calls a round, no bonus) on a
+    model whose conditionals do not depend on the context (all weights zero: uniform): every draft is accepted,
+    so a round of ``c = min(left, k)`` drafts costs a draft call plus a verify call, or the draft call alone
+    when c = 1 (the exact first draft needs no verification)."""
+    model = tiny_model(seed=0, init_std=0.0)
+    seq_len = generated + 2
+    tokens = torch.randint(7, 10, (3, seq_len), generator=torch.Generator().manual_seed(0))
+    sigma = orders.any_subset(torch.full((3,), 2), seq_len, batch_size=3, generator=torch.Generator().manual_seed(1))
+    out = decode(model, SAMPLERS["assd-paper"].replace(k=k), tokens, sigma, torch.full((3,), 2), seed=0)
+    rounds = [min(k, generated - done) for done in range(0, generated, k)]
+    assert out.sampler == "assd-paper" and out.settings["draft_temperature_ratio"] == 1.0
+    assert out.nfe.tolist() == [sum(1 + (c > 1) for c in rounds)] * 3
+    assert out.accepted.tolist() == [generated] * 3
