@@ -266,10 +266,7 @@ class _Speculation:
         query_ranks, query_limits, column = _compact(ranks.masked_fill(~used, -1), limits)
         self.last_call = {"query_rows": query_ranks.shape[1], "head_slots": width if self.head is not None else 0,
                           "content_rows": W}
-        if self.schedule is not None:
-            predicted = self.controller.cost(**self.last_call)
-            self.schedule.append({"rows": len(rows), "query_rows": query_ranks.shape[1], "predicted_seconds": predicted,
-                                  "drafts": plan.width.tolist(), "outcomes": plan.cover.tolist()})
+
         drafts, q = self.drafts[sel, :W], self.q[sel, :W]
         written = batch.with_values(sel, ranks[:, :W].masked_fill(needs[:, :W] > K[:, None], -1), drafts)
         if self.head is None:
@@ -301,8 +298,18 @@ class _Speculation:
             add_rows(self.draft_calls, sel, K == 0)  # a call without drafts is the fused form of a draft call
             self._next_from_outcomes(rows, sel, n + fixed, stop, verdict, K, outputs, column, W, uniforms[:, k + 1:],
                                      plan, width, cover)
+            self._log_schedule(rows, sel, width, cover)
         else:
             self.count[sel] = 0
+
+    def _log_schedule(self, rows, sel, width: int, cover: int) -> None:
+        """assd-auto's record of a call: its batch rows, query rows, predicted seconds, the schedule chosen, and the
+        drafts each row has for the next call (fewer than the width where its outcome was not covered or its
+        text ends)."""
+        if self.schedule is not None:
+            self.schedule.append({"rows": rows.tolist(), "query_rows": self.last_call["query_rows"],
+                                  "predicted_seconds": self.controller.cost(**self.last_call), "width": width,
+                                  "outcomes": cover, "drafts": self.count[sel].tolist()})
 
     @staticmethod
     def _sequential_step(W: int, width: int) -> bool:
@@ -321,9 +328,7 @@ class _Speculation:
             add_rows(counter, sel, one)
         self.count[sel] = 0
         self.last_call = {"query_rows": 1, "head_slots": 0, "content_rows": 0}
-        if self.schedule is not None:
-            self.schedule.append({"rows": len(rows), "query_rows": 1, "predicted_seconds": self.controller.cost(1),
-                                  "drafts": [0] * len(rows), "outcomes": [1] * len(rows)})
+        self._log_schedule(rows, sel, 0, 1)
         if self.recorder is not None:
             self.recorder.round(rows, n, token, one, [["sequential"]] * len(rows))
 
@@ -373,15 +378,17 @@ class _Speculation:
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
 
 
-PROFILE_CALLS = 4  # timed calls per profiled schedule (after one untimed call that fills the cache)
-PROFILE_BUDGET_SECONDS = 0.4  # the profile stops adding schedules past this (at least two are timed)
+PROFILE_CALLS = 3  # timed calls per profiled schedule (after one untimed call that fills the cache)
+PROFILE_BUDGET_SECONDS = 0.4  # the profile stops adding schedules past this (at least PROFILE_MIN_SCHEDULES)
+PROFILE_MIN_SCHEDULES = 5
 PRIOR_ACCEPTANCE = {True: 0.7, False: 0.3}  # a row's acceptance before its own drafts: with the head, without
 
 
 def _profiled_schedules(k: int) -> list[tuple[int, int]]:
     """(width, cover) of the profile: from a sequential step to the widest call, so the fit spans the query
     rows that the controller can choose."""
-    return list(dict.fromkeys([(0, 1), (k, k + 1), (1, 2), (k, 1), (max(1, k // 2), 2)]))
+    return list(dict.fromkeys([(0, 1), (1, 2), (min(2, k), min(3, k + 1)), (k, 1), (k, k + 1), (min(3, k), 2),
+                               (min(3, k), min(4, k + 1))]))
 
 
 def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT_ENGINE,
@@ -389,7 +396,9 @@ def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT
     """Time real single-pass calls of a few fixed schedules on the decode's own inputs (``(tokens, sigma,
     n_prompt, lengths, padding_mask, max_new_tokens)``) and fit the call cost model (asarm.sampling.cost)."""
     samples, began = [], time.perf_counter()
-    for width, cover in _profiled_schedules(spec.k):
+    for done, (width, cover) in enumerate(_profiled_schedules(spec.k)):
+        if done >= PROFILE_MIN_SCHEDULES and time.perf_counter() - began > budget_seconds:
+            break
         batch = DecodeBatch(model, *inputs)
         session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
         run = _Speculation(model, batch, session, RowStreams(batch.tokens.shape[0], 0, None), spec, trace=False,
@@ -401,8 +410,6 @@ def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT
             seconds, _ = timed(model.device, lambda: run.verify(rows))
             if call:
                 samples.append(dict(run.last_call, width=width, cover=cover, seconds=seconds))
-        if time.perf_counter() - began > budget_seconds and len({s["query_rows"] for s in samples}) >= 2:
-            break
     B, L = inputs[0].shape
     return fit_call_cost(samples, B, L, model.device, time.perf_counter() - began)
 

@@ -9,9 +9,9 @@ decide how many drafts to verify biases the output; the exactness suite holds su
 control and rejects it.
 
 * :class:`FixedSchedule`: every row the same width and cover (the fixed-k samplers).
-* :class:`GoodputController` (``assd-auto``): each row takes the width and cover that maximise its expected
-  committed tokens per second, from a cost model of a call (asarm.sampling.cost) and its running acceptance
-  estimate by slot.
+* :class:`GoodputController` (``assd-auto``): the width and cover that maximise the batch's expected
+  committed tokens per second, from a cost model of a call (asarm.sampling.cost) and each row's running
+  acceptance estimate by slot.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Plan", "ControlState", "FixedSchedule", "GoodputController", "expected_rates"]
+__all__ = ["Plan", "ControlState", "FixedSchedule", "GoodputController", "steady_state", "expected_rates"]
 
 
 @dataclass
@@ -55,14 +55,15 @@ class FixedSchedule:
         return Plan(None, full, torch.full_like(state.pending, self.cover))
 
 
-def expected_rates(acceptance: torch.Tensor, widths: torch.Tensor, covers: torch.Tensor, seconds_with: torch.Tensor,
-                   seconds_without: torch.Tensor, accepted_first: bool) -> torch.Tensor:
-    """Expected committed tokens per second ``(b, O)`` of each option ``o`` (``widths[o]`` drafts per block,
-    ``covers[o]`` blocks), in the steady state of rows that follow it, from per-slot conditional acceptance
-    ``(b, k)``. A call with drafts commits ``1 + sum_i S_i`` tokens (``S_i``: the first i drafts all accepted)
-    and leaves the next call drafts with the probability ``P`` that its outcome is covered; a call without
-    drafts commits 1 token and always leaves drafts. So the rate is ``(E + 1 - P) / (T_with + (1 - P)
-    T_without)``; width 0 is plain sequential decoding (``seconds_without`` of width 0)."""
+def steady_state(acceptance: torch.Tensor, widths: torch.Tensor, covers: torch.Tensor,
+                 accepted_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and option ``o`` (``widths[o]`` drafts per block, ``covers[o]`` blocks), in the steady state of a
+    row that follows it, from its per-slot conditional acceptance ``(b, k)``: the expected tokens per call and
+    the share of calls without drafts, both ``(b, O)``. A call with drafts commits ``E = 1 + sum_i S_i`` tokens
+    (``S_i``: the first i drafts all accepted) and leaves the next call drafts with the probability ``P`` that
+    its outcome is covered; a call without drafts commits 1 token and always leaves drafts. So a share
+    ``(1 - P) / (2 - P)`` of the calls has no drafts, and a call commits ``(E + 1 - P) / (2 - P)`` tokens on
+    average. Width 0 is plain sequential decoding (one token, no drafts)."""
     b, k = acceptance.shape
     survival = torch.cat([acceptance.new_ones(b, 1), acceptance.cumprod(1)], 1)  # S_0 .. S_k
     tokens = survival.cumsum(1)[:, widths]  # 1 + S_1 + ... + S_w
@@ -74,11 +75,25 @@ def expected_rates(acceptance: torch.Tensor, widths: torch.Tensor, covers: torch
     covered = torch.where(widths == 0, 1.0, covered.clamp(0, 1))
     tokens = torch.where(widths == 0, 1.0, tokens)
     missed = 1 - covered
-    return (tokens + missed) / (seconds_with + missed * seconds_without)
+    without = torch.where(widths == 0, 1.0, missed / (2 - covered))
+    return torch.where(widths == 0, 1.0, (tokens + missed) / (2 - covered)), without
+
+
+def expected_rates(acceptance: torch.Tensor, widths: torch.Tensor, covers: torch.Tensor, seconds_with: torch.Tensor,
+                   seconds_without: torch.Tensor, accepted_first: bool) -> torch.Tensor:
+    """Expected committed tokens per second ``(O,)`` of a batch whose rows all follow option ``o``: the rows'
+    tokens per call (:func:`steady_state`) over the seconds of a call, which costs ``seconds_without`` only
+    when no row of it has drafts (the call's widest row sets its cost) and ``seconds_with`` otherwise."""
+    tokens, without = steady_state(acceptance, widths, covers, accepted_first)
+    none_drafting = without.clamp(min=1e-300).log().sum(0).exp()  # every row of the call without drafts
+    seconds = none_drafting * seconds_without + (1 - none_drafting) * seconds_with
+    return tokens.sum(0) / seconds
 
 
 class GoodputController:
-    """Per row, the (width, cover) of ``options`` with the most expected committed tokens per second.
+    """For each call, the (width, cover) of ``options`` with the most expected committed tokens per second for the
+    batch (one schedule for the call: its widest row sets its cost, so a row with fewer drafts saves nothing),
+    from each row's own acceptance; rows then differ where they explore or probe.
 
     ``cost(query_rows, head_slots, content_rows)`` predicts a call's seconds (asarm.sampling.cost.CallCost).
     A row's acceptance at slot i is its own count plus ``prior_weight`` pseudo-drafts at the row's rate over
@@ -122,8 +137,9 @@ class GoodputController:
         if seen != self._seen:
             rates = expected_rates(self.acceptance(state).cpu(), self.widths, self.covers, self.seconds_with,
                                    self.seconds_without, self.accepted_first)
-            self._seen, self._best = seen, rates.argmax(1)
-        width, cover = self.widths[self._best], self.covers[self._best]
+            self._seen, self._best = seen, int(rates.argmax())
+        b = len(state.pending)
+        width, cover = self.widths[self._best].expand(b).clone(), self.covers[self._best].expand(b).clone()
         # a row with no verdict yet tries drafts once, so that a pessimistic prior cannot keep it from learning
         fresh = ((state.drafted_by_index.sum(1) == 0) & (state.pending == 0)).cpu() & (width == 0)
         width, cover = torch.where(fresh, 1, width), torch.where(fresh, 2, cover)

@@ -7,7 +7,7 @@ import torch
 
 from asarm import orders
 from asarm.sampling import SAMPLERS, assd_decode
-from asarm.sampling.controller import ControlState, GoodputController, expected_rates
+from asarm.sampling.controller import ControlState, GoodputController, expected_rates, steady_state
 from asarm.sampling.cost import CallCost, fit_call_cost
 
 from helpers import tiny_model
@@ -33,9 +33,12 @@ def test_expected_rates_closed_form():
     widths, covers = torch.tensor([0, 2, 2]), torch.tensor([1, 3, 1])
     with_drafts, without = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 1.5, 1.5])
     always = expected_rates(torch.ones(1, 3, dtype=torch.float64), widths, covers, with_drafts, without, True)
-    assert always[0].tolist() == pytest.approx([1.0, 3 / 2.0, 3 / 2.0])
+    assert always.tolist() == pytest.approx([1.0, 3 / 2.0, 3 / 2.0])
     never = expected_rates(torch.zeros(1, 3, dtype=torch.float64), widths, covers, with_drafts, without, True)
-    assert never[0].tolist() == pytest.approx([1.0, 1 / 2.0, 2 / (2.0 + 1.5)])
+    assert never.tolist() == pytest.approx([1.0, 1 / 2.0, 2 / (2.0 + 1.5)])
+    # two such rows in one call: the call without drafts happens only when neither row has drafts (1/4)
+    pair = expected_rates(torch.zeros(2, 3, dtype=torch.float64), widths, covers, with_drafts, without, True)
+    assert pair[2] == pytest.approx(2 * 1.0 / (0.25 * 1.5 + 0.75 * 2.0))
 
 
 def test_cost_fit_recovers_a_linear_model_and_ignores_a_slow_call():
@@ -83,17 +86,24 @@ def test_auto_drafts_where_calls_are_fixed_cost(tmp_path):
     assert out.tokens_per_call.min() > 1.5 and max(max(call["drafts"]) for call in out.schedule) == 3
 
 
-def test_rows_follow_their_own_acceptance():
+def test_the_batch_follows_its_rows_acceptance():
+    """Rows whose drafts pass make drafting pay for their call; rows whose drafts fail make it sequential."""
     cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=2, length=8,
                     device="cpu", threads=1)
     options = [(0, 1)] + [(w, c) for w in (1, 2, 3) for c in (1, 2, w + 1)]
     controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3)
-    good, bad = [40, 30, 20], [0, 0, 0]
-    state = ControlState(n_fixed=torch.tensor([3, 3]), stop=torch.tensor([8, 8]), pending=torch.tensor([1, 1]),
-                         proposals=torch.zeros(2, 3, 5), drafted_by_index=torch.tensor([[40, 30, 20], [40, 0, 0]]),
-                         accepted_by_index=torch.tensor([good, bad]))
-    plan = controller.plan(state)
-    assert int(plan.width[0]) > int(plan.width[1]) == 0
+
+    def plan(accepted):
+        return controller.plan(ControlState(
+            n_fixed=torch.tensor([3, 3]), stop=torch.tensor([8, 8]), pending=torch.tensor([1, 1]),
+            proposals=torch.zeros(2, 3, 5), drafted_by_index=torch.tensor([[40, 30, 20], [40, 30, 20]]),
+            accepted_by_index=torch.tensor(accepted)))
+
+    good, bad = plan([[40, 30, 20], [38, 28, 18]]), plan([[0, 0, 0], [1, 0, 0]])
+    assert int(good.width.min()) >= 2 and int(bad.width.max()) == 0
+    tokens, without = steady_state(torch.tensor([[0.9, 0.9, 0.9], [0.1, 0.1, 0.1]], dtype=torch.float64),
+                                   controller.widths, controller.covers, False)
+    assert bool((tokens[0, 1:] > tokens[1, 1:]).all()) and float(tokens[:, 0].max()) == 1.0
 
 
 def test_profile_command_prints_the_fit_and_writes_it(tiny_model_dir, tmp_path, capsys):
@@ -125,16 +135,16 @@ def test_sequential_steps_take_the_short_path_with_the_same_tokens(tmp_path, mon
 
 
 def test_output_and_trace_record_the_choices(tmp_path):
-    """The schedule holds each call's rows, query rows and each row's drafts for the next call; the trace shows
-    the same choices: a row's round verifies the drafts its previous call chose (where that outcome was
-    covered) and queries the positions its call held."""
-    model, (tokens, sigma, n_prompt) = tiny_model(seed=0, init_std=0.02), _batch(batch_size=3)
-    path = _cost(tmp_path / "cost.json", tokens, host=0.01, per_query_row=0.002)
+    """The schedule holds each call's rows, query rows, chosen width and outcomes, and the drafts each row has
+    for the next call; the trace shows the same: every round verifies exactly the drafts the row's previous call
+    left it, and the rows of one batch differ where an outcome was not covered."""
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0, init_std=0.5), _batch(batch_size=3)
+    path = _cost(tmp_path / "cost.json", tokens, host=0.01, per_query_row=0.0005)
     out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, cost_profile=path,
                       seed=torch.arange(3), trace=True)
-    assert len(out.schedule) == int(out.nfe.max()) and out.schedule[0]["rows"] == 3
-    chosen = [[call["drafts"][b] for call in out.schedule] for b in range(3)]  # rows take part in every call
+    assert len(out.schedule) == int(out.nfe.max()) and out.schedule[0]["rows"] == [0, 1, 2]
+    assert all(max(call["drafts"]) <= call["width"] for call in out.schedule)
+    left = [[call["drafts"][call["rows"].index(b)] for call in out.schedule if b in call["rows"]] for b in range(3)]
     for b, rounds in enumerate(out.trace.rows):
-        assert len(rounds) == len(chosen[b])
-        verified = [len(round_.drafts) for round_ in rounds[1:]]
-        assert all(v <= c for v, c in zip(verified, chosen[b])) and any(v == c > 0 for v, c in zip(verified, chosen[b]))
+        assert [len(round_.drafts) for round_ in rounds[1:]] == left[b][:len(rounds) - 1]
+    assert any(len(set(call["drafts"])) > 1 for call in out.schedule)
