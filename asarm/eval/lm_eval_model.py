@@ -26,7 +26,8 @@ The three request types:
   ``engine``, set in ``--model_args`` and overridable per task by its ``generation_kwargs``
   (``do_sample: false`` or ``temperature: 0`` mean greedy). The output stops at ``</s>`` and is cut at the
   first stop sequence (``until``). Each row's seed depends only on ``seed`` and its context text, so a
-  request's output does not depend on the batch it lands in.
+  request's output does not depend on the batch it lands in (except with ``assd-auto``, whose schedule is
+  chosen for the batch: its samples follow the same distribution in any batch, but not the same draws).
 
 Contexts longer than the window keep their last tokens. Token ids come from ``asarm.tokenization.encode_text``
 (the context and the continuation tokenised apart; trailing spaces of the context move to the continuation).

@@ -127,8 +127,11 @@ def test_generate_until_samplers_and_stop_sequences(model, sampler):
     contexts = ["The cat sat on the", "Once upon a time", "He said"]
     free = lm.generate_until(_requests(*[(c, {"until": []}) for c in contexts]))
     assert all(free) and len(free) == 3
-    # the same seed gives the same text, alone or in another batch; another seed another text
-    assert lm.generate_until(_requests((contexts[1], {"until": []}))) == [free[1]]
+    # the same seed gives the same text, alone or in another batch (not assd-auto: its schedule is chosen for the
+    # batch, so a row's sample depends on the batch; its distribution does not); another seed another text
+    if sampler != "assd-auto":
+        assert lm.generate_until(_requests((contexts[1], {"until": []}))) == [free[1]]
+    assert lm.generate_until(_requests(*[(c, {"until": []}) for c in contexts])) == free
     other = lm.generate_until(_requests(*[(c, {"until": [], "seed": 7}) for c in contexts]))
     assert other != free
     # a stop sequence taken from the free text cuts it there
