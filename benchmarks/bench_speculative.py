@@ -40,6 +40,7 @@ from asarm.eval.markdown import markdown_table
 from asarm.eval.texts import packed_text
 from asarm.model import ASARM, DEFAULT_MODEL
 from asarm.sampling import ENGINES, SAMPLERS, SamplerSpec, decode
+from asarm.sampling.drafters import HeadDrafter
 from asarm.sampling.spec import (DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES,
                                  HEAD_DRAFT_TEMPERATURE_RATIO, HEAD_OUTCOMES, parse_choices)
 
@@ -205,6 +206,8 @@ def main(argv=None) -> None:
                    help=f"comma-separated, from {', '.join(CONTENDERS)} (default: %(default)s)")
     p.add_argument("--adaptive-threshold", type=float, default=DEFAULT_ADAPTIVE_THRESHOLD)
     p.add_argument("--no-curve", action="store_true", help="skip the call-time curve")
+    p.add_argument("--variant-head", default=None,
+                   help="a model directory whose draft head the head samplers also run with (as NAME-variant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args(argv)
@@ -235,6 +238,12 @@ def main(argv=None) -> None:
         print(f"{args.model} has no draft head: the head samplers are left out", flush=True)
         chosen = [name for name in chosen if "head" not in name]
     specs = {name: spec for name, spec in samplers(args.adaptive_threshold).items() if name in chosen}
+    if args.variant_head is not None:  # the head samplers again with another head (a variant saved with a model)
+        variant = ASARM.from_pretrained(args.variant_head, device=tiny.device).draft_head
+        if variant is None:
+            p.error(f"--variant-head {args.variant_head} has no draft head")
+        specs |= {f"{name}-variant": spec.replace(drafter=HeadDrafter(variant)) for name, spec in list(specs.items())
+                  if spec.algorithm == "assd" and spec.drafter in ("head", "auto")}
     rows = []
     for label, length, batch in configs:
         rows += bench_config(models[label], label, length, batch, specs, args)

@@ -510,7 +510,8 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
                       LossySamplingWarning, stacklevel=2)
     inputs = (tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
     batch = DecodeBatch(model, *inputs)
-    cost = _call_cost(model, (batch.tokens, *inputs[1:]), spec, engine) if spec.controller == "auto" else None
+    # profiled on the whole texts: a short max_new_tokens (a warm-up) must not leave a profile of few calls
+    cost = _call_cost(model, (batch.tokens, *inputs[1:5], None), spec, engine) if spec.controller == "auto" else None
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     run = _Speculation(model, batch, session, streams, spec, trace,
