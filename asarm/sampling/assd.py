@@ -378,7 +378,7 @@ class _Speculation:
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
 
 
-PROFILE_CALLS = 3  # timed calls per profiled schedule (after one untimed call that fills the cache)
+PROFILE_CALLS = 4  # timed calls per profiled schedule (after one untimed call that fills the cache)
 PROFILE_BUDGET_SECONDS = 0.4  # the profile stops adding schedules past this (at least PROFILE_MIN_SCHEDULES)
 PROFILE_MIN_SCHEDULES = 5
 PRIOR_ACCEPTANCE = {True: 0.7, False: 0.3}  # a row's acceptance before its own drafts: with the head, without

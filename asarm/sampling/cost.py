@@ -1,7 +1,5 @@
-"""A cost model of one ASSD call, measured on the machine in use, at the batch size of the decode: the time of a
-call as a function of its query rows (interpolated between measured points; a least-squares line ``host +
-per_query_row x query rows`` beyond them), plus ``per_head_slot x head slots + per_content_row x new content
-rows``.
+"""A cost model of one ASSD call, measured on the machine in use: ``seconds = host + per_query_row x query rows
++ per_head_slot x head slots + per_content_row x new content rows``, at the batch size of the decode.
 
 It is fitted (least squares) to calls timed in a short profile at the start of a decode
 (``asarm.sampling.assd.profile_calls``: a few real single-pass calls of each of a handful of schedules, on the
@@ -43,23 +41,10 @@ class CallCost:
     threads: int
     samples: list[dict] = field(default_factory=list)  # the profiled calls: query_rows, head_slots, ..., seconds
     profile_seconds: float = 0.0
-    # (query rows, seconds without the head and content terms), measured: the call's time is interpolated
-    # between them (a call's time is not linear in its rows: caches, threads), the linear model beyond them
-    query_points: list[list[float]] = field(default_factory=list)
 
     def __call__(self, query_rows: int, head_slots: int = 0, content_rows: int = 0) -> float:
-        return (self._base(query_rows) + self.per_head_slot * head_slots + self.per_content_row * content_rows)
-
-    def _base(self, query_rows: float) -> float:
-        points = self.query_points
-        if len(points) < 2:
-            return self.host + self.per_query_row * query_rows
-        if query_rows <= points[0][0]:
-            return points[0][1] - self.per_query_row * (points[0][0] - query_rows)
-        for (q0, t0), (q1, t1) in zip(points, points[1:]):
-            if query_rows <= q1:
-                return t0 + (t1 - t0) * (query_rows - q0) / (q1 - q0)
-        return points[-1][1] + self.per_query_row * (query_rows - points[-1][0])
+        return (self.host + self.per_query_row * query_rows + self.per_head_slot * head_slots
+                + self.per_content_row * content_rows)
 
     def summary(self) -> dict:
         """The coefficients and the machine, without the samples (a decode's settings)."""
@@ -105,15 +90,10 @@ def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: tor
             break
         kept.remove(negative[0])
     slopes = dict(zip(kept, coef[1:]))
-    per_head, per_content = slopes.get("head_slots", 0.0), slopes.get("content_rows", 0.0)
-    by_rows: dict[int, list[float]] = {}
-    for p in points:
-        by_rows.setdefault(p["query_rows"], []).append(p["seconds"] - per_head * p["head_slots"]
-                                                       - per_content * p["content_rows"])
-    return CallCost(host=max(coef[0], 0.0), per_query_row=slopes.get("query_rows", 0.0), per_head_slot=per_head,
-                    per_content_row=per_content, batch_rows=batch_rows, length=length, device=str(device),
-                    threads=torch.get_num_threads(), samples=samples, profile_seconds=round(profile_seconds, 4),
-                    query_points=[[q, statistics.median(t)] for q, t in sorted(by_rows.items())])
+    return CallCost(host=max(coef[0], 0.0), per_query_row=slopes.get("query_rows", 0.0),
+                    per_head_slot=slopes.get("head_slots", 0.0), per_content_row=slopes.get("content_rows", 0.0),
+                    batch_rows=batch_rows, length=length, device=str(device), threads=torch.get_num_threads(),
+                    samples=samples, profile_seconds=round(profile_seconds, 4))
 
 
 def profile_key(model, batch_rows: int, length: int, schedule: tuple) -> tuple:
