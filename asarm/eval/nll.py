@@ -25,8 +25,13 @@ Units. Nats per token do not compare across tokenizers; nats per byte and per wo
 At masking rate r each chunk scores about r of its tokens and so about r of its bytes; the visible ones
 are the context. To compare two tokenizers on exactly the same text, score the whole text
 (``--num-sequences all``): a prefix of N chunks of L tokens covers more text with the tokenizer that
-spells it in fewer tokens. The per-sequence 95% intervals are t intervals over the chunks' own ratios
-(a chunk's NLL over its own target tokens, or bytes).
+spells it in fewer tokens.
+
+Intervals (95%, Student t over the chunks): per token, of the chunks' own NLL per target token (every
+chunk has the same number of targets, so their mean is the pooled figure); per byte and per word, the
+ratio estimator's interval around the pooled figure R = sum(NLL) / sum(bytes): R plus the t interval of
+the mean of (NLL_i - R bytes_i) / mean(bytes) (the delta method; chunks hold different numbers of bytes,
+so the mean of the chunks' own ratios is not R).
 """
 
 from __future__ import annotations
@@ -134,9 +139,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass")
 
 
-def _ci(values: torch.Tensor, scale: float = 1.0) -> list:
+def _ci(values: torch.Tensor, scale: float = 1.0, shift: float = 0.0) -> list:
     lo, hi = summarize(values.double().tolist()).ci95
-    return [None if math.isnan(lo) else lo * scale, None if math.isnan(hi) else hi * scale]
+    return [None if math.isnan(lo) else (shift + lo) * scale, None if math.isnan(hi) else (shift + hi) * scale]
+
+
+def _ratio_ci(nll: torch.Tensor, denominators: torch.Tensor, scale: float = 1.0) -> list:
+    """95% interval of the pooled ratio sum(nll) / sum(denominators) over chunks (delta method), times scale."""
+    nll, den = nll.double(), denominators.double()
+    ratio = float(nll.sum() / den.sum())
+    return _ci((nll - ratio * den) / den.mean(), scale, shift=ratio)
 
 
 def _predictor_metrics(nll: torch.Tensor, targets: torch.Tensor, target_bytes: torch.Tensor | None = None,
@@ -147,11 +159,11 @@ def _predictor_metrics(nll: torch.Tensor, targets: torch.Tensor, target_bytes: t
     out = {"nll_per_token": per_token, "perplexity": math.exp(per_token), "per_sequence_ci95": _ci(nll / targets)}
     if target_bytes is not None:
         per_byte = float(nll.sum()) / int(target_bytes.sum())
-        per_chunk = nll / target_bytes.clamp(min=1)
-        out.update(nll_per_byte=per_byte, bits_per_byte=per_byte / math.log(2), per_byte_ci95=_ci(per_chunk))
+        out.update(nll_per_byte=per_byte, bits_per_byte=per_byte / math.log(2),
+                   per_byte_ci95=_ratio_ci(nll, target_bytes))
         if words_per_byte:
             out.update(nll_per_word=per_byte / words_per_byte, word_perplexity=math.exp(per_byte / words_per_byte),
-                       per_word_ci95=_ci(per_chunk, 1.0 / words_per_byte))
+                       per_word_ci95=_ratio_ci(nll, target_bytes, 1.0 / words_per_byte))
     return out
 
 

@@ -320,7 +320,7 @@ class _Speculation:
         """The same call as a single-pass one whose rows have no drafts and get none (its bonus row is the exact
         next token; same uniform, same token), without the outcome machinery: a sequential step's cost."""
         uniforms = self.streams.uniform(rows, 2 * self.k + 1, rows.device)
-        logits = self.session.logits(rows, self.batch.tokens[sel], n, n[:, None], draft=False)
+        logits = self.session.logits(rows, self.batch.tokens[rows], n, n[:, None], draft=False)
         token = sample_categorical(self.probs(logits, self.oracle_temp)[:, 0], uniforms[:, self.k])[:, None]
         one = torch.ones_like(n)
         self.batch.write(sel, n[:, None], token)

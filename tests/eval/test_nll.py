@@ -54,10 +54,14 @@ def test_per_byte_and_per_word_by_hand():
     assert m["nll_per_byte"] == pytest.approx(6.0 / 10) and m["bits_per_byte"] == pytest.approx(0.6 / math.log(2))
     assert m["nll_per_word"] == pytest.approx(6.0 / (10 * 0.25))
     assert m["word_perplexity"] == pytest.approx(math.exp(2.4))
-    # per-chunk ratios 0.5 and 0.667: a t interval around their mean (0.583), not the pooled 0.6
+    # the ratio estimator's interval, around the pooled 0.6 (not the chunks' mean ratio, 0.583): residuals
+    # 2 - 0.6 * 4 = -0.4 and 4 - 0.6 * 6 = 0.4 over the mean 5 bytes, so a standard error of 0.08; t(1 df) 12.706
     lo, hi = m["per_byte_ci95"]
-    assert lo < 0.5 < 0.667 < hi and (lo + hi) / 2 == pytest.approx((0.5 + 4 / 6) / 2)
+    assert (lo + hi) / 2 == pytest.approx(0.6) and (hi - lo) / 2 == pytest.approx(12.7062 * 0.08, rel=1e-4)
     assert m["per_word_ci95"] == pytest.approx([lo * 4, hi * 4])
+    # equal bytes per chunk: the same as the t interval of the chunks' own ratios
+    even = _predictor_metrics(torch.tensor([2.0, 3.0, 7.0]), torch.tensor([2, 2, 2]), torch.tensor([5, 5, 5]))
+    assert even["per_byte_ci95"] == pytest.approx([x / 2.5 for x in even["per_sequence_ci95"]])
 
 
 def test_heldout_nll_counts_the_bytes_of_the_targets_only():
