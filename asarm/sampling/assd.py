@@ -238,8 +238,8 @@ class _Speculation:
     def _plan(self, rows, sel, K):
         """The controller's schedule for this call (asarm.sampling.controller)."""
         state = ControlState(n_fixed=self.batch.n_fixed[sel], stop=self.batch.stop[sel], pending=K,
-                             proposals=self.q[sel], drafted_by_index=self.drafted_by_index[sel],
-                             accepted_by_index=self.accepted_by_index[sel])
+                             drafted_by_index=self.drafted_by_index[sel],
+                             accepted_by_index=self.accepted_by_index[sel], all_proposals=self.q, sel=sel)
         plan = self.controller.plan(state, rows)
         if plan.verify is not None:
             K = torch.minimum(K, plan.verify)

@@ -39,9 +39,15 @@ class ControlState:
     n_fixed: torch.Tensor  # (b,) committed tokens
     stop: torch.Tensor  # (b,) rank at which the row ends
     pending: torch.Tensor  # (b,) pending drafts
-    proposals: torch.Tensor  # (b, k, V) the pending drafts' proposal distributions (slots < pending)
     drafted_by_index: torch.Tensor  # (b, k) drafts verified so far, per slot
     accepted_by_index: torch.Tensor  # (b, k) drafts accepted so far, per slot
+    all_proposals: torch.Tensor  # (B, k, V) every batch row's pending proposals (read through ``proposals``)
+    sel: torch.Tensor | slice  # the call's rows in ``all_proposals``
+
+    @property
+    def proposals(self) -> torch.Tensor:
+        """``(b, k, V)`` the pending drafts' proposal distributions (slots < pending), gathered on demand."""
+        return self.all_proposals[self.sel]
 
 
 class FixedSchedule:

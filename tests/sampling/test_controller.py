@@ -96,8 +96,8 @@ def test_the_batch_follows_its_rows_acceptance():
     def plan(accepted):
         return controller.plan(ControlState(
             n_fixed=torch.tensor([3, 3]), stop=torch.tensor([8, 8]), pending=torch.tensor([1, 1]),
-            proposals=torch.zeros(2, 3, 5), drafted_by_index=torch.tensor([[40, 30, 20], [40, 30, 20]]),
-            accepted_by_index=torch.tensor(accepted)))
+            drafted_by_index=torch.tensor([[40, 30, 20], [40, 30, 20]]), accepted_by_index=torch.tensor(accepted),
+            all_proposals=torch.zeros(2, 3, 5), sel=slice(None)))
 
     good, bad = plan([[40, 30, 20], [38, 28, 18]]), plan([[0, 0, 0], [1, 0, 0]])
     assert int(good.width.min()) >= 2 and int(bad.width.max()) == 0

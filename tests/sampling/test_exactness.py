@@ -219,11 +219,16 @@ def test_negative_control_value_peeking_draft_length_is_rejected(setup, fused):
     model, tokens, sigma, n_prompt, joints = setup
     out = assd_decode(model, tokens, sigma, n_prompt, k=5, fused=fused, draft_length=peeking_length(0.5),
                       seed=12345, engine="cached")
+    assert _orders_rejected(out.tokens, joints[1.0]) >= 1
+
+
+def _orders_rejected(out_tokens, joints) -> int:
+    """How many of the batch's orders a chi-square test at p < 1e-6 rejects (negative controls)."""
     rejected = 0
-    for i, (completions, probs) in enumerate(joints[1.0]):
-        samples = out.tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
+    for i, (completions, probs) in enumerate(joints):
+        samples = out_tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
         rejected += chi_square_pvalue(samples, completions, probs) < 1e-6
-    assert rejected >= 1
+    return rejected
 
 
 @pytest.fixture(scope="module")
@@ -294,11 +299,7 @@ def test_negative_control_draft_reading_controller_is_rejected(setup, auto_cost,
     monkeypatch.setattr(assd._Speculation, "_set_pending", stash)
     out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=5, cost_profile=auto_cost,
                       seed=12345, engine="cached")
-    rejected = 0
-    for i, (completions, probs) in enumerate(joints[1.0]):
-        samples = out.tokens[i * ROWS_PER_ORDER:(i + 1) * ROWS_PER_ORDER]
-        rejected += chi_square_pvalue(samples, completions, probs) < 1e-6
-    assert rejected >= 1
+    assert _orders_rejected(out.tokens, joints[1.0]) >= 1
 
 
 class CommittedOnlyController:
