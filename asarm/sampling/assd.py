@@ -394,8 +394,15 @@ def _profiled_schedules(k: int) -> list[tuple[int, int]]:
 def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT_ENGINE,
                   budget_seconds: float = PROFILE_BUDGET_SECONDS) -> CallCost:
     """Time real single-pass calls of a few fixed schedules on the decode's own inputs (``(tokens, sigma,
-    n_prompt, lengths, padding_mask, max_new_tokens)``) and fit the call cost model (asarm.sampling.cost)."""
+    n_prompt, lengths, padding_mask, max_new_tokens)``) and fit the call cost model (asarm.sampling.cost).
+    The calls are timed halfway through each text (its first half taken as the prompt, blanks filled with a
+    stand-in token): a query row's cost grows with the ranks it sees, so the middle prices the average call."""
     samples, began = [], time.perf_counter()
+    full = DecodeBatch(model, *inputs)
+    middle = full.n_prompt + (full.lengths - full.n_prompt) // 2
+    stand_in = (model.mask_token_id + 1) % model.vocab_size
+    inputs = (full.tokens.masked_fill(full.tokens == model.mask_token_id, stand_in), full.sigma, middle,
+              *inputs[3:])
     for done, (width, cover) in enumerate(_profiled_schedules(spec.k)):
         if done >= PROFILE_MIN_SCHEDULES and time.perf_counter() - began > budget_seconds:
             break
