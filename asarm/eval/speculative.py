@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from typing import Any, Sequence
 
 import torch
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import orders
 from ..sampling import decode
+from ..sampling.cost import timed
 from ..sampling.spec import resolve_samplers
 from ..seeds import row_seeds
 from .arguments import add_common_arguments, load_model, parse_count_or_all, samplers_from_args, unset_means
@@ -108,17 +108,10 @@ def _order_seed(seed: int, trial: int) -> int:
     return (seed * 1_000_003 + trial) * 7_919 + 17
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_decode(model, spec, tokens, sigma, n_visible, seeds, args) -> tuple[Any, float]:
-    _synchronize(model.device)
-    started = time.perf_counter()
-    out = decode(model, spec, tokens, sigma, n_visible, seed=seeds, engine=args.engine)
-    _synchronize(model.device)
-    return out, time.perf_counter() - started
+    seconds, out = timed(model.device, lambda: decode(model, spec, tokens, sigma, n_visible, seed=seeds,
+                                                      engine=args.engine))
+    return out, seconds
 
 
 def _records(out, spec, tokenizer, tokens, sigma, n_visible, items, trial, seeds, seconds, slot) -> list[dict]:

@@ -352,9 +352,7 @@ class _Speculation:
         num_blocks = min(cover, W + 1)
         if self.accepted_first:
             j = torch.where(j == K, 0, j + 1)  # the outcome's block
-        take &= (j < num_blocks) & (j < plan.cover)
-        if not width:
-            take &= False
+        take &= (j < num_blocks) & (j < plan.cover)  # (a plan of width 0 gives count 0: nothing taken)
         if not bool(take.all()):
             self.count[sel] = 0
             if not take.any():
