@@ -1,5 +1,9 @@
 """The ``asarm`` command. Each subcommand is a plain function; ``main`` only parses arguments.
 
+Importing this module loads no torch: the parsers come from light modules (asarm.sampling.spec,
+asarm.eval.commands) and each command imports what it needs, so ``--help`` and a bad option come back at
+once. Any error that escapes a command is one line; ``--debug`` shows its traceback.
+
     asarm sample --text "The <mask:4> sat on the mat." --k 5 --batch-size 4     # the embedded asarm-tiny
     asarm sample --model DIR_OR_HUB_NAME --text "A whole sentence to mask." --masking-rate 0.7
     asarm train --config configs/tiny_cpu.yaml train.max_steps=100
@@ -11,53 +15,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from pathlib import Path
 
-import torch
-
-from . import orders
-from .eval.arguments import add_model_source_arguments
-from .model import ASARM
-from .sampling import SAMPLERS, decode
-from .sampling.engine import DEFAULT_ENGINE, ENGINES
-from .sampling.spec import SettingError, add_sampler_arguments, apply_override, sampler_overrides
-from .sampling.trace import render_html, render_text
-from .seeds import mix_seed
+from .eval.arguments import add_model_source_arguments, add_threads_argument, positive_int
+from .eval.commands import EVALUATIONS
+from .resources import set_threads
+from .sampling.spec import DEFAULT_ENGINE, ENGINE_NAMES, SAMPLERS, SettingError, add_sampler_arguments, \
+    apply_override, sampler_overrides
+from .templates import _BLANK_TAG, _blank_count, encode_template, parse_template, show_completion, \
+    show_prompt, token_blanks
 
 __all__ = ["main", "sample", "sample_spec", "profile", "add_sample_parser", "encode_template"]
 
 # `asarm sample --sampler`: any registry name, or "assd" (two-call rounds with --drafter's drafts: assd-self,
 # assd-ngram, ...)
 SAMPLE_SAMPLERS = {"assd": "assd-self", "auto": "assd-auto", **{name: name for name in SAMPLERS}}
-# Anything that looks like a blank tag (``<mask``, then ``:``, a space or ``>``) is parsed, so a
-# mistyped tag is an error instead of literal text sent to the model.
-_BLANK_TAG = re.compile(r"<mask(?=[\s:>])[^<>]*>")
-_BLANK = re.compile(r"<mask(?::(\d+))?>")
-
-
-def _blank_count(tag: str) -> int:
-    match = _BLANK.fullmatch(tag)
-    if match is None or int(match.group(1) or 1) < 1:
-        raise ValueError(f"blank tag {tag!r} is not valid: write <mask> or <mask:N> with N >= 1 and no spaces")
-    return int(match.group(1) or 1)
-
-
-def encode_template(tokenizer, text: str, mask_token_id: int) -> list[int]:
-    """Token ids of ``text`` where ``<mask>`` is one blank and ``<mask:N>`` is N blanks."""
-    ids: list[int] = []
-    cursor = 0
-    for match in _BLANK_TAG.finditer(text):
-        count = _blank_count(match.group(0))
-        segment = text[cursor:match.start()]
-        if segment.strip():
-            ids += tokenizer(segment, add_special_tokens=False)["input_ids"]
-        ids += [mask_token_id] * count
-        cursor = match.end()
-    if text[cursor:].strip():
-        ids += tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
-    return ids
 
 
 def sample_spec(sampler: str = "assd", **settings):
@@ -78,25 +51,33 @@ def sample_spec(sampler: str = "assd", **settings):
 def sample(model: str, text: str, revision: str | None = None, masking_rate: float | None = None,
            sampler: str = "assd", seed: int = 0, batch_size: int = 1, engine: str = DEFAULT_ENGINE,
            device: str | None = None, progress: bool = True, trace: str | None = None, show_rounds: bool = False,
-           **settings) -> list[dict]:
+           threads: int | None = None, **settings) -> list[dict]:
     """Fill the blanks of ``text`` (or a random ``masking_rate`` of its tokens) ``batch_size`` times.
 
     ``sampler``: a registry name (``asarm.sampling.SAMPLERS``), or ``assd`` (two-call rounds with the drafts of
     ``drafter``); ``settings``: sampler settings (the fields of ``SamplerSpec``: ``k``, ``drafter``,
     ``temperature``, ``draft_length`` ...). ``trace``: write a picture of the decode (an HTML file);
-    ``show_rounds``: print every round (the samples do not change). Returns one dict per completion (text,
-    nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
+    ``show_rounds``: print every round (the samples do not change); ``threads``: torch's CPU threads (None: one per
+    available CPU). Returns one dict per completion (text, nfe, rounds, tokens_per_round, tokens_per_call) and
+    prints them.
     """
     spec = sample_spec(sampler, **settings)
-    if trace is not None and not Path(trace).resolve().parent.is_dir():
-        raise ValueError(f"--trace {trace}: folder {Path(trace).resolve().parent} does not exist; create it first")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    _check_sample_arguments(text, masking_rate, batch_size, trace)
+    import torch
+
+    from . import orders
+    from .model import ASARM
+    from .sampling import decode
+    from .sampling.trace import render_html, render_text
+    from .seeds import mix_seed
+
+    set_threads(threads)
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")
     spec = spec.resolve(asarm)  # a drafter that needs a draft head the model lacks: refused before decoding
-    ids = torch.tensor(encode_template(asarm.tokenizer, text, asarm.mask_token_id))
+    template = parse_template(asarm.tokenizer, text, asarm.mask_token_id)
+    ids = torch.tensor(template.ids)
     if len(ids) == 0:
         raise ValueError("text is empty")
     if asarm.trained_length is not None and len(ids) > asarm.trained_length:
@@ -106,31 +87,29 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
     gen = torch.Generator().manual_seed(seed)
     blanks = ids == asarm.mask_token_id
     if masking_rate is not None:
-        if blanks.any():
-            raise ValueError("give either blanks in the text or --masking-rate, not both")
         n_prompt = orders.num_prompt_for_rate(masking_rate, torch.full((batch_size,), len(ids)))
         sigma = orders.any_subset(n_prompt, len(ids), generator=gen)
     else:
-        if not blanks.any():
-            raise ValueError("text has no blanks: write <mask> or <mask:N>, or pass --masking-rate")
         sigma, n_prompt = orders.infilling(~blanks.expand(batch_size, -1))
     tokens = ids.expand(batch_size, -1).clone()
     seeds = torch.tensor([mix_seed(seed, b) for b in range(batch_size)])
     out = decode(asarm, spec, tokens, sigma, n_prompt, seed=seeds, engine=engine, progress=progress,
                  trace=trace is not None or show_rounds)
-    shown = tokens[0].masked_fill(sigma[0] >= n_prompt[0], asarm.mask_token_id)
-    print(f"prompt: {asarm.tokenizer.decode(shown.tolist())}")
+    shown = template.blanks if masking_rate is None else \
+        token_blanks(asarm.tokenizer, template.ids, (sigma[0] >= n_prompt[0]).tolist())
+    print(f"prompt: {show_prompt(asarm.tokenizer, template.ids, shown, asarm.mask_token_id)}")
     if not out.exact:
         print(f"WARNING: r_atol={spec.r_atol} > 0: lossy sampling, not the model's distribution")
     if show_rounds:
         print(render_text(out.trace, out.tokens, asarm.tokenizer))
     if trace is not None:
-        Path(trace).write_text(render_html(out.trace, out.tokens, asarm.tokenizer,
-                                           title=f"asarm sample: {out.sampler}"), encoding="utf-8")
+        Path(trace).write_text(render_html(out.trace, out.tokens, asarm.tokenizer, sampler=out.sampler,
+                                           settings={"seed": seed, **spec.settings()}), encoding="utf-8")
         print(f"wrote {trace}")
     results = []
     for b in range(batch_size):
-        result = {"text": asarm.tokenizer.decode(out.tokens[b].tolist()), "nfe": int(out.nfe[b]),
+        result = {"text": show_completion(asarm.tokenizer, out.tokens[b].tolist(), template.blanks),
+                  "nfe": int(out.nfe[b]),
                   "rounds": int(out.rounds[b]), "tokens_per_round": float(out.tokens_per_round[b]),
                   "tokens_per_call": float(out.tokens_per_call[b])}
         results.append(result)
@@ -139,19 +118,28 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
     return results
 
 
-def _positive_int(value: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports the option name with the message)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+def _check_sample_arguments(text: str, masking_rate: float | None, batch_size: int, trace: str | None) -> None:
+    """The checks of ``asarm sample``'s arguments that need no model (they run before it loads)."""
+    if trace is not None and not Path(trace).resolve().parent.is_dir():
+        raise ValueError(f"--trace {trace}: folder {Path(trace).resolve().parent} does not exist; create it first")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if not text.strip():
+        raise ValueError("--text is empty; give a text with blanks (<mask>, <mask:N>) or with --masking-rate")
+    tags = _BLANK_TAG.findall(text)
+    for tag in tags:
+        _blank_count(tag)
+    if masking_rate is not None:
+        if tags:
+            raise ValueError("give either blanks in the text or --masking-rate, not both")
+        if not 0.0 < masking_rate < 1.0:
+            raise ValueError(f"--masking-rate must lie strictly between 0 and 1, got {masking_rate}")
+    elif not tags:
+        raise ValueError("text has no blanks: write <mask> or <mask:N>, or pass --masking-rate")
 
 
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sample", help="fill blanks in a text with an AS-ARM",
+    p = subparsers.add_parser("sample", help="fill blanks in a text with an AS-ARM", parents=[_DEBUG],
                               description="Fill the blanks of a text (or a random subset of its tokens).")
     add_model_source_arguments(p)
     p.add_argument("--text", required=True, help="text; <mask> is one blank token, <mask:N> is N blank tokens")
@@ -162,9 +150,10 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                         "rounds; sequential; or any of " + ", ".join(SAMPLERS) + " (default: %(default)s)")
     add_sampler_arguments(p, every_command=False)
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="number of completions (>= 1)")
-    p.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+    p.add_argument("--batch-size", type=positive_int, default=1, help="number of completions (>= 1)")
+    p.add_argument("--engine", choices=sorted(ENGINE_NAMES), default=DEFAULT_ENGINE,
                    help="cached: each fixed token computed once (fast); full: a whole-sequence pass per NFE")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--trace", metavar="FILE.html", default=None,
                    help="write a self-contained page showing each round: tokens coloured by origin (prompt, "
@@ -178,15 +167,18 @@ def _run_sample(args: argparse.Namespace) -> list[dict]:
     return sample(args.model, args.text, revision=args.revision, masking_rate=args.masking_rate,
                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, engine=args.engine,
                   device=args.device, progress=not args.no_progress, trace=args.trace, show_rounds=args.show_rounds,
-                  **sampler_overrides(args, every_command=False))
+                  threads=args.threads, **sampler_overrides(args, every_command=False))
 
 
 def profile(model: str = "asarm-tiny", revision: str | None = None, device: str | None = None, length: int = 128,
             batch_size: int = 1, k: int = 5, threads: int | None = None, out: str | None = None) -> dict:
     """Measure the call-cost model of assd-auto on WikiText-2 test chunks (95% masked) and print the profiled
     calls with the model's prediction beside each, and the predicted time of every schedule it can choose."""
-    from .eval.arguments import set_threads
+    import torch
+
+    from . import orders
     from .eval.markdown import markdown_table
+    from .model import ASARM
     from .eval.texts import packed_text
     from .sampling.assd import auto_controller, profile_calls
 
@@ -222,12 +214,12 @@ def profile(model: str = "asarm-tiny", revision: str | None = None, device: str 
 
 def _add_profile_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure the call-cost model that assd-auto schedules with",
-                              description=profile.__doc__.split("\n\n")[0])
+                              parents=[_DEBUG], description=profile.__doc__.split("\n\n")[0])
     add_model_source_arguments(p)
-    p.add_argument("--length", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="rows decoded together (default: %(default)s)")
-    p.add_argument("--k", type=_positive_int, default=5, help="the most drafts a call verifies (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--length", type=positive_int, default=128, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="rows decoded together (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=5, help="the most drafts a call verifies (default: %(default)s)")
+    add_threads_argument(p)
     p.add_argument("--out", default=None, help="write the profile here (JSON), for --cost-profile")
     p.set_defaults(func=lambda a: profile(a.model, a.revision, a.device, a.length, a.batch_size, a.k, a.threads,
                                           a.out))
@@ -250,54 +242,87 @@ def _add_train_parser(subparsers) -> None:
 def _add_config_command(subparsers, name: str, summary: str, description: str, configs: str, example: str,
                         forced: tuple[str, ...] = ()) -> None:
     """A subcommand that runs the trainer on ``--config`` plus dotted overrides (and the ``forced`` ones)."""
-    p = subparsers.add_parser(name, help=summary, description=description)
+    p = subparsers.add_parser(name, help=summary, description=description, parents=[_DEBUG])
     p.add_argument("--config", required=True, help=f"YAML config ({configs})")
+    add_threads_argument(p)
     p.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
 
     def run(args):
-        from .training.trainer import train  # lazy: keeps accelerate out of `asarm sample` start-up
+        from .training.trainer import train
 
+        set_threads(args.threads)
         return train(args.config, [*args.overrides, *forced])
 
     p.set_defaults(func=run)
 
 
-# asarm eval NAME -> the runner module defining add_arguments(parser) and run(args) (see asarm.eval.arguments)
-EVALUATIONS = {
-    "speculative": ("asarm.eval.speculative", "speculative-decoding benchmark: NFE, wall-clock, gen. perplexity"),
-    "rocstories": ("asarm.eval.nlp_infill", "ROCStories story infilling with ROUGE"),
-    "humaneval": ("asarm.eval.code_infill", "HumanEval infilling: sandboxed execution, pass@k"),
-    "lm-tasks": ("asarm.eval.lm_tasks", "left-to-right tasks: LAMBADA and HellaSwag"),
-    "nll": ("asarm.eval.nll", "held-out NLL per token (random orders) vs a unigram baseline"),
-}
-
-
 def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="run an evaluation (writes results.json, summary.md, samples)",
+                              parents=[_DEBUG],
                               description="Evaluations; each runs with no arguments on the embedded default model.")
     evaluations = p.add_subparsers(dest="evaluation", required=True)
-    for name, (module_name, summary) in EVALUATIONS.items():
-        module = importlib.import_module(module_name)
-        q = evaluations.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(q)
-        q.set_defaults(func=module.run)
+    for name, evaluation in EVALUATIONS.items():
+        q = evaluations.add_parser(name, help=evaluation.summary, description=evaluation.description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, parents=[_DEBUG])
+        evaluation.add_arguments(q)
+        q.set_defaults(func=_evaluation_runner(evaluation))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models.")
+def _evaluation_runner(evaluation):
+    """Check the options (no model needed), then import the runner and run it."""
+    def run(args):
+        evaluation.check(args)
+        return importlib.import_module(evaluation.runner).run(args)
+
+    return run
+
+
+# --debug on every subcommand (SUPPRESS: a subcommand that is not given it keeps the top level's value)
+_DEBUG = argparse.ArgumentParser(add_help=False)
+_DEBUG.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="show the traceback of an error instead of one line")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, like every other error of the command (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="asarm", description="Any-subset autoregressive models.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
     _add_profile_parser(subparsers)
     _add_train_parser(subparsers)
     _add_eval_parser(subparsers)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "asarm " + " ".join(filter(None, (args.command, getattr(args, "evaluation", None))))
     try:
         args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"asarm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the one top-level guard: one line, the traceback with --debug
+        if args.debug:
+            raise
+        if isinstance(err, (ValueError, OSError)):
+            print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        print(f"{command}: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

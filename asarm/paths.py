@@ -1,4 +1,5 @@
-"""Where asarm finds public data files (WikiText, ROCStories, HumanEval-infilling, tokenizers, ...).
+"""Where asarm finds public data files (WikiText, ROCStories, HumanEval-infilling, tokenizers, ...) and its
+embedded models.
 
 The data directory is, in order: the ``ASARM_DATA_DIR`` environment variable, else ``../shared/data``
 next to the repository checkout (this project's development layout), else ``~/.cache/asarm/data``.
@@ -10,9 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["data_dir", "data_file", "DataFileNotFoundError"]
+__all__ = ["data_dir", "data_file", "DataFileNotFoundError", "EMBEDDED_MODELS", "DEFAULT_MODEL"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODELS = {"asarm-tiny": Path(__file__).parent / "models" / "asarm-tiny"}
+DEFAULT_MODEL = "asarm-tiny"
 
 
 class DataFileNotFoundError(FileNotFoundError):

@@ -3,22 +3,25 @@ loading the model they name.
 
 A runner module (``asarm.eval.speculative`` ...) defines ``add_arguments(parser)`` and ``run(args) -> dict``;
 ``asarm eval <name>`` wires them to the command line. Sampler settings are declared once, with the spec
-(asarm.sampling.spec); ``--samplers`` starts from the registry and applies the settings given.
+(asarm.sampling.spec); ``--samplers`` starts from the registry and applies the settings given. Importing this
+module loads no torch (the command line builds its parsers from it); loading the model does.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
+from ..paths import DEFAULT_MODEL
+from ..resources import set_threads
+from ..sampling.spec import DEFAULT_ENGINE, ENGINE_NAMES, SAMPLERS, SamplerSpec, SettingError, add_sampler_arguments, \
+    count_or_all, parse_samplers, sampler_overrides
 
-from ..model import ASARM, DEFAULT_MODEL
-from ..sampling.engine import DEFAULT_ENGINE, ENGINES
-from ..sampling.spec import SAMPLERS, SamplerSpec, SettingError, add_sampler_arguments, count_or_all, \
-    parse_samplers, sampler_overrides
+if TYPE_CHECKING:
+    from ..model import ASARM
 
-__all__ = ["unset_means", "add_model_source_arguments", "add_model_arguments", "add_common_arguments",
-           "parse_count_or_all", "samplers_from_args", "set_threads", "load_model"]
+__all__ = ["unset_means", "add_model_source_arguments", "add_threads_argument", "positive_int", "add_model_arguments",
+           "add_common_arguments", "parse_count_or_all", "samplers_from_args", "set_threads", "load_model"]
 
 
 def unset_means(meaning: str) -> str:
@@ -37,13 +40,29 @@ def add_model_source_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ..." + unset_means("cuda if available"))
 
 
+def add_threads_argument(parser) -> None:
+    """``--threads`` (every command that computes)."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for torch" + unset_means("one per CPU this process may use: its "
+                                                                   "affinity and cgroup quota"))
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports the option name with the message)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, out: str, seed: bool = True) -> None:
     """Model, device, output and (if ``seed``) seed options (every runner)."""
     g = parser.add_argument_group("model and output")
     add_model_source_arguments(g)
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch; 1 is much faster when other jobs share the CPU"
-                        + unset_means("torch's choice"))
+    add_threads_argument(g)
     if seed:
         g.add_argument("--seed", type=int, default=0, help="base seed (orders, prompts and sampling)")
     g.add_argument("--out", default=out, help="output directory (results.json, summary.md, samples.jsonl, plots)")
@@ -75,7 +94,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
     """:func:`add_model_arguments` plus the sampler options of the runners that decode."""
     add_model_arguments(parser, out=out)
     g = parser.add_argument_group("sampling")
-    g.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+    g.add_argument("--engine", choices=sorted(ENGINE_NAMES), default=DEFAULT_ENGINE,
                    help="cached: each fixed token computed once; full: whole-sequence pass per NFE (reference cost)")
     g.add_argument("--samplers", default=samplers, help=f"comma-separated, from {', '.join(SAMPLERS)}")
     add_sampler_arguments(g, every_command=True)
@@ -83,16 +102,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, samplers: str = "se
     g.add_argument("--trials", type=int, default=1, help="independent repetitions with fresh seeds")
 
 
-def set_threads(threads: int | None) -> None:
-    """``--threads``: torch's CPU threads (None: torch's choice)."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
 def load_model(args: argparse.Namespace) -> ASARM:
     """The model of ``--model``/``--revision`` on ``--device``, after applying ``--threads``."""
+    from ..model import ASARM
+
     set_threads(args.threads)
     model = ASARM.from_pretrained(args.model, revision=args.revision, device=args.device)
     if model.tokenizer is None:

@@ -23,48 +23,16 @@ import argparse
 from pathlib import Path
 
 from .humaneval import BENCHMARKS, evaluate_completions, load_problems, self_check
-from .infill import (CodeCodec, TextCodec, add_infill_arguments, check_arguments, describe_blank,
+from .infill import (CodeCodec, TextCodec, describe_blank,
                      encode_rows, infill, repeat_trials)
-from ..sampling.spec import parse_choices, resolve_samplers
-from .arguments import add_common_arguments, load_model, samplers_from_args
+from ..sampling.spec import resolve_samplers
+from .commands import check_humaneval
+from .arguments import load_model, samplers_from_args
 from .markdown import markdown_table
 from .plots import bar_chart
 from .record import EvalRun
 
-__all__ = ["add_arguments", "run", "parse_benchmarks", "parse_pass_k"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("HumanEval infilling")
-    g.add_argument("--benchmarks", default="single-line", help=f"comma-separated, from {', '.join(BENCHMARKS)}")
-    g.add_argument("--data-dir", default=None,
-                   help="folder holding the HumanEval-*Infilling.jsonl.gz files; None = the data directory's "
-                        "human-eval-infilling/")
-    g.add_argument("--no-code-mapping", action="store_true",
-                   help="tokenise code as natural text, for models not trained on whitespace-mapped code "
-                        "(newlines and indentation are then lost)")
-    g.add_argument("--num-samples", type=int, default=1, help="completions per task and trial")
-    g.add_argument("--pass-k", default="1", help="comma-separated k for pass@k (each <= trials x num-samples)")
-    g.add_argument("--timeout", type=float, default=3.0, help="seconds per program (wall clock)")
-    g.add_argument("--workers", type=int, default=None, help="programs run in parallel; None = the CPU count")
-    add_common_arguments(parser, out="runs/eval/humaneval", batch_size=8)
-    add_infill_arguments(parser, limit=8, k=10)
-
-
-def parse_benchmarks(value: str) -> list[str]:
-    return parse_choices(value, BENCHMARKS, "HumanEval-infilling benchmark")
-
-
-def parse_pass_k(value: str, n: int) -> list[int]:
-    """``"1,10"`` -> [1, 10]; each k must lie in [1, n] (n = completions per task)."""
-    try:
-        ks = sorted({int(k) for k in value.split(",") if k.strip()})
-    except ValueError:
-        raise ValueError(f"--pass-k must be comma-separated integers, got {value!r}") from None
-    if not ks or ks[0] < 1 or ks[-1] > n:
-        raise ValueError(f"--pass-k values must lie in [1, {n}] (trials x num-samples completions per task), "
-                         f"got {value!r}")
-    return ks
+__all__ = ["run"]
 
 
 def _problems_file(data_dir: str | None, benchmark: str) -> Path | None:
@@ -72,16 +40,8 @@ def _problems_file(data_dir: str | None, benchmark: str) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_arguments(args)
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    benchmarks = parse_benchmarks(args.benchmarks)
+    benchmarks, ks = check_humaneval(args)
     n_samples = args.trials * args.num_samples
-    ks = parse_pass_k(args.pass_k, n_samples)
     samplers = samplers_from_args(args)
     problem_sets = {b: load_problems(b, _problems_file(args.data_dir, b), args.limit) for b in benchmarks}
     empty = [b for b, problems in problem_sets.items() if not problems]

@@ -24,7 +24,7 @@ from ..tokenization import CLS_ID, SEP_ID, UNK_ID, CodeTokenizer, decode_text, e
 from ..sampling import SamplerSpec, decode
 from ..seeds import row_seeds
 
-__all__ = ["TextCodec", "CodeCodec", "parse_limit", "add_infill_arguments", "check_arguments", "blank_length",
+__all__ = ["TextCodec", "CodeCodec", "blank_length",
            "describe_blank", "InfillRow", "encode_rows", "repeat_trials", "make_batch", "InfillOutput", "infill"]
 
 
@@ -60,42 +60,6 @@ class CodeCodec:
         # prefix ends with a whitespace token, exactly as CodeTokenizer.encode_parts split them.
         continues = bool(prefix) and prefix[-1] not in (UNK_ID, CLS_ID, SEP_ID)
         return self.codec.decode(blank, continues=continues)
-
-
-def parse_limit(value: str) -> int | None:
-    """``--limit``: a positive integer, or ``all``."""
-    value = value.strip()
-    if value.lower() == "all":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"--limit must be a positive integer or 'all', got {value!r}")
-    return int(value)
-
-
-def add_infill_arguments(parser: argparse.ArgumentParser, *, limit: int | None, k: int) -> None:
-    """``--limit`` and the blank-length options; sets the default ASSD ``k`` (the paper uses 10).
-    Call it after ``runner.add_common_arguments``: a default set before ``--k`` exists is ignored."""
-    g = parser.add_argument_group("infilling")
-    g.add_argument("--limit", type=parse_limit, default=limit,
-                   help="items per setting or benchmark, the first in file order ('all' = every item)")
-    blank = g.add_mutually_exclusive_group()
-    blank.add_argument("--blank-length", type=int, default=None,
-                       help="blank tokens per item; None = the reference's token count")
-    blank.add_argument("--blank-ratio", type=float, default=None,
-                       help="blank = max(1, round(ratio x the reference's token count))")
-    parser.set_defaults(k=k)
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    """Reject bad values before the model loads (ValueError with the option's name)."""
-    if args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.blank_length is not None and args.blank_length < 1:
-        raise ValueError(f"--blank-length must be >= 1, got {args.blank_length}")
-    if args.blank_ratio is not None and not args.blank_ratio > 0:
-        raise ValueError(f"--blank-ratio must be > 0, got {args.blank_ratio}")
 
 
 def blank_length(reference_tokens: int, fixed: int | None = None, ratio: float | None = None) -> int:

@@ -49,6 +49,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("asarm.eval.lm_eval_model needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'") from err
 
 from ..model import ASARM, DEFAULT_MODEL
+from ..resources import pick_device, set_threads
 from ..orders import positions_by_rank, positions_of_ranks
 from ..sampling.engine import DEFAULT_ENGINE
 from ..tokenization import decode_text, encode_text
@@ -92,13 +93,12 @@ class ASARMLM(LM):
         super().__init__()
         if unused:
             log.warning("asarm: ignoring unknown model_args %s", sorted(unused))
-        if threads is not None:
-            torch.set_num_threads(int(threads))
+        set_threads(None if threads is None else int(threads))
         if model is None:
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             model = ASARM.from_pretrained(str(pretrained), revision=revision, device=device, dtype=torch_dtype)
         elif device is not None:
-            model = model.to(device)
+            model = model.to(pick_device(device))
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer; save one next to its weights")
         self.model = model

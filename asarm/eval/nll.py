@@ -43,18 +43,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import orders
-from .arguments import add_model_arguments, load_model, parse_count_or_all, unset_means
+from .arguments import load_model
+from .commands import check_nll
 from .markdown import markdown_table
 from .record import EvalRun
 from .texts import packed_text
 from .stats import summarize
 
-__all__ = ["unigram_log_probs", "token_byte_lengths", "token_word_starts", "heldout_nll", "add_arguments", "run"]
+__all__ = ["unigram_log_probs", "token_byte_lengths", "token_word_starts", "heldout_nll", "run"]
 
-# The embedded model's training text (its unigram baseline); the test text is WikiText-2 raw test.
-DEFAULT_UNIGRAM_TEXT = "wikitext-2/valid.txt"
-# Small enough for about a minute on 2 CPU cores with the embedded model; --num-sequences all for the whole text.
-DEFAULT_NUM_SEQUENCES = 512
 
 
 def unigram_log_probs(chunks: torch.Tensor, vocab_size: int, mask_token_id: int) -> torch.Tensor:
@@ -124,21 +121,6 @@ def heldout_nll(model, chunks: torch.Tensor, masking_rate: float, unigram: torch
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, out="runs/eval/nll")
-    g = parser.add_argument_group("data")
-    g.add_argument("--text-file", default=None,
-                   help="evaluation text, one document a line" + unset_means("WikiText-2 raw test, else the Hub"))
-    g.add_argument("--unigram-file", default=DEFAULT_UNIGRAM_TEXT,
-                   help="training text for the unigram baseline (default: %(default)s, the embedded model's "
-                        "training text)")
-    g.add_argument("--length", type=int, default=128, help="tokens per chunk")
-    g.add_argument("--num-sequences", type=parse_count_or_all, default=DEFAULT_NUM_SEQUENCES,
-                   help="first chunks of the text to score, or 'all' (WikiText-2 raw test: 3284 of 128 tokens)")
-    g.add_argument("--masking-rate", type=float, default=0.95, help="fraction of each chunk scored")
-    g.add_argument("--batch-size", type=int, default=16, help="chunks per forward pass")
-
-
 def _ci(values: torch.Tensor, scale: float = 1.0, shift: float = 0.0) -> list:
     lo, hi = summarize(values.double().tolist()).ci95
     return [None if math.isnan(lo) else (shift + lo) * scale, None if math.isnan(hi) else (shift + hi) * scale]
@@ -182,6 +164,7 @@ def _table_row(name: str, metrics: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_nll(args)
     model = load_model(args)
     run_ = EvalRun("nll", args)
     chunks = packed_text(model.tokenizer, args.length, args.text_file, args.num_sequences)

@@ -12,36 +12,23 @@ from __future__ import annotations
 
 import argparse
 
-from .infill import (TextCodec, add_infill_arguments, check_arguments, describe_blank, encode_rows,
+from .infill import (TextCodec, describe_blank, encode_rows,
                      infill, repeat_trials)
-from .rocstories import DEFAULT_FILE, ROUGE_TYPES, SETTINGS, load_stories, make_items, rouge_scores
-from ..sampling.spec import parse_choices, resolve_samplers
-from .arguments import add_common_arguments, load_model, samplers_from_args
+from .rocstories import ROUGE_TYPES, load_stories, make_items, rouge_scores
+from ..sampling.spec import resolve_samplers
+from .commands import check_rocstories
+from .arguments import load_model, samplers_from_args
 from .markdown import markdown_table
 from .plots import bar_chart
 from .record import EvalRun
 
-__all__ = ["add_arguments", "run", "parse_settings"]
+__all__ = ["run"]
 
 _ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("ROCStories")
-    g.add_argument("--data", default=None,
-                   help=f"Story Cloze CSV or TSV; None = the data directory's {DEFAULT_FILE}")
-    g.add_argument("--settings", default="1/5,3/5", help=f"comma-separated, from {', '.join(SETTINGS)}")
-    add_common_arguments(parser, out="runs/eval/rocstories", batch_size=16)
-    add_infill_arguments(parser, limit=16, k=10)
-
-
-def parse_settings(value: str) -> list[str]:
-    return parse_choices(value, SETTINGS, "ROCStories setting")
-
-
 def run(args: argparse.Namespace) -> dict:
-    check_arguments(args)
-    settings = parse_settings(args.settings)
+    settings = check_rocstories(args)
     samplers = samplers_from_args(args)
     stories = load_stories(args.data, args.limit)
     if not stories:

@@ -36,20 +36,18 @@ from ..sampling import decode
 from ..sampling.cost import timed
 from ..sampling.spec import resolve_samplers
 from ..seeds import row_seeds
-from .arguments import add_common_arguments, load_model, parse_count_or_all, samplers_from_args, unset_means
+from .arguments import load_model, samplers_from_args
+from .commands import SPECULATIVE_SAMPLERS, check_speculative
 from .markdown import markdown_table
-from .plots import label_bars
+from .plots import index_lines, label_bars
 from .record import EvalRun
 from .texts import WIKITEXT_TEST_FILE, packed_text
 from .perplexity import decode_clean, entropy_tokenizer, try_load_causal_lm
 from .stats import geometric_summary, paired_comparison, paired_ratio, significance, summarize, unigram_entropy
 
-__all__ = ["add_arguments", "run", "check_arguments", "aggregate"]
+__all__ = ["run", "aggregate"]
 
 BASELINE = "sequential"
-# the default --samplers; with a model that ships a draft head, assd-fused-head is added (assd-auto then drafts
-# with the head too)
-DEFAULT_SAMPLERS = "sequential,assd-self,assd-ngram,assd-fused,assd-auto"
 # Per-sample metrics: record key -> table label.
 METRICS = {"nfe": "NFE", "model_calls": "model calls", "model_free_draft_calls": "model-free draft calls",
            "rounds": "rounds",
@@ -58,48 +56,6 @@ METRICS = {"nfe": "NFE", "model_calls": "model calls", "model_free_draft_calls":
 # Positive metrics summarised by their geometric mean with a log-scale interval, which stays positive.
 LOG_SCALE_METRICS = ("seconds",)
 PAIRED_METRICS = ("nfe", "seconds", "gen_ppl", "entropy")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("benchmark (paper: --length 512 --num-sequences all --model therealgabeguo/ASARM "
-                                  "--revision nlp)")
-    g.add_argument("--text-file", default=None,
-                   help="plain-text file to chunk" + unset_means("WikiText-2 raw test from the data directory, "
-                                                                        "else the Hub"))
-    g.add_argument("--length", type=int, default=128, help="tokens per sequence (the paper: 512)")
-    g.add_argument("--num-sequences", type=parse_count_or_all, default=8,
-                   help="consecutive chunks to decode, or 'all' (the paper: all)")
-    g.add_argument("--start-fraction", type=float, default=0.05,
-                   help="fraction of each sequence shown at random positions; the rest is decoded left to right")
-    g = parser.add_argument_group("generative perplexity and entropy")
-    g.add_argument("--ppl-model", default="gpt2-large",
-                   help="causal LM (Hub name or local directory) scoring the decoded text; 'none' disables it")
-    g.add_argument("--ppl-batch-size", type=int, default=8, help="texts (windows) scored together")
-    g.add_argument("--ppl-stride", type=int, default=None,
-                   help="window stride for texts longer than the LM's context" + unset_means("half the context"))
-    add_common_arguments(parser, out="runs/eval/speculative", batch_size=1, samplers=DEFAULT_SAMPLERS)
-
-
-def check_arguments(args: argparse.Namespace) -> int:
-    """Validate the options before anything is loaded; return the number of visible tokens per sequence."""
-    samplers_from_args(args)
-    if not 0.0 < args.start_fraction < 1.0:
-        raise ValueError(f"--start-fraction must lie strictly between 0 and 1, got {args.start_fraction}")
-    for option in ("batch_size", "trials", "ppl_batch_size"):
-        if getattr(args, option) < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    if args.num_sequences is not None and args.num_sequences < 1:
-        raise ValueError(f"--num-sequences must be >= 1 or 'all', got {args.num_sequences}")
-    if args.ppl_stride is not None and args.ppl_stride < 1:
-        raise ValueError(f"--ppl-stride must be >= 1, got {args.ppl_stride}")
-    too_short = (f"--length {args.length} is too short for --start-fraction {args.start_fraction}: a sequence "
-                 f"needs at least one visible and one generated token")
-    if args.length < 2:
-        raise ValueError(too_short)
-    visible = int(orders.num_prompt_for_rate(1.0 - args.start_fraction, args.length))
-    if not 1 <= visible < args.length:
-        raise ValueError(too_short)
-    return visible
 
 
 def _order_seed(seed: int, trial: int) -> int:
@@ -285,7 +241,7 @@ def _summary_markdown(settings: dict, per_sampler: dict, paired: dict, perplexit
     return "\n".join(lines) + "\n"
 
 
-def _plots(run: EvalRun, per_sampler: dict, k: int) -> list[str]:
+def _plots(run: EvalRun, per_sampler: dict) -> list[str]:
     """Bar charts of NFE and wall-clock per sampler (95% CI) and acceptance rate by draft index."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -311,25 +267,17 @@ def _plots(run: EvalRun, per_sampler: dict, k: int) -> list[str]:
     written.append("nfe_wallclock.png")
     drafting = {n: e["acceptance_by_index"] for n, e in per_sampler.items() if "acceptance_by_index" in e}
     if drafting:
-        fig = Figure(figsize=(5, 3.6))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for name, rates in drafting.items():
-            ax.plot(range(1, k + 1), [math.nan if r is None else r for r in rates], marker="o", label=name)
-        ax.set(xlabel="draft index", ylabel="acceptance rate", ylim=(0, 1.05), xticks=range(1, k + 1),
-               title="ASSD acceptance by draft index")
-        ax.legend()
-        fig.tight_layout()
+        fig = index_lines(drafting, "draft index", "acceptance rate", "ASSD acceptance by draft index")
         fig.savefig(run.path("acceptance_by_index.png"), dpi=120)
         written.append("acceptance_by_index.png")
     return written
 
 
 def run(args: argparse.Namespace) -> dict:
-    visible = check_arguments(args)
+    visible = check_speculative(args)
     specs = samplers_from_args(args)
     model = load_model(args)
-    if args.samplers == DEFAULT_SAMPLERS and model.draft_head is not None:  # the default list shows the model's head
+    if args.samplers == SPECULATIVE_SAMPLERS and model.draft_head is not None:  # the default shows the model's head
         args.samplers = args.samplers.replace("assd-fused,", "assd-fused,assd-fused-head,")
         specs = samplers_from_args(args)
     specs = resolve_samplers(specs, model, args.model)
@@ -395,5 +343,5 @@ def run(args: argparse.Namespace) -> dict:
                "unit": "bits"}
     metrics = {"settings": settings, "samplers": per_sampler, "paired": paired, "perplexity": perplexity,
                "entropy": entropy}
-    metrics["plots"] = _plots(run_dir, per_sampler, args.k)
+    metrics["plots"] = _plots(run_dir, per_sampler)
     return run_dir.finish(metrics, _summary_markdown(settings, per_sampler, paired, perplexity, entropy, args.k))

@@ -1,18 +1,30 @@
 """Exact batched samplers for AS-ARMs: sequential and Any-Subset Speculative Decoding, named and set by one
-spec (``spec.py``) and run by one entry point (``decode``)."""
+spec (``spec.py``) and run by one entry point (``decode``).
 
-from .assd import assd_decode
-from .batch import DecodeOutput, LossySamplingWarning
-from .dispatch import decode
-from .draft_length import ConfidenceLength
-from .drafters import DRAFTERS, Drafter, DraftRequest, MissingDraftHeadError, NGramDrafter, SelfDrafter, \
-    register_drafter
-from .engine import ENGINES, CachedEngine, FullEngine
-from .rejection import Verdict, verify_drafts
-from .sequential import sequential_decode
-from .spec import SAMPLERS, SamplerSpec, available_samplers
+The names below load on first use, so the command line can read the sampler registry and its options
+(``spec.py``) without importing torch."""
 
-__all__ = ["DecodeOutput", "LossySamplingWarning", "assd_decode", "sequential_decode", "decode", "SamplerSpec",
-           "SAMPLERS", "available_samplers", "ConfidenceLength", "DRAFTERS", "Drafter", "DraftRequest",
-           "MissingDraftHeadError", "NGramDrafter", "SelfDrafter", "register_drafter", "ENGINES", "CachedEngine",
-           "FullEngine", "Verdict", "verify_drafts"]
+import importlib
+
+_SOURCES = {
+    "assd_decode": "assd", "DecodeOutput": "batch", "LossySamplingWarning": "batch", "decode": "dispatch",
+    "ConfidenceLength": "draft_length", "DRAFTERS": "drafters", "Drafter": "drafters", "DraftRequest": "drafters",
+    "MissingDraftHeadError": "drafters", "NGramDrafter": "drafters", "SelfDrafter": "drafters",
+    "register_drafter": "drafters", "ENGINES": "engine", "CachedEngine": "engine", "FullEngine": "engine",
+    "Verdict": "rejection", "verify_drafts": "rejection", "sequential_decode": "sequential", "SAMPLERS": "spec",
+    "SamplerSpec": "spec", "available_samplers": "spec",
+}
+
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

@@ -15,7 +15,10 @@ uniforms: both select drafts by how they will fare, which biases the output. The
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ConfidenceLength", "make_draft_length"]
 
@@ -31,6 +34,8 @@ class ConfidenceLength:
         self.name = f"confidence>={threshold:g}"
 
     def __call__(self, probs: torch.Tensor, drafts: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        import torch  # here, not at the top: the command line reads this module's rules without loading torch
+
         confident = probs.amax(dim=-1) >= self.threshold
         confident[:, 0] = True  # at least one draft per round
         stops = ~confident

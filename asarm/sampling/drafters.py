@@ -26,7 +26,8 @@ counted by the sampler (every ``session.logits`` call a drafter makes), not decl
   each token from its left neighbour (backing off to the row's unigram counts, then to uniform).
 
 ``DRAFTERS`` maps names to classes; :func:`register_drafter` adds one, and the CLI, the evaluations and
-the benchmarks list drafters from it.
+the benchmarks list drafters from it. torch is imported inside the functions that use it, so that the
+command line reads this registry (through asarm.sampling.spec) without loading torch.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
-import torch
+from typing import TYPE_CHECKING
 
-from .random import sample_categorical
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DraftRequest", "Drafter", "SelfDrafter", "HeadDrafter", "NGramDrafter", "chain_drafts", "DRAFTERS",
            "register_drafter", "make_drafter", "MissingDraftHeadError"]
@@ -105,6 +107,8 @@ class SelfDrafter:
         return None
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        from .random import sample_categorical
+
         logits = req.session.logits(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
         probs = req.to_probs(logits, req.draft_temperatures)
         return sample_categorical(probs, req.uniforms), probs
@@ -131,6 +135,10 @@ class HeadDrafter:
         return head
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from .random import sample_categorical
+
         head = self.head_for(req.model)
         states = req.session.states(req.rows, req.tokens, req.n_fixed, req.query_ranks, draft=True)
         # the first draft is the exact conditional, from the model's own LM head
@@ -148,6 +156,10 @@ def chain_drafts(head, model, states, prev_token, positions, prev_position, unif
     """Drafts from a draft head for query rows ``states (b, K, d)`` at ``positions (b, K)`` (consecutive
     ranks), the first following the known ``prev_token (b,)`` at ``prev_position (b,)``; slot i drawn from
     ``to_probs(logits_i, temperature)`` with ``uniforms[:, i]``. Returns ``(drafts (b, K), probs (b, K, V))``."""
+    import torch
+
+    from .random import sample_categorical
+
     drafts, probs = [], []
 
     def pick(i, logits):
@@ -171,6 +183,10 @@ class NGramDrafter:
         return None
 
     def propose(self, req: DraftRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from .random import sample_categorical
+
         tokens = req.tokens.clone()
         b, num_drafts = req.query_ranks.shape
         committed = req.sigma < req.n_fixed[:, None]

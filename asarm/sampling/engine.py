@@ -31,6 +31,7 @@ from ..masks import check_distinct_queries, query_limits
 from ..model import ASARM
 from ..orders import positions_of_ranks
 from .cached_engine import CachedEngine
+from .spec import DEFAULT_ENGINE, ENGINE_NAMES  # noqa: F401 (re-exported)
 
 __all__ = ["FullEngine", "CachedEngine", "make_engine", "ENGINES", "DEFAULT_ENGINE"]
 
@@ -93,8 +94,7 @@ class FullEngine:
         return _FullSession(self.model, sigma, n_prompt)
 
 
-ENGINES = {"full": FullEngine, "cached": CachedEngine}
-DEFAULT_ENGINE = "cached"
+ENGINES = {"full": FullEngine, "cached": CachedEngine}  # keys: spec.ENGINE_NAMES
 
 
 def make_engine(engine, model: ASARM):

@@ -197,3 +197,16 @@ def test_cli_wrapper_registers_and_runs_lm_eval(tiny_model_dir, tmp_path, monkey
     written = [p for p in out.rglob("results*.json")]
     assert written and "asarm_lambada_local" in json.loads(written[0].read_text())["results"]
     assert os.getcwd() == str(DATA)
+
+
+def test_cli_without_device_falls_back_to_the_cpu(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """lm-eval's CLI passes device "cuda" when --device is not given; on a machine without CUDA the model
+    runs on the CPU after one warning line, as lm-eval's own Hugging Face model does."""
+    monkeypatch.chdir(DATA)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    main(["--model", "asarm", "--model_args", f"pretrained={tiny_model_dir}", "--tasks", "asarm_lambada_local",
+          "--include_path", str(DATA), "--output_path", str(out)])
+    assert [p for p in out.rglob("results*.json")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "requested but CUDA is not available" in line]
+    assert len(warnings) == 1 and warnings[0].endswith("using the CPU")

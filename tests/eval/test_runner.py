@@ -58,9 +58,8 @@ def test_label_bars_keeps_an_all_zero_panel_readable(tmp_path):
 
 
 def _eval_parser(name):
-    module = importlib.import_module(EVALUATIONS[name][0])
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    module.add_arguments(parser)
+    EVALUATIONS[name].add_arguments(parser)
     return parser
 
 

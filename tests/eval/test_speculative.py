@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asarm.cli import main
-from asarm.eval import speculative
+from asarm.eval import commands, speculative
 from asarm.eval.texts import packed_text
 
 TEXT = ("The quick brown fox jumps over the lazy dog near the river bank. Every morning the farmer walks to "
@@ -219,7 +219,7 @@ def test_packed_text_is_the_trainer_layout(xlnet_tokenizer, text_file):
 
 def _args(**overrides):
     parser = argparse.ArgumentParser()
-    speculative.add_arguments(parser)
+    commands.add_speculative_arguments(parser)
     args = parser.parse_args([])
     vars(args).update(overrides)
     return args
@@ -229,7 +229,7 @@ def test_defaults_and_paper_visible_count():
     args = _args()
     assert (args.model, args.length, args.num_sequences, args.batch_size, args.k, args.ppl_model, args.out) == (
         "asarm-tiny", 128, 8, 1, 5, "gpt2-large", "runs/eval/speculative")
-    assert speculative.check_arguments(_args(length=512)) == 26
+    assert commands.check_speculative(_args(length=512)) == 26
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -241,7 +241,7 @@ def test_defaults_and_paper_visible_count():
 ])
 def test_bad_arguments(overrides, message):
     with pytest.raises(ValueError, match=message):
-        speculative.check_arguments(_args(**overrides))
+        commands.check_speculative(_args(**overrides))
 
 
 def test_bad_input_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
@@ -297,7 +297,7 @@ def test_paper_script_takes_environment_overrides(tmp_path):
 
 def _args_from(argv):
     parser = argparse.ArgumentParser()
-    speculative.add_arguments(parser)
+    commands.add_speculative_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,103 @@
+"""The device and the CPU threads a command runs on.
+
+``pick_device``: the device asked for, falling back to the CPU with one warning line when it does not
+exist on this machine (as lm-eval's own Hugging Face model does), so ``--device cuda`` (lm-eval's default)
+works on a machine without a GPU. ``available_cpus``: the CPUs this process may use (its affinity and the
+cgroup's CPU quota), which is what the default thread count follows; ``set_threads`` applies ``--threads``.
+torch is imported inside the functions: the command line imports this module before it needs torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["pick_device", "available_cpus", "default_threads", "set_threads", "load_average"]
+
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def _device_missing(device) -> str | None:
+    """Why ``device`` (a torch.device) cannot be used here, or None."""
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available here" + ("" if torch.version.cuda else " (this torch is a CPU build)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        return "MPS is not available here"
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+        return f"asarm runs on cpu, cuda or mps, not {device.type}"
+    return None
+
+
+def pick_device(device=None):
+    """``device`` if given and present, else CUDA when available, else the CPU. A device that does not exist here
+    falls back to the CPU with one warning line; a string that names no device is a one-line ValueError."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1 ... or leave it unset") from None
+    missing = _device_missing(chosen)
+    if missing is None:
+        return chosen
+    print(f"asarm: warning: device {device!r} requested but {missing}; using the CPU", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), in CPUs, or None."""
+    try:
+        quota, period = (_CGROUP / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((_CGROUP / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((_CGROUP / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by the cgroup quota where there is one."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, max(1, math.ceil(limit)))
+    return max(1, count)
+
+
+def default_threads() -> int:
+    """torch's intra-op threads when ``--threads`` is not given: one per available CPU (see available_cpus)."""
+    return available_cpus()
+
+
+def set_threads(threads: int | None) -> int:
+    """``--threads`` (None: :func:`default_threads`) as torch's intra-op threads; returns the count used."""
+    import torch
+
+    if threads is None:
+        threads = default_threads()
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

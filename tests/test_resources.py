@@ -1,0 +1,78 @@
+"""The device and thread defaults: a missing device falls back to the CPU with one warning line, and the default
+thread count follows the CPUs the process may use (affinity and cgroup quota)."""
+
+import os
+
+import pytest
+import torch
+
+from asarm import resources
+
+
+def test_a_missing_cuda_device_falls_back_to_the_cpu_with_one_warning(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resources.pick_device("cuda") == torch.device("cpu")
+    assert resources.pick_device("cuda:1") == torch.device("cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("requested but CUDA is not available" in line for line in lines)
+    assert resources.pick_device(None) == torch.device("cpu")
+    assert resources.pick_device("cpu") == torch.device("cpu") and capsys.readouterr().err == ""
+
+
+def test_a_cuda_index_past_the_devices_falls_back(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resources.pick_device("cuda:3") == torch.device("cpu")
+    assert "has 1 CUDA device(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", ""])
+def test_a_string_that_names_no_device_is_one_line(bad):
+    with pytest.raises(ValueError, match="is not a device; use cpu, cuda"):
+        resources.pick_device(bad)
+
+
+def test_the_model_loader_uses_the_fallback(tiny_model_dir, monkeypatch):
+    from asarm.model import ASARM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ASARM.from_pretrained(str(tiny_model_dir), device="cuda").device == torch.device("cpu")
+
+
+def _cgroup(tmp_path, monkeypatch, cpu_max):
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(resources, "_CGROUP", tmp_path)
+
+
+def test_available_cpus_follow_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    _cgroup(tmp_path, monkeypatch, "max 100000\n")
+    assert resources.available_cpus() == 6
+    _cgroup(tmp_path, monkeypatch, "250000 100000\n")  # 2.5 CPUs of quota: 3 threads
+    assert resources.available_cpus() == 3
+    _cgroup(tmp_path, monkeypatch, "50000 100000\n")  # half a CPU: still one thread
+    assert resources.available_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    _cgroup(tmp_path, monkeypatch, "max 100000\n")
+    assert resources.available_cpus() == 1
+
+
+def test_cgroup_v1_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    monkeypatch.setattr(resources, "_CGROUP", tmp_path)
+    assert resources.available_cpus() == 2
+
+
+def test_set_threads_defaults_to_the_available_cpus(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(resources, "available_cpus", lambda: 1)
+    try:
+        assert resources.set_threads(None) == 1 and torch.get_num_threads() == 1
+        assert resources.set_threads(2) == 2 and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="--threads must be an integer >= 1, got 0"):
+            resources.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
