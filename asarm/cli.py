@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .eval.arguments import add_model_source_arguments, add_threads_argument, positive_int
 from .eval.commands import EVALUATIONS
-from .resources import set_threads
+from .resources import hide_library_progress_bars, set_threads
 from .sampling.spec import DEFAULT_ENGINE, ENGINE_NAMES, SAMPLERS, SettingError, add_sampler_arguments, \
     apply_override, sampler_overrides
 from .templates import _BLANK_TAG, _blank_count, encode_template, parse_template, show_completion, \
@@ -72,6 +72,8 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
     from .seeds import mix_seed
 
     set_threads(threads)
+    if not progress:
+        hide_library_progress_bars()
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     if asarm.tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; save one next to the weights")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,10 +22,15 @@ from . import masks
 from .backbones import Backbone, XLNetBackbone, backbone_class, backbone_of_model_type
 from .backbones.xlnet import XLNET_BASE_SIZES
 from .draft_head import HEAD_CONFIG, HEAD_WEIGHTS, DraftHead, load_draft_head, save_draft_head
+from .inputs import check_model_dir, read_json, read_yaml
 from .orders import check_token_ids, positions_by_rank, positions_of_ranks
+from .offline import hub_offline, offline_reason
+from .paths import DEFAULT_MODEL, EMBEDDED_MODELS
+from .resources import pick_device
 
 __all__ = ["ASARM", "ModelLoadError", "NonFiniteLogitsError", "pick_device", "hub_offline", "HUB_REPO",
-           "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID", "XLNET_BASE_SIZES", "EMBEDDED_MODELS", "DEFAULT_MODEL"]
+           "HUB_REVISIONS", "XLNET_MASK_TOKEN_ID", "XLNET_BASE_SIZES", "EMBEDDED_MODELS", "DEFAULT_MODEL",
+           "StoredDefaults", "SAMPLER_DEFAULTS", "MODEL_DEFAULTS_FILE"]
 
 HUB_REPO = "therealgabeguo/ASARM"
 # Branches of HUB_REPO (spec section 1); "xlnet-base-cased" is the off-the-shelf baseline.
@@ -32,14 +38,7 @@ HUB_REVISIONS = ("nlp", "nlp_210k_plus_75k", "code", "xlnet-base-cased")
 XLNET_MASK_TOKEN_ID = 6
 FALLBACK_TOKENIZER = "xlnet/xlnet-base-cased"
 # Models shipped inside the package, loadable by name offline (see asarm/models/*/README.md).
-EMBEDDED_MODELS = {"asarm-tiny": Path(__file__).parent / "models" / "asarm-tiny"}
-DEFAULT_MODEL = "asarm-tiny"
 _ASARM_FILE = "asarm.json"
-
-
-# One quick request decides whether the Hub is reachable: huggingface_hub itself retries every file
-# 5 times with back-off (about 23 s per file) before giving up.
-_HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class ModelLoadError(OSError):
@@ -60,13 +59,6 @@ def check_finite(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def pick_device(device=None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load_tokenizer(name_or_path: str, revision: str | None, offline: bool = False, xlnet_layout: bool = False):
     """``xlnet_layout``: the directory's config.json is not a transformers config (another backbone) but its
     tokenizer has XLNet's special-token layout; say so instead of letting transformers read that config."""
@@ -77,21 +69,6 @@ def _load_tokenizer(name_or_path: str, revision: str | None, offline: bool = Fal
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=offline, config=config)
     except (OSError, ValueError):
         return None
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set or one quick request to the Hub fails; then Hub models
-    load from the local cache only, at once, instead of after huggingface_hub's retries."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if _hub_offline_flag():
-        return True
-    try:
-        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - DNS, refused connection, timeout, TLS: all mean "not reachable"
-        return True
-    return False
 
 
 def _local_model_dir(source: str) -> Path | None:
@@ -137,7 +114,7 @@ def _model_type(local: Path | None, repo: str, revision: str | None, offline: bo
         except Exception:  # noqa: BLE001 - offline, unknown repository or revision: explained by the load itself
             return None
     try:
-        return json.loads(path.read_text()).get("model_type")
+        return read_json(path).get("model_type")
     except (OSError, ValueError):
         return None
 
@@ -147,15 +124,37 @@ def _trained_length(local: Path | None) -> int | None:
     if local is None:
         return None
     if (local / _ASARM_FILE).exists():
-        length = json.loads((local / _ASARM_FILE).read_text()).get("trained_length")
+        length = read_json(local / _ASARM_FILE).get("trained_length")
         if length:
             return int(length)
     if (local / "training_config.yaml").exists():
-        import yaml
-
-        length = (yaml.safe_load((local / "training_config.yaml").read_text()) or {}).get("data", {}).get("max_length")
+        length = (read_yaml(local / "training_config.yaml") or {}).get("data", {}).get("max_length")
         return int(length) if length else None
     return None
+
+
+# The key of the sampler defaults a model stores in asarm.json (for its own drafts) and a draft head in
+# draft_head.json (for its drafts), measured on them (asarm.eval.sampler_defaults); asarm.sampling.spec checks and
+# applies them. asarm.json, not config.json: config.json is the backbone's (the rotary one refuses unknown fields).
+SAMPLER_DEFAULTS = "sampler_defaults"
+MODEL_DEFAULTS_FILE = _ASARM_FILE  # the file of a model's own (its drafts' defaults)
+
+
+class StoredDefaults(NamedTuple):
+    """The sampler defaults stored in ``file`` (``values``: setting -> value, as written there)."""
+
+    file: str
+    values: dict
+
+
+def _stored_defaults(file: Path, fields: dict) -> StoredDefaults | None:
+    values = fields.get(SAMPLER_DEFAULTS)
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{file}: {SAMPLER_DEFAULTS} must be an object of setting: value, got {values!r}; "
+                             f"fix or delete it")
+    return StoredDefaults(str(file), values)
 
 
 class ASARM(nn.Module):
@@ -170,6 +169,9 @@ class ASARM(nn.Module):
     # the sequence length the model was trained at, when known (asarm.json / training_config.yaml);
     # longer inputs ask XLNet for relative positions it never saw
     trained_length: int | None = None
+    # the sampler defaults stored with it (asarm.json), when it has any; its draft head's are the head's own
+    # ``sampler_defaults`` (draft_head.json), so that they go where the head goes
+    sampler_defaults: StoredDefaults | None = None
 
     def __init__(self, backbone: Backbone | XLNetLMHeadModel, tokenizer=None, mask_token_id: int | None = None):
         super().__init__()
@@ -209,6 +211,11 @@ class ASARM(nn.Module):
             kind = backbone_of_model_type(_model_type(local, source, revision, offline))
         except ValueError as err:
             raise ModelLoadError(f"{source!r}: {err}") from err
+        if local is not None:
+            try:
+                check_model_dir(local)  # weights present and whole before a backbone maps them
+            except ValueError as err:
+                raise ModelLoadError(str(err)) from None
         try:
             model = kind.from_pretrained(str(local or source), revision=revision, dtype=dtype, local_files_only=offline)
         except SafetensorError as err:
@@ -225,11 +232,15 @@ class ASARM(nn.Module):
         metadata = local if local is not None else _hub_metadata_dir(source, revision, offline)
         extra = {}
         if metadata is not None and (metadata / _ASARM_FILE).exists():
-            extra = json.loads((metadata / _ASARM_FILE).read_text())
+            extra = read_json(metadata / _ASARM_FILE)
         out = cls(model, tokenizer, extra.get("mask_token_id"))
         out.trained_length = _trained_length(metadata)
         if metadata is not None:
             out.attach_draft_head(load_draft_head(metadata, out.vocab_size, out.backbone.d_model))  # None: no head
+            out.sampler_defaults = _stored_defaults(metadata / _ASARM_FILE, extra)
+        if out.draft_head is not None:
+            head_file = metadata / HEAD_CONFIG
+            out.draft_head.sampler_defaults = _stored_defaults(head_file, read_json(head_file))
         return out.to(pick_device(device))
 
     @classmethod
@@ -373,16 +384,10 @@ def _explain_load_failure(source: str, revision: str | None, err: Exception, off
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     lowered = str(err).lower()
     if offline:
-        why = "HF_HUB_OFFLINE is set" if _hub_offline_flag() else "the Hugging Face Hub is not reachable"
+        why = offline_reason()
         return (f"could not load {source!r} (revision {revision!r}): {why} and the model is not in the local cache; "
                 f"download it on a connected machine or pass a local directory")
     if "revision" in lowered or "git identifier" in lowered:
         hint = f" Known revisions of {HUB_REPO}: {', '.join(HUB_REVISIONS)}." if source == HUB_REPO else ""
         return f"revision {revision!r} does not exist for {source!r}.{hint}"
     return f"could not load {source!r} (revision {revision!r}): {text}"
-
-
-def _hub_offline_flag() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)

@@ -1,4 +1,4 @@
-"""The device and the CPU threads a command runs on.
+"""The device and the CPU threads a command runs on, and its progress bars.
 
 ``pick_device``: the device asked for, falling back to the CPU with one warning line when it does not
 exist on this machine (as lm-eval's own Hugging Face model does), so ``--device cuda`` (lm-eval's default)
@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["pick_device", "available_cpus", "default_threads", "set_threads", "load_average"]
+__all__ = ["pick_device", "available_cpus", "default_threads", "set_threads", "load_average",
+           "hide_library_progress_bars"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -101,3 +102,15 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def hide_library_progress_bars() -> None:
+    """``--no-progress`` for the libraries too: transformers' weight loading and saving, huggingface_hub's
+    downloads and datasets' preparation print their own bars."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()

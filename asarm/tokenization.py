@@ -62,6 +62,8 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .offline import hub_offline
+
 __all__ = [
     "XLNET_SPECIAL_TOKENS", "ESCAPE", "WHITESPACE_TOKENS", "TokenizerLoadError",
     "load_xlnet_tokenizer", "tokenizer_from_sentencepiece",
@@ -212,7 +214,7 @@ def load_xlnet_tokenizer(path: str | os.PathLike | None = None, hub_name: str = 
             tried.append(f"{cand} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
     if path is None and hub_name:
         try:
-            return _check_layout(AutoTokenizer.from_pretrained(hub_name), hub_name)
+            return _check_layout(AutoTokenizer.from_pretrained(hub_name, local_files_only=hub_offline()), hub_name)
         except (OSError, ValueError) as err:
             tried.append(f"Hub {hub_name!r} ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
     raise TokenizerLoadError("could not load an XLNet tokenizer; tried: " + "; ".join(tried) +

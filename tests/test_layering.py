@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "asarm"
 
 # Lowest first; a module may import from its own layer's other parts and from the layers below.
 LAYERS = [
-    {"asarm", "paths", "files", "seeds", "checks", "resources", "inputs", "orders", "masks"},
+    {"asarm", "paths", "files", "seeds", "checks", "resources", "offline", "inputs", "orders", "masks"},
     {"tokenization", "templates", "backbones"},
     {"draft_head", "model", "hub"},
     {"sampling"},

@@ -76,3 +76,23 @@ def test_set_threads_defaults_to_the_available_cpus(monkeypatch):
             resources.set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def library_bars_restored():
+    yield
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_no_progress_silences_the_loaders_bars_too(tiny_model_dir, capsys, quiet, library_bars_restored):
+    from asarm.cli import main
+
+    argv = ["sample", "--model", str(tiny_model_dir), "--text", "The <mask:2> sat.", "--threads", "1"]
+    assert main(argv + (["--no-progress"] if quiet else [])) == 0
+    err = capsys.readouterr().err
+    assert ("Loading weights" in err) is not quiet and ("it/s]" in err or "tok/s]" in err) is not quiet, err

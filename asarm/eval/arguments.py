@@ -13,7 +13,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..paths import DEFAULT_MODEL
-from ..resources import set_threads
+from ..resources import hide_library_progress_bars, set_threads
 from ..sampling.spec import DEFAULT_ENGINE, ENGINE_NAMES, SAMPLERS, SamplerSpec, SettingError, add_sampler_arguments, \
     count_or_all, parse_samplers, sampler_overrides
 
@@ -107,6 +107,8 @@ def load_model(args: argparse.Namespace) -> ASARM:
     from ..model import ASARM
 
     set_threads(args.threads)
+    if args.no_progress:
+        hide_library_progress_bars()
     model = ASARM.from_pretrained(args.model, revision=args.revision, device=args.device)
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer files; save one next to the weights")

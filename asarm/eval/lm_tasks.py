@@ -28,21 +28,22 @@ from typing import Any, Iterable
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..inputs import content_suffix, iter_jsonl, read_text
+from ..offline import hub_offline, offline_reason
 from ..paths import DataFileNotFoundError, data_dir, data_file
-from ..sampling.spec import parse_choices
-from .arguments import add_model_arguments, load_model, unset_means
+from .commands import check_lm_tasks
+from .arguments import load_model
 from .markdown import markdown_table
 from .record import EvalRun
 
-__all__ = ["LAMBADA_FILE", "LAMBADA_HUB", "HELLASWAG_FILE", "HELLASWAG_HUB", "TASKS", "LambadaExample",
+__all__ = ["LAMBADA_FILE", "LAMBADA_HUB", "HELLASWAG_FILE", "HELLASWAG_HUB", "LambadaExample",
            "split_last_word", "load_lambada", "HellaSwagExample", "load_hellaswag", "hellaswag_accuracy",
-           "task_configs", "add_arguments", "run"]
+           "task_configs", "run"]
 
 LAMBADA_FILE = "lambada/lambada_test.jsonl"
 LAMBADA_HUB = ("EleutherAI/lambada_openai", "default", "test")  # (dataset, config, split)
 HELLASWAG_FILE = "hellaswag/hellaswag_val.jsonl"
 HELLASWAG_HUB = ("Rowan/hellaswag", None, "validation")
-TASKS = ("lambada", "hellaswag")
 
 
 def _rows(path: str | os.PathLike | None, default_file: str, hub: tuple[str, str | None, str]) -> Iterable[Any]:
@@ -51,6 +52,10 @@ def _rows(path: str | os.PathLike | None, default_file: str, hub: tuple[str, str
     if file is not None:
         return _read_file(file)
     name, config, split = hub
+    if hub_offline():
+        raise DataFileNotFoundError(f"no {default_file} in the data directory ({data_dir()}), and the Hub dataset "
+                                    f"{name!r} cannot be fetched: {offline_reason()}; pass the file or set "
+                                    f"ASARM_DATA_DIR")
     try:
         import datasets
         return datasets.load_dataset(name, config, split=split)
@@ -61,10 +66,9 @@ def _rows(path: str | os.PathLike | None, default_file: str, hub: tuple[str, str
 
 
 def _read_file(file: Path) -> list[Any]:
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix in (".jsonl", ".json"):
-        return [json.loads(line) for line in lines]
-    return lines
+    if content_suffix(file) in (".jsonl", ".json"):
+        return [row for _, row in iter_jsonl(file)]
+    return [line for line in read_text(file).splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -129,22 +133,6 @@ def hellaswag_accuracy(scores: ArrayLike, lengths: ArrayLike, labels: ArrayLike)
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("tasks")
-    g.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    g.add_argument("--lambada-file", default=None,
-                   help="LAMBADA .jsonl with a 'text' field per line (lambada_openai), or one passage per line"
-                        + unset_means(f"{LAMBADA_FILE} in the data directory, else the Hub {LAMBADA_HUB[0]}"))
-    g.add_argument("--hellaswag-file", default=None,
-                   help="HellaSwag .jsonl in the official format (ctx, endings, label)"
-                        + unset_means(f"{HELLASWAG_FILE} in the data directory, else the Hub {HELLASWAG_HUB[0]}"))
-    g.add_argument("--limit", type=int, default=None, help="first N examples of each task" + unset_means("all"))
-    g.add_argument("--max-length", type=int, default=512,
-                   help="tokens per row; a longer context keeps its last tokens (counted as 'truncated')")
-    g.add_argument("--batch-size", type=int, default=16, help="rows scored together (HellaSwag: one row per ending)")
-    add_model_arguments(parser, out="runs/eval/lm_tasks", seed=False)  # nothing is sampled
-
-
 def _load(task: str, path: str | None, limit: int | None) -> list:
     loader, option = {"lambada": (load_lambada, "--lambada-file"),
                       "hellaswag": (load_hellaswag, "--hellaswag-file")}[task]
@@ -226,13 +214,7 @@ def _hellaswag_metrics(results: dict, lm, examples: list[HellaSwagExample], out:
 
 
 def run(args: argparse.Namespace) -> dict:
-    tasks = parse_choices(args.tasks, TASKS, "task")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if args.max_length < 2:
-        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    tasks = check_lm_tasks(args)
     # Load the data before lm-eval and the model, so missing data fail at once.
     files = {"lambada": args.lambada_file, "hellaswag": args.hellaswag_file}
     data = {task: _load(task, files[task], args.limit) for task in tasks}

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..offline import hub_offline, offline_reason
 from ..paths import data_file
 from ..tokenization import decode_text
 
@@ -144,11 +146,13 @@ def load_causal_lm(name: str, device=None, revision: str | None = None, stride: 
     Raises PerplexityModelUnavailable with the reason when it cannot be loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    offline = not Path(name).expanduser().exists() and hub_offline()  # then the cache only: no retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, local_files_only=offline)
     except (OSError, ValueError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = (f"{offline_reason()} and it is not in the local cache" if offline
+                  else " ".join(str(err).split()) or type(err).__name__)
         raise PerplexityModelUnavailable(f"could not load perplexity model {name!r}: {reason}") from err
     model = model.to(torch.device(device) if device is not None else torch.device("cpu"))
     return CausalLM(model, tokenizer, name, _context_length(model, tokenizer), stride, batch_size)
@@ -182,6 +186,6 @@ def entropy_tokenizer(lm: CausalLM | None = None) -> tuple[object | None, str]:
             tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(merges))
         return tokenizer, f"gpt2 ({vocab.parent})"
     try:
-        return AutoTokenizer.from_pretrained("gpt2"), "gpt2 (Hub)"
+        return AutoTokenizer.from_pretrained("gpt2", local_files_only=hub_offline()), "gpt2 (Hub)"
     except (OSError, ValueError) as err:
         return None, f"no GPT-2 tokenizer: not in the data directory and the Hub failed: {' '.join(str(err).split())}"

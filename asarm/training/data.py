@@ -36,9 +36,7 @@ Held-out data
 from __future__ import annotations
 
 import glob as _glob
-import gzip
 import hashlib
-import json
 import math
 import os
 from collections import deque
@@ -48,6 +46,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..offline import hub_offline, offline_reason
+from ..inputs import check_text, iter_jsonl, iter_lines, read_text
 
 __all__ = [
     "DataSourceError", "DocumentSource", "TextFileSource", "JsonlSource", "CodeDirectorySource", "HubSource",
@@ -167,16 +168,12 @@ def _expand_paths(paths, what: str) -> list[Path]:
     return out
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-    return open(path, "r", encoding="utf-8", errors="surrogateescape", newline="")
-
-
 class TextFileSource(_LocalSource):
-    """Plain text files (paths or glob patterns, ``.gz`` allowed), cut into documents by ``unit``:
-    ``"line"`` (one document a line, e.g. WikiText rows), ``"paragraph"`` (blank-line separated
-    blocks) or ``"file"``. Whitespace-only documents are skipped (``skip_blank``)."""
+    """UTF-8 text files (paths or glob patterns; gzip or zstd compressed ones are read as what they hold,
+    ``asarm.inputs``), cut into documents by ``unit``: ``"line"`` (one document a line, e.g. WikiText
+    rows), ``"paragraph"`` (blank-line separated blocks) or ``"file"``. Whitespace-only documents are
+    skipped (``skip_blank``). A file that is not text fails at construction (its start is checked), a bad
+    byte further on when it is read (ValueError naming the file and the byte offset)."""
 
     def __init__(self, paths, unit: str = "line", split: str = "train", heldout_fraction: float = 0.0,
                  heldout_mode: str = "tail", skip_blank: bool = True):
@@ -185,59 +182,63 @@ class TextFileSource(_LocalSource):
             raise ValueError(f"unit must be 'line', 'paragraph' or 'file', got {unit!r}")
         self.paths = _expand_paths(paths, "TextFileSource")
         self.unit = unit
+        for path in self.paths:
+            check_text(path)
 
     def _raw_documents(self) -> Iterator[str]:
         for path in self.paths:
-            with _open_text(path) as f:
-                if self.unit == "file":
-                    yield f.read()
-                elif self.unit == "line":
-                    for line in f:
-                        yield line.rstrip("\r\n")
-                else:
-                    block: list[str] = []
-                    for line in f:
-                        if line.strip():
-                            block.append(line)
-                        elif block:
-                            yield "".join(block).rstrip("\r\n")
-                            block = []
-                    if block:
+            if self.unit == "file":
+                yield read_text(path)
+            elif self.unit == "line":
+                for line in iter_lines(path):
+                    yield line.rstrip("\r\n")
+            else:
+                block: list[str] = []
+                for line in iter_lines(path):
+                    if line.strip():
+                        block.append(line)
+                    elif block:
                         yield "".join(block).rstrip("\r\n")
+                        block = []
+                if block:
+                    yield "".join(block).rstrip("\r\n")
 
 
 class JsonlSource(_LocalSource):
-    """JSON-lines files (``.jsonl`` or ``.jsonl.gz``); each row's ``field`` is a document."""
+    """JSON-lines files (``.jsonl``, or compressed: ``.jsonl.gz``, ``.jsonl.zst``); each row's ``field`` is a
+    document. A file that is not text fails at construction, a line that is not JSON when it is read."""
 
     def __init__(self, paths, field: str = "text", split: str = "train", heldout_fraction: float = 0.0,
                  heldout_mode: str = "tail", skip_blank: bool = True):
         super().__init__(split, heldout_fraction, heldout_mode, skip_blank)
         self.paths = _expand_paths(paths, "JsonlSource")
         self.field = field
+        for path in self.paths:
+            check_text(path)
 
     def _raw_documents(self) -> Iterator[str]:
         for path in self.paths:
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                    if self.field not in row:
-                        raise DataSourceError(f"{path}:{lineno}: no field {self.field!r} (fields: {sorted(row)})")
-                    value = row[self.field]
-                    if value is None:
-                        continue
-                    if not isinstance(value, str):
-                        raise DataSourceError(f"{path}:{lineno}: field {self.field!r} is a {type(value).__name__}, "
-                                              f"not a string")
-                    yield value
+            for lineno, row in iter_jsonl(path):
+                if not isinstance(row, dict):
+                    raise DataSourceError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object with a "
+                                          f"{self.field!r} field")
+                if self.field not in row:
+                    raise DataSourceError(f"{path}:{lineno}: no field {self.field!r} (fields: {sorted(row)})")
+                value = row[self.field]
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise DataSourceError(f"{path}:{lineno}: field {self.field!r} is a {type(value).__name__}, "
+                                          f"not a string")
+                yield value
 
 
 class CodeDirectorySource(_LocalSource):
     """Every file under ``root`` matching one of ``patterns`` (glob, relative to ``root``, ``**``
     allowed) and none of ``exclude`` (fnmatch on the relative POSIX path), one document a file, in
     sorted path order. Files are read as UTF-8 with ``surrogateescape`` and without newline
-    translation, so a document is the file's exact text."""
+    translation, so a document is the file's exact text (a stray non-UTF-8 byte survives as a lone
+    surrogate); a NUL byte, the mark of a binary file, is an error."""
 
     def __init__(self, root, patterns: str | Sequence[str] = "**/*.py", exclude: Sequence[str] = (),
                  split: str = "train", heldout_fraction: float = 0.0, heldout_mode: str = "tail",
@@ -258,8 +259,7 @@ class CodeDirectorySource(_LocalSource):
 
     def _raw_documents(self) -> Iterator[str]:
         for rel in self.files:
-            with _open_text(self.root / rel) as f:
-                yield f.read()
+            yield read_text(self.root / rel, errors="surrogateescape")
 
 
 # Hugging Face datasets used by the paper's training scripts (spec section 5).
@@ -307,6 +307,10 @@ class HubSource(DocumentSource):
             import datasets
         except ImportError as err:  # pragma: no cover - datasets is a dependency
             raise DataSourceError("the 'datasets' package is needed for Hub sources") from err
+        if hub_offline():
+            raise DataSourceError(f"could not open Hugging Face dataset {self._describe()}: {offline_reason()}. "
+                                  f"Pre-download it into the datasets cache on a connected machine, or use local "
+                                  f"files (TextFileSource / JsonlSource / CodeDirectorySource)")
         try:
             return datasets.load_dataset(self.name, self.config, split=self.hub_split, data_dir=self.data_dir,
                                          streaming=True, **self.load_kwargs)
