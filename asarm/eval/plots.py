@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["label_bars", "bar_chart"]
+__all__ = ["label_bars", "bar_chart", "index_lines"]
 
 
 def label_bars(ax, bars, values: Sequence[float], fmt: str = "{:.3g}") -> None:
@@ -39,3 +40,21 @@ def bar_chart(path: Path, panels: Mapping[str, Mapping[str, Mapping[str, float]]
     axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=120)
     return path
+
+
+def index_lines(series: Mapping[str, Sequence[float | None]], xlabel: str, ylabel: str, title: str,
+                ylim: tuple[float, float] = (-0.03, 1.05)):
+    """One line per series over the indices 1, 2, ... (a Figure; the caller saves it). ``None`` means nothing
+    was measured there (a draft slot no draft reached, "not measured" on the model card): it is left out of
+    its line as a gap, never drawn as 0. The legend sits outside the axes, so it cannot hide a point; the
+    default ``ylim`` starts a little below 0 so that a point at 0 shows its whole marker."""
+    from matplotlib.figure import Figure  # lazy, as in bar_chart
+
+    fig = Figure(figsize=(6.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    longest = max((len(values) for values in series.values()), default=0)
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), [math.nan if v is None else v for v in values], marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=ylim, xticks=range(1, longest + 1), title=title)
+    fig.legend(loc="outside right upper", fontsize="small")
+    return fig

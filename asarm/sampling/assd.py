@@ -197,7 +197,8 @@ class _Speculation:
             self.count[done] = 0
             if self.recorder is not None:
                 q_x = self.q[done, :1].gather(2, drafts[..., None])[..., 0]
-                self.recorder.round(done, n, drafts, one, [["draft"]] * len(done), drafts, q_x, one, one)
+                self.recorder.round(done, n, drafts, one, [["draft"]] * len(done), drafts, q_x, p_x=q_x, drafted=one,
+                                    verified=one, accepted=one)  # an exact draft: its target probability is q
         return rows[~alone]
 
     # ---------------------------------------------------------------------------- verifying
@@ -291,7 +292,7 @@ class _Speculation:
         verified = torch.minimum(a + 1, K)
         self._commit(sel, n, values, fixed, a, verified)
         if self.recorder is not None:
-            self._record(rows, n, values, fixed, verdict, K, verified, drafts, q)
+            self._record(rows, n, values, fixed, verdict, K, verified, drafts, q, p)
         if self.bonus:
             add_rows(self.bonus_tokens, sel, verdict.bonus)
         if self.fused:
@@ -332,13 +333,14 @@ class _Speculation:
         if self.recorder is not None:
             self.recorder.round(rows, n, token, one, [["sequential"]] * len(rows))
 
-    def _record(self, rows, n, values, fixed, verdict, K, verified, drafts, q) -> None:
+    def _record(self, rows, n, values, fixed, verdict, K, verified, drafts, q, p) -> None:
         """The trace of a verify round: accepted drafts, then the residual, bonus or (no drafts) exact token."""
         next_origin = torch.where(verdict.rejected, 0, torch.where(K > 0, 1, 2)).tolist()
         origins = [["draft"] * int(a) + [("residual", "bonus", "sequential")[o]]
                    for a, o in zip(verdict.num_accepted.tolist(), next_origin)]
-        q_x = q.gather(2, drafts[..., None])[..., 0]
-        self.recorder.round(rows, n, values, fixed, origins, drafts, q_x, verified, verdict.num_accepted)
+        q_x, p_x = (probs.gather(2, drafts[..., None])[..., 0] for probs in (q, p))
+        self.recorder.round(rows, n, values, fixed, origins, drafts, q_x, p_x=p_x, drafted=K, verified=verified,
+                            accepted=verdict.num_accepted)
 
     def _next_from_outcomes(self, rows, sel, n, stop, verdict, K, outputs, column, W, uniforms, plan, width,
                             cover) -> None:
