@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["pick_device", "available_cpus", "default_threads", "set_threads", "load_average",
+__all__ = ["pick_device", "available_cpus", "default_threads", "set_threads", "load_average", "load_warning",
            "hide_library_progress_bars"]
 
 _CGROUP = Path("/sys/fs/cgroup")
@@ -102,6 +102,17 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def load_warning(loads, cpus: int | None = None) -> str | None:
+    """A warning when a load average in ``loads`` (taken at a run's start and end) exceeds the CPUs: then
+    other jobs competed for them, and wall-clock times and their ratios are distorted. None otherwise."""
+    cpus = cpus or available_cpus()
+    peak = max((load for load in loads if load is not None), default=None)
+    if peak is None or peak <= cpus + 0.5:
+        return None
+    return (f"the load average reached {peak:.1f} on {cpus} CPUs: other jobs competed for them, so wall-clock "
+            f"times and their ratios are distorted; rerun on an idle machine (or with --threads 1)")
 
 
 def hide_library_progress_bars() -> None:

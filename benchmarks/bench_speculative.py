@@ -39,6 +39,7 @@ from asarm import orders
 from asarm.eval.markdown import markdown_table
 from asarm.eval.texts import packed_text
 from asarm.model import ASARM, DEFAULT_MODEL
+from asarm.resources import load_average, load_warning
 from asarm.sampling import ENGINES, SAMPLERS, SamplerSpec, decode
 from asarm.sampling.drafters import HeadDrafter
 from asarm.sampling.spec import (DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES,
@@ -244,6 +245,7 @@ def main(argv=None) -> None:
             p.error(f"--variant-head {args.variant_head} has no draft head")
         specs |= {f"{name}-variant": spec.replace(drafter=HeadDrafter(variant)) for name, spec in list(specs.items())
                   if spec.algorithm == "assd" and spec.drafter in ("head", "auto")}
+    load_at_start = load_average()
     rows = []
     for label, length, batch in configs:
         rows += bench_config(models[label], label, length, batch, specs, args)
@@ -262,6 +264,9 @@ def main(argv=None) -> None:
             f"outcomes covered: {DEFAULT_OUTCOMES} by assd-fused, {HEAD_OUTCOMES} by assd-fused-head unless "
             f"-outcomesN; tok/s: samplers alternated chunk by "
             f"chunk, each chunk the fastest of {args.repeats}, after a warm-up.\n\n{table}\n")
+    warning = load_warning([load_at_start, load_average()])
+    if warning is not None:
+        text += f"\n**Warning:** {warning}.\n"
     if curve:
         text += ("\nOne cached call (batch 1, L=128, prompt cached): milliseconds against query rows and new "
                  "content rows, median over the calls of sessions stepping side by side.\n\n"

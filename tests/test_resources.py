@@ -96,3 +96,25 @@ def test_no_progress_silences_the_loaders_bars_too(tiny_model_dir, capsys, quiet
     assert main(argv + (["--no-progress"] if quiet else [])) == 0
     err = capsys.readouterr().err
     assert ("Loading weights" in err) is not quiet and ("it/s]" in err or "tok/s]" in err) is not quiet, err
+
+
+def test_load_warning_only_when_the_load_exceeds_the_cpus():
+    assert resources.load_warning([0.3, 2.4], cpus=2) is None
+    assert resources.load_warning([None, None], cpus=2) is None
+    warning = resources.load_warning([1.0, 5.7], cpus=2)
+    assert "5.7 on 2 CPUs" in warning and "distorted" in warning
+
+
+def test_results_record_threads_and_load(tmp_path, monkeypatch, capsys):
+    import json
+
+    from asarm.eval.record import EvalRun
+
+    loads = iter([6.0, 6.5])
+    monkeypatch.setattr("asarm.eval.record.load_average", lambda: next(loads))
+    monkeypatch.setattr("asarm.eval.record.load_warning", lambda values: resources.load_warning(values, cpus=2))
+    run = EvalRun("x", {"out": str(tmp_path)})
+    results = run.finish({}, "")
+    assert results["load_average"] == {"start": 6.0, "end": 6.5}
+    assert results["machine"]["torch_threads"] == torch.get_num_threads() and "available_cpus" in results["machine"]
+    assert any("6.5 on 2 CPUs" in w for w in json.loads((tmp_path / "results.json").read_text())["warnings"])

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..resources import available_cpus
+
 __all__ = ["machine_info"]
 
 
@@ -24,7 +26,8 @@ def _cpu_name() -> str:
 def machine_info() -> dict[str, Any]:
     info = {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": _cpu_name(),
             "python": sys.version.split()[0],
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "available_cpus": available_cpus(),
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

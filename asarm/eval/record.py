@@ -17,6 +17,7 @@ import torch
 
 from .. import __version__
 from ..files import write_atomic
+from ..resources import load_average, load_warning
 from .machine import machine_info
 
 __all__ = ["EvalRun", "flatten_metrics"]
@@ -56,8 +57,9 @@ def flatten_metrics(value: Any, prefix: str = "") -> dict[str, float]:
 class EvalRun:
     """An evaluation's output directory. ``samples(...)`` appends raw records to ``samples.jsonl``;
     ``path(name)`` names any other output file (plots); ``warn(message)`` records a problem that does
-    not stop the run; ``finish(metrics, summary)`` writes ``results.json`` (arguments, version, machine,
-    timings, metrics, warnings, files) and ``summary.md``, and closes with a line listing every file written.
+    not stop the run; ``finish(metrics, summary)`` writes ``results.json`` (arguments, version, machine and its
+    threads, the load average at the start and the end, timings, metrics, warnings, files) and ``summary.md``,
+    and closes with a line listing every file written; a load above the CPU count is a warning (distorted times).
     With ``--wandb`` (``args["wandb"]``) ``finish`` also logs a Weights & Biases run: the arguments as its
     config, the metrics flattened to scalars as its summary, results.json and summary.md as its files."""
 
@@ -75,6 +77,7 @@ class EvalRun:
         self.warnings: list[str] = []
         self._outputs = ["samples.jsonl"]
         self.started = time.time()
+        self.load_at_start = load_average()
 
     def path(self, name: str) -> Path:
         """Where to write the output file ``name``; once it exists, the closing line and results.json list it."""
@@ -100,9 +103,13 @@ class EvalRun:
         return text
 
     def finish(self, metrics: dict, summary: str) -> dict:
+        load = {"start": self.load_at_start, "end": load_average()}
+        warning = load_warning(load.values())
+        if warning is not None:
+            self.warn(warning)
         files = ["results.json", "summary.md"] + [name for name in self._outputs if (self.dir / name).exists()]
         results = {"evaluation": self.name, "asarm_version": __version__, "args": _jsonable(self.args),
-                   "machine": machine_info(),
+                   "machine": machine_info(), "load_average": load,
                    "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
                    "seconds": round(time.time() - self.started, 2), "metrics": _jsonable(metrics),
                    "warnings": self.warnings, "files": files}
