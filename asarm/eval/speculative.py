@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from typing import Any, Sequence
 
 import torch
@@ -306,9 +307,13 @@ def run(args: argparse.Namespace) -> dict:
 
     # Warm-up: lazy initialisation, allocator and kernel caches are paid outside the timed regions.
     trial, items = jobs[0]
+    started = time.perf_counter()
     for spec in specs:
         decode(model, spec, chunks[items], sigmas[trial][items], visible, seed=row_seeds(args.seed, trial, items),
                engine=args.engine)
+    warmup = time.perf_counter() - started
+    print(f"estimated decoding time: about {warmup * len(jobs):.0f} s ({len(jobs)} batch(es) x the warm-up's "
+          f"{warmup:.1f} s for all samplers)", flush=True)
 
     records: list[dict] = []
     for j, (trial, items) in enumerate(tqdm(jobs, desc="speculative", unit="batch", disable=not progress)):
