@@ -16,10 +16,12 @@ A backbone (an ``nn.Module``) provides
   it is built, sizes its :class:`asarm.backbones.kv_cache.RankCache` (key/value storage by rank) from
   ``config.n_layer``, ``config.n_head`` and ``d_head``, and calls ``cache_context(seq_len)`` once per session
   and ``cached_pass(...)`` once per batched layer stack;
-* ``save_pretrained(directory)`` and the class methods ``from_pretrained(path, **kwargs)`` and
-  ``from_config(fields)`` (a random init from the global RNG); ``config`` (with ``vocab_size``, ``d_model``,
-  ``n_layer``, ``n_head``, ``d_head``), ``name``, the registry key (asarm.backbones.BACKBONES), and ``model_type``, what
-  its checkpoints' ``config.json`` says (how ``ASARM.from_pretrained`` picks the backbone).
+* ``save_pretrained(directory)`` and the class methods ``from_pretrained(path, **kwargs)``,
+  ``from_config(fields)`` (a random init from the global RNG) and ``check_config(fields, prefix)`` (a one-line
+  ValueError for fields that cannot build the backbone; ``from_config`` calls it first); ``config`` (with
+  ``vocab_size``, ``d_model``, ``n_layer``, ``n_head``, ``d_head``), ``name``, the registry key
+  (asarm.backbones.BACKBONES), and ``model_type``, what its checkpoints' ``config.json`` says (how
+  ``ASARM.from_pretrained`` picks the backbone).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Backbone"]
+from ..checks import check_integer, check_number
+
+__all__ = ["Backbone", "check_sizes"]
 
 
 class Backbone(nn.Module):
@@ -35,6 +39,13 @@ class Backbone(nn.Module):
 
     name = ""
     model_type = ""
+
+    @classmethod
+    def check_config(cls, fields: dict, prefix: str = "") -> None:
+        """ValueError, one line naming the setting (``prefix`` + its field name) and its value, when the config
+        fields of ``from_config`` cannot build this backbone; run before anything is built (``from_config``, and the
+        trainer's config as it loads, with ``prefix="model."``). By default: :func:`check_sizes`."""
+        check_sizes(fields, prefix)
 
     def forward(self, input_ids: torch.Tensor, perm_mask: torch.Tensor, target_mapping: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.query_states(input_ids, perm_mask, target_mapping))
@@ -83,3 +94,18 @@ class Backbone(nn.Module):
     def d_head(self) -> int:
         """The width of one attention head: the last dimension of the keys and values in the ``RankCache``."""
         return int(self.config.d_head)
+
+
+def check_sizes(fields: dict, prefix: str = "") -> None:
+    """The settings every backbone shares, those of ``fields`` that are given: positive sizes, dropout in [0, 1), an
+    initial weight scale >= 0 (0: all-zero weights, uniform conditionals), and a width that splits into whole heads."""
+    for key in ("vocab_size", "d_model", "n_layer", "n_head", "d_inner"):
+        if key in fields:
+            check_integer(prefix + key, fields[key], 1)
+    if "dropout" in fields:
+        check_number(prefix + "dropout", fields["dropout"], 0, 1, high_open=True)
+    if "initializer_range" in fields:
+        check_number(prefix + "initializer_range", fields["initializer_range"], 0)
+    if "d_model" in fields and "n_head" in fields and fields["d_model"] % fields["n_head"]:
+        raise ValueError(f"{prefix}d_model={fields['d_model']} must be a multiple of {prefix}n_head={fields['n_head']} "
+                         f"(d_model / n_head is the head width); change one of them")

@@ -37,10 +37,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Backbone
+from ..checks import check_number
+from .base import Backbone, check_sizes
 from .positional_tables import PositionalTables
 
-__all__ = ["RopeBackbone", "RopeConfig", "RMSNorm", "rotary_table", "apply_rotary", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["RopeBackbone", "RopeConfig", "check_rope_config", "RMSNorm", "rotary_table", "apply_rotary", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,18 +74,13 @@ class RopeConfig:
     embedding_scale: float | None = None
 
     def __post_init__(self):
-        self.d_head  # validates the sizes
+        check_rope_config(dataclasses.asdict(self))
         if self.embedding_scale is None:  # saved configs carry the number
             self.embedding_scale = float(self.d_model) ** 0.5
 
     @property
     def d_head(self) -> int:
-        if self.n_head < 1 or self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
-        d_head = self.d_model // self.n_head
-        if d_head % 2:  # rotary turns pairs of coordinates
-            raise ValueError(f"d_model / n_head = {d_head} must be even for rotary positions")
-        return d_head
+        return self.d_model // self.n_head
 
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
@@ -96,6 +93,19 @@ class RopeConfig:
         if unknown:
             raise ValueError(f"unknown RopeConfig field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**fields)
+
+
+def check_rope_config(fields: dict, prefix: str = "") -> None:
+    """One-line ValueError for settings (every field of :class:`RopeConfig`) that cannot build the backbone."""
+    check_sizes(fields, prefix)
+    d_head = fields["d_model"] // fields["n_head"]
+    if d_head % 2:  # rotary turns pairs of coordinates
+        raise ValueError(f"{prefix}d_model={fields['d_model']} / {prefix}n_head={fields['n_head']} = {d_head} (the "
+                         f"head width) must be even for rotary positions; change one of them")
+    check_number(prefix + "attention_dropout", fields["attention_dropout"], 0, 1, high_open=True)
+    for key in ("rope_theta", "norm_eps"):
+        check_number(prefix + key, fields[key], 0, low_open=True)
+    check_number(prefix + "embedding_scale", fields["embedding_scale"], 0, low_open=True, or_none=True)
 
 
 # ---------------------------------------------------------------------------------------------- rotary
@@ -235,8 +245,13 @@ class RopeBackbone(Backbone):
 
     # ------------------------------------------------------------------ construction and saving
     @classmethod
+    def check_config(cls, fields: dict, prefix: str = "") -> None:
+        defaults = {field.name: field.default for field in dataclasses.fields(RopeConfig)}
+        check_rope_config({**defaults, **fields}, prefix)
+
+    @classmethod
     def from_config(cls, fields: dict) -> "RopeBackbone":
-        return cls(RopeConfig.from_dict(fields))
+        return cls(RopeConfig.from_dict(fields))  # checked as the config is made
 
     @classmethod
     def from_pretrained(cls, path, revision: str | None = None, dtype: torch.dtype | None = None,

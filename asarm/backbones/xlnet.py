@@ -10,6 +10,7 @@ products and gathers each key's entry, so the ``(L x L x d)`` tensor Hugging Fac
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 
@@ -18,7 +19,8 @@ import transformers
 from packaging.version import Version
 from transformers import XLNetConfig, XLNetLMHeadModel
 
-from .base import Backbone
+from ..checks import check_choice, check_number
+from .base import Backbone, check_sizes
 from .positional_tables import PositionalTables
 
 __all__ = ["XLNetBackbone", "XLNET_BASE_SIZES"]
@@ -49,7 +51,23 @@ class XLNetBackbone(Backbone):
 
     # ------------------------------------------------------------------ construction and saving
     @classmethod
+    def check_config(cls, fields: dict, prefix: str = "") -> None:
+        # the sizes XLNetConfig would take by default, so that a width is checked against the head count it gets
+        defaults = {key: getattr(_default_config(), key) for key in ("d_model", "n_head")}
+        fields = {**defaults, **fields}
+        check_sizes(fields, prefix)
+        d_head = fields["d_model"] // fields["n_head"]
+        if fields.get("d_head") not in (None, d_head):  # a dict of an XLNetConfig carries the d_head of its sizes
+            raise ValueError(f"{prefix}d_head={fields['d_head']!r} must be {prefix}d_model // {prefix}n_head = "
+                             f"{d_head}; leave it out")
+        if "layer_norm_eps" in fields:
+            check_number(prefix + "layer_norm_eps", fields["layer_norm_eps"], 0, low_open=True)
+        if "attn_type" in fields:
+            check_choice(prefix + "attn_type", fields["attn_type"], ("bi", "uni"))
+
+    @classmethod
     def from_config(cls, fields: dict) -> "XLNetBackbone":
+        cls.check_config(fields)
         return cls(XLNetLMHeadModel(XLNetConfig(**fields)))
 
     @classmethod
@@ -128,6 +146,11 @@ class XLNetBackbone(Backbone):
             x = attn.layer_norm(vec @ attn.o.reshape(d_model, H * dh).t() + x)
             x = layer.ff(x)
         return x[:, nc:]
+
+
+@functools.cache
+def _default_config() -> XLNetConfig:
+    return XLNetConfig()
 
 
 def _projected_sinusoids(xl, seq_len: int, dtype, device) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .draft_length import make_draft_length
@@ -202,12 +203,20 @@ class SamplerSpec:
             raise SettingError("k", f"must be an integer >= 1, got {k!r}")
         if self.temperature_mode not in TEMPERATURE_MODES:
             raise SettingError("temperature_mode", f"must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
-        if not (isinstance(self.r_atol, (int, float)) and self.r_atol >= 0):
-            raise SettingError("r_atol", f"must be >= 0, got {self.r_atol}")
+        if not (isinstance(self.r_atol, (int, float)) and not isinstance(self.r_atol, bool)
+                and 0 <= self.r_atol < math.inf):
+            raise SettingError("r_atol", f"must be >= 0 and finite, got {self.r_atol!r}")
+        for name in ("bonus", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(name, f"must be True or False, got {getattr(self, name)!r}")
         if self.controller not in (None, "auto"):
             raise SettingError("controller", f"must be None or 'auto', got {self.controller!r}")
         if self.controller == "auto" and not self.fused:
             raise ValueError("controller='auto' schedules single-pass rounds: it needs fused=True")
+        # a profile is written after it is measured: a missing folder would fail then, mid-run
+        folder = None if self.cost_profile is None else Path(self.cost_profile).resolve().parent
+        if folder is not None and not folder.is_dir():
+            raise SettingError("cost_profile", f"{self.cost_profile}: folder {folder} does not exist; create it first")
         drafter = self.drafter
         if drafter == "auto":  # assd-auto: the model's draft head when it has one, else its own draft rows
             drafter = "head" if model is not None and model.draft_head is not None else "self"

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from .objectives import ObjectiveConfig, check_slot_weights, mixture_probabilities
+from ..checks import check_choice, check_integer, check_number
+from .objectives import LOSS_SCALES, OBJECTIVES, ORDERS, PROMPT_ATTN, REDUCTIONS, ObjectiveConfig, \
+    check_slot_weights, mixture_probabilities
 
 __all__ = ["ModelSection", "DataSection", "OptimSection", "MaskingSection", "EvalSection", "LogSection",
            "RunSection", "DraftHeadSection", "TrainConfig", "load_config", "apply_overrides", "config_from_dict",
@@ -59,6 +61,22 @@ class ModelSection:
         if self.attention_dropout is not None and self.backbone != "rope":
             raise ValueError("model.attention_dropout is an option of model.backbone: rope (XLNet's model.dropout "
                              "covers its attention too); drop it or set model.backbone: rope")
+        # the backbone's own check, as ASARM.from_config runs it, but naming the keys of this section
+        fields = dict(d_model=self.d_model, n_layer=self.n_layer, n_head=self.n_head, d_inner=self.d_inner,
+                      dropout=self.dropout)
+        if self.attention_dropout is not None:
+            fields["attention_dropout"] = self.attention_dropout
+        BACKBONES[self.backbone or "xlnet"].check_config(fields, "model.")
+        check_number("model.init_std", self.init_std, 0, or_none=True)
+        # 20: train_tokenizer's least size (XLNet's nine special pieces and the code escapes come first)
+        size = self.tokenizer_vocab_size
+        if isinstance(size, bool) or not isinstance(size, int) or (size != 0 and size < 20):
+            raise ValueError(f"model.tokenizer_vocab_size={size!r} must be 0 (use model.tokenizer as it is) or an "
+                             f"integer >= 20 (the size of a new SentencePiece vocabulary)")
+        check_integer("model.tokenizer_max_documents", self.tokenizer_max_documents, 1, or_none=True)
+
+
+DATA_SOURCES = ("text", "jsonl", "code_dir", "hub")
 
 
 @dataclass
@@ -82,6 +100,20 @@ class DataSection:
     num_workers: int = 0
     epochs: int | None = None  # None: loop over the data forever
 
+    def __post_init__(self):
+        from .data import HUB_PRESETS
+
+        check_choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "hub":
+            check_choice("data.hub_preset", self.hub_preset, HUB_PRESETS)
+        check_choice("data.unit", self.unit, ("line", "paragraph", "file"))
+        check_choice("data.heldout_mode", self.heldout_mode, ("tail", "hash"))
+        check_number("data.heldout_fraction", self.heldout_fraction, 0, 1, high_open=True)
+        check_integer("data.max_length", self.max_length, 2)  # a prompt token and a target at least
+        check_integer("data.batch_size", self.batch_size, 1)
+        check_integer("data.num_workers", self.num_workers, 0)
+        check_integer("data.epochs", self.epochs, 1, or_none=True)
+
 
 @dataclass
 class OptimSection:
@@ -94,6 +126,19 @@ class OptimSection:
     warmup_steps: int = 5000
     decay: str = "linear"  # linear decay to 0 at train.max_steps, or "constant"
     grad_clip: float = 1.0  # <= 0: no clipping
+
+    def __post_init__(self):
+        check_number("optim.lr", self.lr, 0, low_open=True)
+        check_integer("optim.lr_reference_batch", self.lr_reference_batch, 1)
+        check_number("optim.weight_decay", self.weight_decay, 0)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas={self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        for beta in self.betas:
+            check_number("optim.betas", beta, 0, 1, high_open=True)
+        check_number("optim.eps", self.eps, 0, low_open=True)
+        check_integer("optim.warmup_steps", self.warmup_steps, 0)
+        check_choice("optim.decay", self.decay, ("linear", "constant"))
+        check_number("optim.grad_clip", self.grad_clip)
 
 
 _OBJECTIVE_DEFAULTS = ObjectiveConfig()
@@ -123,7 +168,18 @@ class MaskingSection:
     slot_weights: list[float] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        # checked here so that a bad value fails when the config loads, naming its key
+        # checked here (as MaskingRateSchedule and ObjectiveConfig would) so that a bad value fails when the config
+        # loads, naming its key
+        for key in ("start_masking_rate", "final_min_masking_rate", "final_max_masking_rate"):
+            check_number(f"masking.{key}", getattr(self, key), 0, 1, low_open=True, high_open=True)
+        if self.final_min_masking_rate > self.final_max_masking_rate:
+            raise ValueError(f"masking.final_min_masking_rate={self.final_min_masking_rate} must not exceed "
+                             f"masking.final_max_masking_rate={self.final_max_masking_rate}; swap them")
+        check_integer("masking.masking_warmup_steps", self.masking_warmup_steps, 0)
+        for key, allowed in (("objective", OBJECTIVES), ("order", ORDERS), ("prompt_attn", PROMPT_ATTN),
+                             ("loss_scale", LOSS_SCALES), ("reduction", REDUCTIONS)):
+            check_choice(f"masking.{key}", getattr(self, key), allowed)
+        check_integer("masking.min_prompt", self.min_prompt, 1)  # XLNet's query stream needs a visible token
         probabilities = {self.objective: 1.0}
         if self.mixture is not None:
             probabilities = mixture_probabilities(self.mixture, "masking.mixture")
@@ -141,6 +197,15 @@ class EvalSection:
     sample_k: int = 5
     at_end: bool = True
 
+    def __post_init__(self):
+        check_integer("eval.every", self.every, 0)
+        check_integer("eval.batches", self.batches, 1)
+        check_integer("eval.batch_size", self.batch_size, 1, or_none=True)
+        check_number("eval.masking_rate", self.masking_rate, 0, 1, low_open=True, high_open=True)
+        check_integer("eval.seed", self.seed, 0)
+        check_integer("eval.samples", self.samples, 0)
+        check_integer("eval.sample_k", self.sample_k, 1)
+
 
 @dataclass
 class LogSection:
@@ -155,6 +220,9 @@ class LogSection:
     wandb_run_name: str | None = None
     wandb_entity: str | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        check_integer("log.every", self.every, 1)
 
 
 @dataclass
@@ -177,6 +245,12 @@ class RunSection:
             self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        check_integer("train.seed", self.seed, 0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed)
+        check_integer("train.max_steps", self.max_steps, 1)
+        check_integer("train.stop_at", self.stop_at, 1, or_none=True)
+        check_integer("train.grad_accum", self.grad_accum, 1)
+        check_integer("train.save_every", self.save_every, 0)
+        check_integer("train.keep_last", self.keep_last, 0)
 
 
 @dataclass
@@ -200,6 +274,9 @@ class DraftHeadSection:
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ValueError(f"draft_head.vocab_size must be >= 2 or null (the whole vocabulary), "
                              f"got {self.vocab_size}")
+        check_integer("draft_head.hidden", self.hidden, 1, or_none=True)
+        check_integer("draft_head.max_offset", self.max_offset, 1)
+        check_integer("draft_head.vocab_batches", self.vocab_batches, 1)
 
 
 @dataclass
@@ -212,6 +289,16 @@ class TrainConfig:
     log: LogSection = dataclasses.field(default_factory=LogSection)
     train: RunSection = dataclasses.field(default_factory=RunSection)
     draft_head: DraftHeadSection = dataclasses.field(default_factory=DraftHeadSection)
+
+    def __post_init__(self):
+        # the settings that only make sense together, across sections
+        if self.masking.min_prompt >= self.data.max_length:
+            raise ValueError(f"masking.min_prompt={self.masking.min_prompt} leaves nothing to predict in "
+                             f"data.max_length={self.data.max_length} tokens; lower it or raise data.max_length")
+        evaluates = self.eval.every > 0 or self.eval.at_end
+        if evaluates and self.data.heldout_fraction == 0:
+            raise ValueError("data.heldout_fraction=0 holds out no text for the evaluations; raise it, or set "
+                             "eval.every=0 and eval.at_end=false")
 
 
 def _hints(cls) -> dict:
