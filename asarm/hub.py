@@ -12,11 +12,13 @@ loads back with ``ASARM.from_pretrained(repo_id, revision=...)``, like ``thereal
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import yaml
 
+from .inputs import read_json, read_safetensors_header, read_text, read_yaml
 from .model import hub_offline
 
 __all__ = ["PublishError", "check_repo_id", "check_hub_reachable", "load_eval_results", "model_card", "front_matter",
@@ -67,7 +69,7 @@ def read_training_log(path: Path | None) -> list[dict]:
     if path is None or not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -83,7 +85,7 @@ def load_eval_results(paths) -> dict[str, tuple[Path, dict]]:
     found: dict[str, tuple[Path, dict]] = {}
     for path in map(Path, paths):
         try:
-            results = json.loads(path.read_text(encoding="utf-8"))
+            results = read_json(path)
         except (OSError, ValueError) as err:
             raise PublishError(f"cannot read evaluation results {path}: {_first_line(err)}") from err
         name = results.get("evaluation") if isinstance(results, dict) else None
@@ -247,7 +249,7 @@ def push(model_dir: Path, repo_id: str, revision: str | None = None, private: bo
                   if p.is_file() and p.name != "README.md"]
     card = (Path(model_dir) / "README.md")
     if card.is_file():
-        text = ensure_front_matter(card.read_text(encoding="utf-8"), license)
+        text = ensure_front_matter(read_text(card), license)
         operations.append(CommitOperationAdd("README.md", text.encode("utf-8")))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -267,29 +269,20 @@ def push(model_dir: Path, repo_id: str, revision: str | None = None, private: bo
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         return {}
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    loaded = read_yaml(path)
     return loaded if isinstance(loaded, dict) else {}
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _count_parameters(path: Path) -> int | None:
     """Parameters in a safetensors file, from its header only (no weights are loaded)."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            shape = f.get_slice(name).get_shape()
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-    return total
+    header = read_safetensors_header(path)
+    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
 
 
 def _get(mapping: dict, *keys):

@@ -8,12 +8,11 @@ code whitespace mapping of the tokenizer is not its business.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from ..inputs import iter_jsonl
 from ..paths import data_file
 from .code_execution import ExecutionResult, SandboxLimits, aggregate_pass_at_k, run_programs
 
@@ -46,14 +45,8 @@ def load_problems(benchmark: str = "single-line", path: str | os.PathLike | None
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown HumanEval-infilling benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
     file = data_file(path if path is not None else BENCHMARKS[benchmark])
-    opener = gzip.open if file.name.endswith(".gz") else open
-    problems = []
-    with opener(file, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                problems.append(InfillingProblem(row["task_id"], row["prompt"], row["suffix"],
-                                                 row["canonical_solution"], row["test"], row["entry_point"]))
+    problems = [InfillingProblem(row["task_id"], row["prompt"], row["suffix"], row["canonical_solution"], row["test"],
+                                 row["entry_point"]) for _, row in iter_jsonl(file)]
     return problems[:limit]
 
 

@@ -9,10 +9,12 @@ the whole story is ``" ".join([prompt, reference, suffix])``.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..inputs import content_suffix, read_text
 from ..paths import data_file
 
 __all__ = ["DEFAULT_FILE", "SETTINGS", "ROUGE_TYPES", "Story", "InfillingItem", "load_stories", "make_items",
@@ -42,8 +44,8 @@ class InfillingItem:
 def load_stories(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Story]:
     """Stories from the Story Cloze CSV (or a .tsv with the same columns), in file order."""
     file = data_file(path if path is not None else DEFAULT_FILE)
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter="\t" if file.suffix == ".tsv" else ",")
+    with io.StringIO(read_text(file).removeprefix("\ufeff"), newline="") as f:  # spreadsheets write a BOM
+        reader = csv.DictReader(f, delimiter="\t" if content_suffix(file) == ".tsv" else ",")
         missing = [c for c in _COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{file} lacks the Story Cloze column(s) {missing}")

@@ -16,11 +16,11 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..files import write_atomic
+from ..inputs import read_json
 
 __all__ = ["CallCost", "fit_call_cost", "profile_key", "cached_profile", "remember_profile", "timed"]
 
@@ -65,7 +65,7 @@ class CallCost:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CallCost":
         try:
-            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+            return cls(**read_json(path))
         except (OSError, ValueError, TypeError) as err:
             raise ValueError(f"cost profile {path}: cannot be read ({err}); write one with `asarm profile`") from None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..checks import check_choice, check_integer, check_number
+from ..inputs import read_yaml
 from .objectives import LOSS_SCALES, OBJECTIVES, ORDERS, PROMPT_ATTN, REDUCTIONS, ObjectiveConfig, \
     check_slot_weights, mixture_probabilities
 
@@ -411,21 +412,10 @@ def load_config(path: str | os.PathLike | None = None, overrides=None) -> TrainC
     """The config in the YAML file ``path`` (None: defaults) with dotted ``overrides`` applied."""
     data = {}
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"{path} is not valid YAML ({_yaml_problem(err)}); fix the file") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a mapping of sections (model:, data:, train:, ...)")
     return apply_overrides(config_from_dict(data), overrides)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """``problem at line L, column C`` of a parser error, in one line."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict | None = None) -> None:
