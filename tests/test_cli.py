@@ -58,10 +58,11 @@ SAMPLE_CALLS = [
      "--masking-rate": "0.5", "--sampler": "assd", "--drafter": "ngram", "--k": "3", "--temperature": "0.7",
      "--temperature-mode": "no_temp_oracle", "--bonus": None, "--adaptive-threshold": "0.2",
      "--draft-temperature-ratio": "1.25", "--r-atol": "0.1", "--seed": "4", "--batch-size": "2", "--engine": "full",
-     "--no-progress": None, "--trace": "TRACE", "--show-rounds": None},
+     "--no-progress": None, "--trace": "TRACE", "--show-rounds": None, "--threads": "1"},
     {"--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused", "--outcomes": "1",
      "--outcome-order": "accepted-first", "--no-progress": None},
-    {"--text": "The cat <mask:3> on the mat.", "--sampler": "auto", "--cost-profile": "PROFILE", "--no-progress": None},
+    {"--text": "The cat <mask:3> on the mat.", "--sampler": "auto", "--cost-profile": "PROFILE", "--no-progress": None,
+     "--debug": None},
 ]
 
 
@@ -70,14 +71,15 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     where it acts: the model loader, the sampler spec, or the decode's own options."""
     import argparse
 
+    import asarm.sampling
     from asarm import cli
     from asarm.model import ASARM
 
     parser = cli.add_sample_parser(argparse.ArgumentParser().add_subparsers())
     options = {flag for action in parser._actions for flag in action.option_strings} - {"-h", "--help"}
     assert options == set().union(*SAMPLE_CALLS)
-    loads, decodes = [], []
-    real_load, real_decode = ASARM.from_pretrained, cli.decode
+    loads, decodes, threads_set = [], [], []
+    real_load, real_decode = ASARM.from_pretrained, asarm.sampling.decode
 
     def load(name, revision=None, device=None):
         loads.append((name, revision, device))
@@ -88,7 +90,8 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
         return real_decode(model, spec, tokens, sigma, n_prompt, **kw)
 
     monkeypatch.setattr(ASARM, "from_pretrained", load)
-    monkeypatch.setattr(cli, "decode", decode)
+    monkeypatch.setattr(asarm.sampling, "decode", decode)
+    monkeypatch.setattr("asarm.cli.set_threads", lambda threads: threads_set.append(threads))
     trace = tmp_path / "trace.html"
     for call in SAMPLE_CALLS:
         argv = [part for flag, value in call.items() for part in ([flag] if value is None else [flag, value])]
@@ -96,6 +99,7 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
                 for part in argv]
         assert main(["sample", *argv]) == 0, capsys.readouterr().err
     assert loads == [("some/model", "nlp", "cpu"), ("asarm-tiny", None, None), ("asarm-tiny", None, None)]
+    assert threads_set == [1, None, None]  # --threads (--debug only changes how an error is shown)
     (spec, tokens, sigma, n_prompt, kw), (fused, *_, fused_kw), (auto, *_) = decodes
     assert (spec.name, spec.drafter_name, spec.k, spec.temperature, spec.temperature_mode, spec.bonus) == (
         "assd-ngram-bonus-adaptive", "ngram", 3, 0.7, "no_temp_oracle", True)

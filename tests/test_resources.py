@@ -80,10 +80,13 @@ def test_set_threads_defaults_to_the_available_cpus(monkeypatch):
 
 @pytest.fixture
 def library_bars_restored():
-    yield
+    """The libraries' bars on before and after (an earlier --no-progress run in this process turned them off)."""
     import huggingface_hub.utils
     from transformers.utils import logging as transformers_logging
 
+    transformers_logging.enable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+    yield
     transformers_logging.enable_progress_bar()
     huggingface_hub.utils.enable_progress_bars()
 

@@ -24,9 +24,13 @@ from .drafters import DRAFTERS, MissingDraftHeadError, make_drafter
 __all__ = ["SamplerSpec", "SAMPLERS", "available_samplers", "parse_samplers", "parse_choices", "parse_outcomes",
            "count_or_all", "SettingError", "add_sampler_arguments", "sampler_overrides", "apply_override",
            "resolve_samplers", "TEMPERATURE_MODES", "OUTCOME_ORDERS", "DEFAULT_OUTCOMES", "HEAD_OUTCOMES",
-           "DEFAULT_DRAFT_TEMPERATURE_RATIO", "HEAD_DRAFT_TEMPERATURE_RATIO", "DEFAULT_ADAPTIVE_THRESHOLD"]
+           "DEFAULT_DRAFT_TEMPERATURE_RATIO", "HEAD_DRAFT_TEMPERATURE_RATIO", "DEFAULT_ADAPTIVE_THRESHOLD",
+           "ENGINE_NAMES", "DEFAULT_ENGINE", "ADAPTIVE", "STORED_SETTINGS", "LIBRARY"]
 
 TEMPERATURE_MODES = ("target", "no_temp_oracle")
+# the decode engines (asarm.sampling.engine.ENGINES), named here so the command line lists them without torch
+ENGINE_NAMES = ("cached", "full")
+DEFAULT_ENGINE = "cached"
 OUTCOME_ORDERS = ("earliest-rejection", "accepted-first")  # which outcomes a single-pass call covers first
 DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
 HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
@@ -35,6 +39,14 @@ HEAD_DRAFT_TEMPERATURE_RATIO = 1.0  # the same with drafter "head": it is distil
 # Confidence threshold of the adaptive draft length (ConfidenceLength): a draft slot is verified only
 # while its proposal's top probability reaches it. Chosen from benchmarks/bench_speculative.py.
 DEFAULT_ADAPTIVE_THRESHOLD = 0.3
+# ``draft_length=ADAPTIVE``: adaptive at the default threshold (the *-adaptive samplers)
+ADAPTIVE = "adaptive"
+# The defaults above are the library's. A model can store its own (asarm.model.StoredDefaults: asarm.json for
+# its own drafts, draft_head.json for its draft head's), measured on it (asarm.eval.sampler_defaults);
+# resolve(model) uses those where the user set nothing. Stored name -> the spec field it fills:
+STORED_SETTINGS = {"draft_temperature_ratio": "draft_temperature_ratio", "outcomes": "outcomes",
+                   "outcome_order": "outcome_order", "adaptive_threshold": "draft_length"}
+LIBRARY = "library"  # DecodeOutput.settings["defaults_from"]: a default that is the library's, not the model's
 
 
 class SettingError(ValueError):
@@ -103,8 +115,10 @@ class SamplerSpec:
     """A decoding algorithm with every setting: ``sequential``, or ``assd`` with a drafter and a round schedule.
 
     ``drafter``: a name of ``DRAFTERS`` or a drafter object (asarm.sampling.drafters). ``None`` in
-    ``outcomes`` and ``draft_temperature_ratio`` means the drafter's default, filled in by :meth:`resolve`.
-    See :func:`~asarm.sampling.assd.assd_decode` for what each setting does."""
+    ``outcomes``, ``outcome_order`` and ``draft_temperature_ratio``, and ``draft_length=ADAPTIVE``, mean the
+    drafter's default, filled in by :meth:`resolve`: the one stored with the model (or its draft head) when it
+    has one, else the library's. ``defaults_from`` records, for each value filled in, where it came from (a
+    file, or ``LIBRARY``). See :func:`~asarm.sampling.assd.assd_decode` for what each setting does."""
 
     algorithm: str = "assd"
     drafter: Any = _setting("self", Option("--drafter", "ASSD draft proposer (head: the model's chained draft head; "
@@ -123,24 +137,26 @@ class SamplerSpec:
     fused: bool = False
     outcomes: str | int | None = _setting(None, Option(
         "--outcomes", "single-pass (fused) samplers: outcomes whose next drafts one call holds ('all' or a count, "
-        "most likely first); others fall back to a call without drafts (default%(default).0s: 2; all with the "
-        "draft head)",
+        "most likely first); others fall back to a call without drafts (default%(default).0s: the model's stored "
+        "one, else 2; all with the draft head)",
         lambda spec, value: spec.fused, every_command=True, kwargs={"type": parse_outcomes}))
     outcome_order: str | None = _setting(None, Option(
         "--outcome-order", "single-pass (fused) samplers: which outcomes a call covers first: earliest-rejection "
         "(first rejection at slot 1, 2, ...) or accepted-first (every draft accepted, then the earliest "
-        "rejections) (default%(default).0s: accepted-first for the draft head, whose drafts mostly pass; "
+        "rejections) (default%(default).0s: the model's stored one, else accepted-first for the draft head, whose "
+        "drafts mostly pass; "
         "earliest-rejection for the model's own)", lambda spec, value: spec.fused, every_command=True,
         kwargs={"choices": OUTCOME_ORDERS}))
     draft_length: Any = _setting(None, Option(
         "--adaptive-threshold", "adaptive draft length: verify a draft slot only while its proposal's top probability "
         "reaches this (exact; with --samplers: changes the *-adaptive ones' threshold; asarm sample: makes the "
-        f"sampler adaptive) (default%(default).0s: {DEFAULT_ADAPTIVE_THRESHOLD:g} for the *-adaptive samplers, "
-        "else always k)", _is_assd, every_command=True, kwargs={"type": float}))
+        f"sampler adaptive) (default%(default).0s: the model's stored one, else {DEFAULT_ADAPTIVE_THRESHOLD:g}, for "
+        "the *-adaptive samplers; else always k)", _is_assd, every_command=True, kwargs={"type": float}))
     draft_temperature_ratio: float | None = _setting(None, Option(
         "--draft-temperature-ratio", "ASSD: verified drafts are drawn at this multiple of --temperature (exact at any "
-        f"value; > 1 flattens them) (default%(default).0s: {DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or "
-        f"{HEAD_DRAFT_TEMPERATURE_RATIO:g} for draft-head drafts)", _is_assd, every_command=True,
+        f"value; > 1 flattens them) (default%(default).0s: the model's stored one, else "
+        f"{DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or {HEAD_DRAFT_TEMPERATURE_RATIO:g} for draft-head drafts)", _is_assd,
+        every_command=True,
         kwargs={"type": float}))
     controller: str | None = None  # "auto": the goodput controller (assd-auto; asarm.sampling.controller)
     cost_profile: str | None = _setting(None, Option(
@@ -149,6 +165,7 @@ class SamplerSpec:
         "once per process)", lambda spec, value: spec.controller == "auto", every_command=True))
     r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
                                          _is_assd, given_default=True, kwargs={"type": float}))
+    defaults_from: tuple = ()  # ((setting, file or LIBRARY), ...): the defaults resolve() filled in
 
     @property
     def drafter_name(self) -> str:
@@ -169,7 +186,7 @@ class SamplerSpec:
         elif self.bonus:
             base = "assd-bonus" if self.drafter_name == "self" else f"assd-{self.drafter_name}-bonus"
         elif (self.drafter_name == "self" and self.draft_temperature_ratio == 1.0 and self.draft_length is None
-              and self.temperature_mode == "target"):
+              and self.temperature_mode == "target" and "draft_temperature_ratio" not in dict(self.defaults_from)):
             return "assd-paper"  # Guo & Ermon's ASSD: self drafts at the target temperature, two calls, no bonus
         else:
             base = f"assd-{self.drafter_name}"
@@ -224,11 +241,18 @@ class SamplerSpec:
         if self.fused and not drafter.single_pass:
             raise ValueError(f"fused=True drafts with the model's own draft rows (and its draft head): use "
                              f"drafter='self' or 'head', not {drafter.name!r}")
+        where, stored = _drafter_defaults(drafter, model)
+        filled = dict(self.defaults_from)
+
+        def default(setting, library):  # the model's stored value, else the library's; noted in defaults_from
+            filled[setting] = where if setting in stored else LIBRARY
+            return stored.get(setting, library)
+
         outcomes = self.outcomes
         if outcomes is not None and not self.fused:
             raise ValueError("outcomes only applies to fused=True (single-pass rounds)")
         if self.fused and outcomes is None and self.controller is None:  # (assd-auto chooses them per call)
-            outcomes = HEAD_OUTCOMES if drafter.name == "head" else DEFAULT_OUTCOMES
+            outcomes = default("outcomes", HEAD_OUTCOMES if drafter.name == "head" else DEFAULT_OUTCOMES)
         if outcomes is not None and outcomes != "all" and (not isinstance(outcomes, int) or isinstance(outcomes, bool)
                                                  or outcomes < 1):
             raise SettingError("outcomes", f"must be 'all' or an integer >= 1, got {outcomes!r}")
@@ -236,22 +260,24 @@ class SamplerSpec:
         if order is not None and not self.fused:
             raise ValueError("outcome_order only applies to fused=True (single-pass rounds)")
         if self.fused and order is None:
-            order = "accepted-first" if drafter.name == "head" else "earliest-rejection"
+            order = default("outcome_order", "accepted-first" if drafter.name == "head" else "earliest-rejection")
         if self.fused and order not in OUTCOME_ORDERS:
             raise SettingError("outcome_order", f"must be one of {', '.join(OUTCOME_ORDERS)}, got {order!r}")
         ratio = self.draft_temperature_ratio
         if ratio is None:
-            ratio = HEAD_DRAFT_TEMPERATURE_RATIO if drafter.name == "head" else DEFAULT_DRAFT_TEMPERATURE_RATIO
+            ratio = default("draft_temperature_ratio",
+                            HEAD_DRAFT_TEMPERATURE_RATIO if drafter.name == "head" else DEFAULT_DRAFT_TEMPERATURE_RATIO)
         if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < math.inf):
             raise SettingError("draft_temperature_ratio", f"must be a finite number > 0, got {ratio!r}")
         if model is not None:
             drafter.head_for(model)  # MissingDraftHeadError now, not mid-decode
         try:
-            rule = make_draft_length(self.draft_length)
+            rule = make_draft_length(default("draft_length", DEFAULT_ADAPTIVE_THRESHOLD)
+                                     if self.draft_length == ADAPTIVE else self.draft_length)
         except ValueError as err:
             raise SettingError("draft_length", f"is not valid: {err}") from None
         return replace(self, drafter=drafter, outcomes=outcomes, outcome_order=order, draft_temperature_ratio=ratio,
-                       bonus=self.bonus or self.fused, draft_length=rule)
+                       bonus=self.bonus or self.fused, draft_length=rule, defaults_from=tuple(filled.items()))
 
     def settings(self) -> dict:
         """The settings as plain values (a decode's ``DecodeOutput.settings``, results files)."""
@@ -263,7 +289,33 @@ class SamplerSpec:
                 "draft_temperature_ratio": self.draft_temperature_ratio, "fused": self.fused,
                 "outcomes": self.outcomes if self.fused else None, "outcome_order": self.outcome_order,
                 "draft_length": None if rule is None else getattr(rule, "name", repr(rule)),
+                "defaults_from": dict(self.defaults_from),
                 "controller": self.controller}
+
+
+def _drafter_defaults(drafter, model) -> tuple[str, dict]:
+    """(file, {spec field: value}): the defaults stored with what drafts (the model for its own draft rows, the
+    draft head for the head's drafts; asarm.model.StoredDefaults), each checked as the setting itself is; a
+    bad one is a one-line error naming the file. ``(LIBRARY, {})`` when none are stored."""
+    if model is None or drafter.name not in ("self", "head"):
+        return LIBRARY, {}
+    stored = getattr(drafter.head_for(model) if drafter.name == "head" else model, "sampler_defaults", None)
+    if stored is None:
+        return LIBRARY, {}
+    values = {}
+    for key, value in stored.values.items():
+        if key == "measured" or value is None:  # how they were measured; null: not stored
+            continue
+        if key not in STORED_SETTINGS:
+            raise ValueError(f"{stored.file}: unknown sampler default {key!r} (known: {', '.join(STORED_SETTINGS)}); "
+                             f"fix or delete it")
+        try:
+            SamplerSpec(fused=True, **{STORED_SETTINGS[key]: value}).resolve()
+        except SettingError as err:
+            raise ValueError(f"{stored.file}: sampler default {key} {err.problem}; fix it, or delete it to use the "
+                             f"library's") from None
+        values[STORED_SETTINGS[key]] = value
+    return stored.file, values
 
 
 def available_samplers() -> dict[str, SamplerSpec]:
@@ -275,7 +327,7 @@ def available_samplers() -> dict[str, SamplerSpec]:
     specs.append(SamplerSpec(drafter="auto", bonus=True, fused=True, controller="auto"))
     specs.append(SamplerSpec(draft_temperature_ratio=1.0))  # assd-paper
     by_name = {spec.name: spec for spec in specs}
-    adaptive = [replace(by_name[name], draft_length=DEFAULT_ADAPTIVE_THRESHOLD)
+    adaptive = [replace(by_name[name], draft_length=ADAPTIVE)
                 for name in ("assd-self", "assd-bonus", "assd-fused", "assd-head", "assd-fused-head")]
     return by_name | {spec.name: spec for spec in adaptive}
 

@@ -246,7 +246,7 @@ def test_cli_missing_data_names_the_option(task, option, tmp_path, monkeypatch, 
     assert main(["eval", "lm-tasks", "--tasks", task, "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     default_file = {"lambada": lm.LAMBADA_FILE, "hellaswag": lm.HELLASWAG_FILE}[task]
-    assert len(err) == 1 and err[0].startswith(f"asarm eval: error: {task} data not found: no {default_file} in "
+    assert len(err) == 1 and err[0].startswith(f"asarm eval lm-tasks: error: {task} data not found: no {default_file} in "
                                                f"the data directory ({tmp_path})")
     assert f"Pass {option} PATH" in err[0] and "--tasks" in err[0]
 

@@ -308,7 +308,7 @@ def test_draft_head_samplers(tiny_model_dir, text_file, tmp_path, capsys):
     assert main(_argv(tiny_model_dir, text_file, out, "--num-sequences", "1", "--samplers", "sequential,assd-head",
                       "--ppl-model", "none")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading bar
-    assert last.startswith("asarm eval: error: assd-head need a draft head") and not out.exists()
+    assert last.startswith("asarm eval speculative: error: assd-head need a draft head") and not out.exists()
     from asarm.model import ASARM
     from helpers import random_head
 
