@@ -2,6 +2,11 @@
 
     asarm train --config configs/tiny_cpu.yaml train.max_steps=200 optim.lr=3e-4
     torchrun --nproc_per_node 2 -m asarm.training.trainer --config configs/tiny_cpu.yaml train.cpu=true
+    accelerate launch --config_file configs/accelerate_fsdp.yaml -m asarm.training.trainer --config ...   # FSDP
+
+FSDP: accelerate shards the model on GPUs; on CPUs (where accelerate runs an FSDP launch as plain multi-CPU)
+the trainer shards it with torch's ``fully_shard``. A run ends with one line on the main process: its last
+checkpoint, the run directory and the command that resumes it (a run stopped by ``train.stop_at``) or exports it.
 
 One optimizer step = ``train.grad_accum`` micro-batches of ``data.batch_size`` packed chunks on each
 of the ``R`` processes. Micro-batch ``a`` on rank ``r`` draws its masking rates from stratum
@@ -33,6 +38,7 @@ import copy
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -172,6 +178,35 @@ def _no_training_data(cfg: TrainConfig) -> ValueError:
                       f"evaluation); add text or lower data.heldout_fraction")
 
 
+def _fsdp_on_cpu(accelerator) -> bool:
+    """An FSDP launch (``accelerate launch --config_file configs/accelerate_fsdp.yaml ...``) of CPU processes:
+    accelerate passes the FSDP request on (``ACCELERATE_USE_FSDP``) but takes FSDP on GPUs only, and runs it as plain
+    multi-CPU."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    return accelerator.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def _fully_shard(backbone: nn.Module) -> None:
+    """Shard ``backbone`` in place over all processes with torch's ``fully_shard`` (FSDP2, gloo on CPUs), as the
+    FSDP config asks: each layer of the class its ``fsdp_transformer_layer_cls_to_wrap`` names (RopeLayer) one
+    unit, the rest (embedding, output norm) one unit at the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = {n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()}
+    layers = [m for m in backbone.modules() if type(m).__name__ in names]
+    if not layers:
+        named = ", ".join(sorted(names)) or "unset"
+        raise ValueError(f"the FSDP config's fsdp_transformer_layer_cls_to_wrap ({named}) names no layer of the "
+                         f"{backbone.name} backbone; on CPUs the trainer shards by layer class: set it to the "
+                         f"backbone's layer class (RopeLayer for rope)")
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(backbone, mesh=mesh)
+
+
 def _config_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
     """``key (old -> new)`` for every setting that differs and may not change on resume."""
     old, cur = config_to_dict(saved), config_to_dict(new)
@@ -247,6 +282,17 @@ class Trainer:
         self.effective_batch = cfg.data.batch_size * run.grad_accum * self.world_size
         self.lr = cfg.optim.lr * (self.effective_batch / cfg.optim.lr_reference_batch
                                   if cfg.optim.lr_scale_by_batch else 1.0)
+        # FSDP shards the model: evaluation and checkpoints use a copy with the gathered weights on the main process.
+        # accelerate shards on GPUs; on CPUs, where it runs an FSDP launch as plain multi-CPU, the trainer shards
+        # with torch's fully_shard (FSDP2) before the optimizer sees the parameters
+        shard_here = _fsdp_on_cpu(acc)
+        self.sharded = acc.distributed_type == DistributedType.FSDP or shard_here
+        if self.sharded and self.head_mode:
+            raise ValueError("draft_head.train runs with DDP or one process, not FSDP (the head is small): launch it "
+                             "without the FSDP config")
+        self.gathered = copy.deepcopy(self.asarm) if self.sharded and self.is_main else None
+        if shard_here:
+            _fully_shard(trainable)
         decay, no_decay = [], []
         for name, p in trainable.named_parameters():
             if not p.requires_grad:
@@ -260,13 +306,10 @@ class Trainer:
             optimizer, _lr_lambda(cfg.optim.warmup_steps, run.max_steps, cfg.optim.decay))
         # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
         # once per process)
-        # FSDP shards the model: evaluation and checkpoints use a copy with the gathered weights on the main process
-        self.sharded = acc.distributed_type == DistributedType.FSDP
-        if self.sharded and self.head_mode:
-            raise ValueError("draft_head.train runs with DDP or one process, not FSDP (the head is small): launch it "
-                             "without the FSDP config")
-        self.gathered = copy.deepcopy(self.asarm) if self.sharded and self.is_main else None
-        self.model, self.optimizer = acc.prepare(trainable, optimizer)  # with draft_head.train: the head
+        if shard_here:  # accelerate would wrap the sharded module in DDP
+            self.model, self.optimizer = trainable, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(trainable, optimizer)  # with draft_head.train: the head
         self.forward_model = torch.compile(self.model) if run.compile and not self.head_mode else self.model
 
         self.schedule = MaskingRateSchedule(cfg.masking.start_masking_rate, cfg.masking.final_min_masking_rate,
@@ -422,8 +465,13 @@ class Trainer:
         if theirs != ours:
             raise ValueError(f"checkpoint {path} holds a model of sizes {dict(zip(sizes, theirs))}, the config asks "
                              f"for {dict(zip(sizes, ours))}; use a new train.run_dir or train.resume=none")
-        # under FSDP through the sharded module, which takes the full weights (FULL_STATE_DICT) on every process
-        (self.model if self.sharded else self.asarm.backbone).load_state_dict(loaded.backbone.state_dict())
+        if self.sharded:  # every process hands the full weights to the sharded module, which keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, loaded.backbone.state_dict(),
+                                 options=StateDictOptions(full_state_dict=True))
+        else:
+            self.asarm.backbone.load_state_dict(loaded.backbone.state_dict())
         if self.head_mode:
             if loaded.draft_head is None:
                 raise ValueError(f"checkpoint {path} holds no draft head; use a new train.run_dir or train.resume=none")
@@ -608,7 +656,11 @@ class Trainer:
         shard: every process takes part in gathering them into the main process's copy (``self.gathered``)."""
         if not self.sharded:
             return self.asarm
-        state = self.accelerator.get_state_dict(self.model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # torch's API for both FSDP versions (accelerate's FSDP1 on GPUs, fully_shard on CPUs); cpu_offload: the
+        # full tensors on the main process only, on its CPU
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
             self.gathered.backbone.load_state_dict(state)
             return self.gathered
@@ -713,7 +765,40 @@ class Trainer:
             self.wandb.summary.update({"step": self.step, "checkpoint": str(final)})
             self.wandb.finish()
         acc.wait_for_everyone()
+        if self.is_main:
+            print(self._closing_line(final), flush=True)
         return {"step": self.step, "losses": losses, "checkpoint": str(final), "run_dir": str(self.run_dir)}
+
+    def _closing_line(self, checkpoint: Path) -> str:
+        """Where the run ended and the command that goes on from there: the resume of a run stopped before
+        train.max_steps (train.stop_at), else the export of its model (scripts/export_model.py)."""
+        run = self.cfg.train
+        where = f"checkpoint {checkpoint}, run directory {self.run_dir}"
+        if self.step < run.max_steps:
+            # the run directory's resolved config is this run's; a resume picks up checkpoints/latest
+            overrides = ["train.stop_at=null"] + ([] if run.resume == "auto" else ["train.resume=auto"])
+            return (f"asarm train: stopped at step {self.step} of {run.max_steps}; {where}; resume: "
+                    f"{self._resume_command(overrides)}")
+        dest = Path("exports") / self.run_dir.name
+        return (f"asarm train: finished at step {self.step}; {where}; export: python scripts/export_model.py "
+                f"{shlex.quote(str(self.run_dir))} {shlex.quote(str(dest))}")
+
+    def _resume_command(self, overrides: list[str]) -> str:
+        """The command that continues this run with its saved config, on as many processes as it ran on (a resume
+        needs as many, each reloading its own data stream): the launch the README gives for that layout."""
+        config, args = shlex.quote(str(self.run_dir / "config.yaml")), " ".join(overrides)
+        n, per_node = self.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        if n == 1:
+            return f"asarm train --config {config} {args}"
+        if self.sharded:
+            launch = f"accelerate launch --config_file configs/accelerate_fsdp.yaml --num_processes {n}"
+            if self.accelerator.device.type == "cpu":  # accelerate refuses this setting where no GPU is present
+                launch += " --fsdp_sync_module_states false"
+        elif per_node < n:  # several nodes: the job script, which starts one torchrun a node
+            return f"NPROC={per_node} sbatch --nodes {n // per_node} _run_training.sh {config} {args}"
+        else:
+            launch = f"torchrun --nproc_per_node {n}"
+        return f"{launch} -m asarm.training.trainer --config {config} {args}"
 
 
 def run_training(cfg: TrainConfig) -> dict:

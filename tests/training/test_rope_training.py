@@ -107,8 +107,8 @@ def test_rope_configs_select_the_backbone_at_equal_size(name):
 
 
 def test_fsdp_config_wraps_the_rope_layers():
-    """configs/accelerate_fsdp.yaml (multi-GPU; accelerate refuses FSDP on the CPU, so it is not run here) names
-    the rope backbone's block as the FSDP unit and keeps full-weight checkpoints."""
+    """configs/accelerate_fsdp.yaml (multi-GPU; test_fsdp_cpu.py runs it on two CPU processes) names the rope
+    backbone's block as the FSDP unit and keeps full-weight checkpoints."""
     from asarm.backbones import rope
 
     config = yaml.safe_load((REPO / "configs" / "accelerate_fsdp.yaml").read_text())
