@@ -51,6 +51,7 @@ def _offline(*args, **kwargs):
 
 def test_hub_fallback_fails_clearly_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("ASARM_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(lm, "hub_offline", lambda: False)  # the probe answered; the dataset load itself fails
     _fake_datasets(monkeypatch, _offline)
     with pytest.raises(DataFileNotFoundError, match="EleutherAI/lambada_openai.*no network"):
         load_lambada()
@@ -60,6 +61,7 @@ def test_hub_fallback_fails_clearly_offline(tmp_path, monkeypatch):
 
 def test_hub_rows_are_parsed(tmp_path, monkeypatch):
     monkeypatch.setenv("ASARM_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(lm, "hub_offline", lambda: False)  # the Hub answered
     calls = []
 
     def fake_load(name, config, split):
@@ -246,7 +248,8 @@ def test_cli_missing_data_names_the_option(task, option, tmp_path, monkeypatch, 
     assert main(["eval", "lm-tasks", "--tasks", task, "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     default_file = {"lambada": lm.LAMBADA_FILE, "hellaswag": lm.HELLASWAG_FILE}[task]
-    assert len(err) == 1 and err[0].startswith(f"asarm eval lm-tasks: error: {task} data not found: no {default_file} in "
+    assert len(err) == 1 and err[0].startswith(f"asarm eval lm-tasks: error: {task} data not found: no {default_file} "
+                                               f"in "
                                                f"the data directory ({tmp_path})")
     assert f"Pass {option} PATH" in err[0] and "--tasks" in err[0]
 

@@ -1,5 +1,4 @@
 import argparse
-import importlib
 import json
 
 import pytest
