@@ -5,7 +5,7 @@ trainer packs (``asarm.eval.texts.packed_text``), 95% of each chunk hidden (``an
 positions at random, the rest decoded left to right), T = 1. Every sampler decodes the same chunks with
 the same orders and per-row seeds, on the cached engine. Samplers: sequential; two-call ASSD
 (``assd-self``) and ASSD with the bonus row (``assd-bonus``) at k = 5 (the paper's); single-pass ASSD
-(``assd-fused``) at k = 1, 2, 3, 5, and at k = 1 with untempered drafts (``-ratio1``: the effect of
+(``assd-fused``) at k = 1, 2, 3, 5, and at k = 1 with flattened drafts (``-ratio1.5``: the effect of
 ``draft_temperature_ratio``); the adaptive draft length on each schedule.
 
 Reported per (model, L, batch): tokens per model call (generated / NFE), accepted drafts per round (the
@@ -37,13 +37,12 @@ import torch
 
 from asarm import orders
 from asarm.eval.markdown import markdown_table
-from asarm.eval.texts import packed_text
 from asarm.model import ASARM, DEFAULT_MODEL
 from asarm.resources import load_average, load_warning
 from asarm.sampling import ENGINES, SAMPLERS, SamplerSpec, decode
 from asarm.sampling.drafters import HeadDrafter
-from asarm.sampling.spec import (DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES,
-                                 HEAD_DRAFT_TEMPERATURE_RATIO, HEAD_OUTCOMES, parse_choices)
+from asarm.eval.sampler_defaults import benchmark_decodes, current_defaults
+from asarm.sampling.spec import parse_choices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampling import machine, sync  # noqa: E402
@@ -57,7 +56,7 @@ CONTENDERS = {
     "assd-paper": ("assd-paper", 5, {}),  # the paper's settings: self drafts at the target temperature
     "assd-bonus": ("assd-bonus", 5, {}),
     "assd-fused-k1": ("assd-fused", 1, {}),
-    "assd-fused-k1-ratio1": ("assd-fused", 1, {"draft_temperature_ratio": 1.0}),
+    "assd-fused-k1-ratio1.5": ("assd-fused", 1, {"draft_temperature_ratio": 1.5}),
     "assd-fused-k2": ("assd-fused", 2, {}),
     "assd-fused-k3": ("assd-fused", 3, {}),
     "assd-fused-k5": ("assd-fused", 5, {}),
@@ -88,21 +87,15 @@ GRID_SAMPLERS = ("sequential", "assd-fused-k1", "assd-fused-head-k2", "assd-fuse
 BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused-k1", "assd-fused-k2", "assd-fused-k5")
 
 
-def samplers(threshold: float) -> dict[str, SamplerSpec]:
-    """Contender name -> spec (its registry sampler with the contender's k and settings)."""
+def samplers(threshold: float | None) -> dict[str, SamplerSpec]:
+    """Contender name -> spec (its registry sampler with the contender's k and settings; the adaptive ones at
+    ``threshold``, None: the model's default)."""
     chosen = {}
     for name, (base, k, overrides) in CONTENDERS.items():
         spec = SAMPLERS[base].replace(k=k, **overrides)
-        chosen[name] = spec.replace(draft_length=threshold) if spec.draft_length is not None else spec
+        adaptive = spec.draft_length is not None and threshold is not None
+        chosen[name] = spec.replace(draft_length=threshold) if adaptive else spec
     return chosen
-
-
-def chunks_and_orders(tokenizer, seq_len: int, count: int, seed: int):
-    chunks = packed_text(tokenizer, seq_len, None, count)
-    visible = int(orders.num_prompt_for_rate(0.95, seq_len))
-    sigma = orders.any_subset(visible, seq_len, batch_size=chunks.shape[0],
-                              generator=torch.Generator().manual_seed(seed))
-    return chunks, sigma, visible
 
 
 def timed_decode(model, spec, chunks, sigma, visible, rows: slice, max_new_tokens):
@@ -118,7 +111,7 @@ def timed_decode(model, spec, chunks, sigma, visible, rows: slice, max_new_token
 def bench_config(model, label, seq_len, batch_size, specs, args) -> list[dict]:
     count = max(2, args.sequences_b1 * 128 // seq_len) if batch_size == 1 else batch_size
     count = 2 if label == "base" and batch_size == 1 else count
-    chunks, sigma, visible = chunks_and_orders(model.tokenizer, seq_len, count, args.seed)
+    chunks, sigma, visible = benchmark_decodes(model.tokenizer, seq_len, count, args.seed)
     max_new = args.base_tokens if label == "base" else (args.batch_tokens if batch_size > 1 and seq_len > 128 else None)
     names = [name for name in specs if label != "base" or name in BASE_SAMPLERS]
     groups = [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
@@ -205,7 +198,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each chunk per sampler (the fastest counts)")
     p.add_argument("--samplers", default=",".join(GRID_SAMPLERS),
                    help=f"comma-separated, from {', '.join(CONTENDERS)} (default: %(default)s)")
-    p.add_argument("--adaptive-threshold", type=float, default=DEFAULT_ADAPTIVE_THRESHOLD)
+    p.add_argument("--adaptive-threshold", type=float, default=None,
+                   help="the *-adaptive samplers' threshold (default: the model's sampler default)")
     p.add_argument("--no-curve", action="store_true", help="skip the call-time curve")
     p.add_argument("--variant-head", default=None,
                    help="a model directory whose draft head the head samplers also run with (as NAME-variant)")
@@ -254,15 +248,18 @@ def main(argv=None) -> None:
         curve += [dict(r, model="base") for r in call_curve(models["base"], 128, 1, 5)]
     table = markdown_table([{key: (f"{value:.3g}" if isinstance(value, float) else value)
                                     for key, value in row.items()} for row in rows])
+    drafters = ("self", "head") if tiny.draft_head is not None else ("self",)
+    defaults = "; ".join(f"{drafter} drafts: " + ", ".join(f"{key} {value}" for key, value in
+                                                          current_defaults(tiny, drafter).items())
+                         for drafter in drafters)
+    if args.adaptive_threshold is not None:
+        defaults += f"; adaptive threshold {args.adaptive_threshold} (--adaptive-threshold)"
     text = (f"\n## bench_speculative.py, {time.strftime('%Y-%m-%d %H:%M')}\nMachine: {machine()}. WikiText-2 test "
             f"chunks, 95% masked (any-subset orders), T=1, cached engine, the same chunks, orders and seeds for "
             f"every sampler; batch 1: {args.sequences_b1} chunks one at a time at L=128 (fewer at longer L, at "
             f"least 2); batch > 1 at L > 128: {args.batch_tokens} tokens per row; base-sized model (random "
-            f"weights, speed only): {args.base_tokens} tokens per row; adaptive threshold "
-            f"{args.adaptive_threshold}; draft temperature ratio {DEFAULT_DRAFT_TEMPERATURE_RATIO:g} for the model's "
-            f"own drafts and {HEAD_DRAFT_TEMPERATURE_RATIO:g} for the draft head's unless the name says otherwise; "
-            f"outcomes covered: {DEFAULT_OUTCOMES} by assd-fused, {HEAD_OUTCOMES} by assd-fused-head unless "
-            f"-outcomesN; tok/s: samplers alternated chunk by "
+            f"weights, speed only): {args.base_tokens} tokens per row; the model's sampler defaults (stored with "
+            f"it, else the library's) unless the name says otherwise: {defaults}; tok/s: samplers alternated chunk by "
             f"chunk, each chunk the fastest of {args.repeats}, after a warm-up.\n\n{table}\n")
     warning = load_warning([load_at_start, load_average()])
     if warning is not None:

@@ -486,13 +486,14 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
             for the model's own drafts (accepted less than half the time), the all-accepted outcome and then
             the earliest rejections for the draft head's (mostly all accepted). After an uncovered outcome
             the next call has no drafts to verify (it drafts for itself, see above). Only with ``fused``;
-            default ``DEFAULT_OUTCOMES`` (2), or ``HEAD_OUTCOMES`` ("all") with drafter ``"head"``: a call
-            holds about ``outcomes x k`` outcome rows.
+            default: the model's stored one, else ``DEFAULT_OUTCOMES`` (2), or ``HEAD_OUTCOMES`` ("all") with
+            drafter ``"head"``: a call holds about ``outcomes x k`` outcome rows.
         draft_temperature_ratio: verified drafts (self drafts after the first, single-pass drafts) are
-            drawn at ``temperature x draft_temperature_ratio``; exact at any value > 0. Default
-            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.5): it raised the acceptance of the model's own drafts on
-            asarm-tiny (benchmarks/RESULTS.md); with drafter ``"head"`` ``HEAD_DRAFT_TEMPERATURE_RATIO`` (1.0),
-            since a distilled head already matches the target at T = 1. The n-gram drafter ignores it.
+            drawn at ``temperature x draft_temperature_ratio``; exact at any value > 0. Default: the model's
+            stored one (asarm.json, draft_head.json; asarm.sampling.spec), else
+            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.0, the paper's: the fewest NFE on the shipped asarm-tiny,
+            benchmarks/RESULTS.md), or with drafter ``"head"`` ``HEAD_DRAFT_TEMPERATURE_RATIO`` (1.0), since a
+            distilled head already matches the target at T = 1. The n-gram drafter ignores it.
         draft_length: None (always ``k``), a confidence threshold in [0, 1]
             (:class:`~asarm.sampling.draft_length.ConfidenceLength`) or a rule (see that module for the
             exactness condition).

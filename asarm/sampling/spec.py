@@ -34,7 +34,9 @@ DEFAULT_ENGINE = "cached"
 OUTCOME_ORDERS = ("earliest-rejection", "accepted-first")  # which outcomes a single-pass call covers first
 DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
 HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
-DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.5  # verified drafts' temperature / the target's (see assd_decode)
+# verified drafts' temperature / the target's (see assd_decode): the paper's 1, which needed the fewest NFE on the
+# shipped asarm-tiny (benchmarks/sweep_defaults.py in RESULTS.md; 1.5, tuned on an older asarm-tiny, cost 6%)
+DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.0
 HEAD_DRAFT_TEMPERATURE_RATIO = 1.0  # the same with drafter "head": it is distilled to match the target at T = 1
 # Confidence threshold of the adaptive draft length (ConfidenceLength): a draft slot is verified only
 # while its proposal's top probability reaches it. Chosen from benchmarks/bench_speculative.py.
@@ -155,7 +157,8 @@ class SamplerSpec:
     draft_temperature_ratio: float | None = _setting(None, Option(
         "--draft-temperature-ratio", "ASSD: verified drafts are drawn at this multiple of --temperature (exact at any "
         f"value; > 1 flattens them) (default%(default).0s: the model's stored one, else "
-        f"{DEFAULT_DRAFT_TEMPERATURE_RATIO:g}, or {HEAD_DRAFT_TEMPERATURE_RATIO:g} for draft-head drafts)", _is_assd,
+        f"{DEFAULT_DRAFT_TEMPERATURE_RATIO:g} for its own drafts and {HEAD_DRAFT_TEMPERATURE_RATIO:g} for draft-head "
+        f"drafts)", _is_assd,
         every_command=True,
         kwargs={"type": float}))
     controller: str | None = None  # "auto": the goodput controller (assd-auto; asarm.sampling.controller)

@@ -146,5 +146,5 @@ def test_output_and_trace_record_the_choices(tmp_path):
     assert all(max(call["drafts"]) <= call["width"] for call in out.schedule)
     left = [[call["drafts"][call["rows"].index(b)] for call in out.schedule if b in call["rows"]] for b in range(3)]
     for b, rounds in enumerate(out.trace.rows):
-        assert [len(round_.drafts) for round_ in rounds[1:]] == left[b][:len(rounds) - 1]
+        assert [round_.drafted for round_ in rounds[1:]] == left[b][:len(rounds) - 1]
     assert any(len(set(call["drafts"])) > 1 for call in out.schedule)

@@ -129,7 +129,7 @@ def test_head_defaults_target_temperature_and_every_outcome(model):
     head = HeadDrafter(random_head(model, seed=6))
     assert assd_decode(model, tokens, sigma, n_prompt, k=2, drafter=head, seed=0).settings[
         "draft_temperature_ratio"] == 1.0
-    assert assd_decode(model, tokens, sigma, n_prompt, k=2, seed=0).settings["draft_temperature_ratio"] == 1.5
+    assert assd_decode(model, tokens, sigma, n_prompt, k=2, seed=0).settings["draft_temperature_ratio"] == 1.0
     assert assd_decode(model, tokens, sigma, n_prompt, k=2, drafter=head, seed=0, draft_temperature_ratio=2.0
                        ).settings["draft_temperature_ratio"] == 2.0
     assert assd_decode(model, tokens, sigma, n_prompt, k=2, drafter=head, fused=True, seed=0).settings[

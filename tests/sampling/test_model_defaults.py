@@ -75,6 +75,7 @@ def test_a_model_without_stored_defaults_uses_the_librarys(tmp_path):
     assert (spec.draft_temperature_ratio, spec.outcomes, spec.draft_length.threshold) == \
         (DEFAULT_DRAFT_TEMPERATURE_RATIO, DEFAULT_OUTCOMES, DEFAULT_ADAPTIVE_THRESHOLD)
     assert set(dict(spec.defaults_from).values()) == {LIBRARY}
+    assert SAMPLERS["assd-self"].resolve(model).name == "assd-self"  # a default is not a choice of assd-paper
 
 
 def test_a_stored_ratio_of_one_keeps_the_samplers_name(tmp_path):

@@ -55,7 +55,7 @@ def test_keyword_settings_and_spec_decode_alike(model):
 
 def test_resolve_fills_the_drafter_defaults_once():
     self_fused, head_fused = SAMPLERS["assd-fused"].resolve(), SAMPLERS["assd-fused-head"].resolve()
-    assert (self_fused.outcomes, self_fused.draft_temperature_ratio, self_fused.bonus) == (2, 1.5, True)
+    assert (self_fused.outcomes, self_fused.draft_temperature_ratio, self_fused.bonus) == (2, 1.0, True)
     assert (head_fused.outcomes, head_fused.draft_temperature_ratio) == ("all", 1.0)
     assert head_fused.resolve() == head_fused  # resolving twice changes nothing
     assert SAMPLERS["assd-self-adaptive"].resolve().draft_length.threshold == DEFAULT_ADAPTIVE_THRESHOLD
