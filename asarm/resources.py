@@ -3,7 +3,8 @@
 ``pick_device``: the device asked for, falling back to the CPU with one warning line when it does not
 exist on this machine (as lm-eval's own Hugging Face model does), so ``--device cuda`` (lm-eval's default)
 works on a machine without a GPU. ``available_cpus``: the CPUs this process may use (its affinity and the
-cgroup's CPU quota), which is what the default thread count follows; ``set_threads`` applies ``--threads``.
+cgroup's CPU quota); the default thread count is those that no other task is running on when the command
+starts (``default_threads``); ``set_threads`` applies ``--threads``.
 torch is imported inside the functions: the command line imports this module before it needs torch.
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["pick_device", "available_cpus", "default_threads", "set_threads", "load_average", "load_warning",
-           "hide_library_progress_bars"]
+__all__ = ["pick_device", "available_cpus", "competing_tasks", "default_threads", "set_threads", "load_average",
+           "load_warning", "hide_library_progress_bars"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -78,9 +80,27 @@ def available_cpus() -> int:
     return max(1, count)
 
 
+def competing_tasks(samples: int = 5, interval_s: float = 0.01) -> int:
+    """Tasks (threads) running on the machine now besides the one reading, from ``/proc/loadavg``'s
+    instantaneous runnable count (median of a few samples); 0 where it cannot be read or does not describe
+    this process's CPUs (a cgroup quota or a narrower affinity: the count is then the host's)."""
+    whole_machine = available_cpus() == (os.cpu_count() or 1) and _cgroup_cpu_limit() is None
+    counts = []
+    for i in range(samples if whole_machine else 0):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0, sorted(counts)[len(counts) // 2]) if counts else 0
+
+
 def default_threads() -> int:
-    """torch's intra-op threads when ``--threads`` is not given: one per available CPU (see available_cpus)."""
-    return available_cpus()
+    """torch's intra-op threads when ``--threads`` is not given: the available CPUs (see available_cpus) that
+    no other task is running on now, at least one. Spinning OpenMP threads on CPUs that other jobs hold slow
+    a decode several times over (benchmarks/bench_threads.py); on an idle machine every CPU is used."""
+    return max(1, available_cpus() - competing_tasks())
 
 
 def set_threads(threads: int | None) -> int:

@@ -2,6 +2,7 @@
 thread count follows the CPUs the process may use (affinity and cgroup quota)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,33 @@ def test_results_record_threads_and_load(tmp_path, monkeypatch, capsys):
     assert results["load_average"] == {"start": 6.0, "end": 6.5}
     assert results["machine"]["torch_threads"] == torch.get_num_threads() and "available_cpus" in results["machine"]
     assert any("6.5 on 2 CPUs" in w for w in json.loads((tmp_path / "results.json").read_text())["warnings"])
+
+
+def _loadavg(tmp_path, monkeypatch, running: int):
+    """A /proc/loadavg whose instantaneous count says ``running`` tasks (the reader among them)."""
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        return f"0.50 0.40 0.30 {running}/200 999\n" if str(self) == "/proc/loadavg" else real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def test_default_threads_leave_the_cpus_other_tasks_run_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    _cgroup(tmp_path, monkeypatch, "max 100000\n")
+    _loadavg(tmp_path, monkeypatch, running=1)  # only the reader: idle
+    assert resources.competing_tasks(interval_s=0) == 0 and resources.default_threads() == 4
+    _loadavg(tmp_path, monkeypatch, running=3)  # two other busy tasks
+    assert resources.competing_tasks(interval_s=0) == 2 and resources.default_threads() == 2
+    _loadavg(tmp_path, monkeypatch, running=9)
+    assert resources.default_threads() == 1
+
+
+def test_a_host_count_is_not_read_under_a_cgroup_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    _cgroup(tmp_path, monkeypatch, "200000 100000\n")
+    _loadavg(tmp_path, monkeypatch, running=50)  # the host's tasks, not this container's
+    assert resources.competing_tasks(interval_s=0) == 0 and resources.default_threads() == 2
