@@ -46,9 +46,8 @@ from asarm.training.objectives import ObjectiveConfig, compute_loss
 from asarm.training.trainer import latest_checkpoint, run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sampling import machine, sync  # noqa: E402
+from bench_sampling import machine, publish, sync  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("xlnet", "rope")
 # name -> (sizes, XLNet's d_inner, batch size at L = 128; at L = 512 a quarter of it)
@@ -263,11 +262,7 @@ def main() -> None:
                   f"{sampling[16]['rope'] / sampling[16]['xlnet']:.2f}x at batch 16.\n"]
     lines.append(f"Machine: {machine()}.\n")
     report = "\n".join(lines)
-    print(report)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(report)
-        print(f"appended to {RESULTS}")
+    publish(report, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def machine() -> str:
             f"{gpu}{load}")
 
 
+def publish(text: str, write: bool = True) -> None:
+    """Print a benchmark's report and, with ``write`` (no ``--no-write``), append it to benchmarks/RESULTS.md."""
+    print(text)
+    if write:
+        with RESULTS.open("a") as f:
+            f.write(text)
+        print(f"appended to {RESULTS}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -45,9 +45,8 @@ from asarm.eval.sampler_defaults import benchmark_decodes, current_defaults
 from asarm.sampling.spec import parse_choices
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sampling import machine, sync  # noqa: E402
+from bench_sampling import machine, publish, sync  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DEFAULT_CONFIGS = ",".join(f"tiny:{length}:{batch}" for length in (128, 512) for batch in (1, 4, 16, 64))
 # name -> (registry sampler, k, other settings); the paper's k = 5 for two-call ASSD
 CONTENDERS = {
@@ -269,10 +268,7 @@ def main(argv=None) -> None:
                  "content rows, median over the calls of sessions stepping side by side.\n\n"
                  + markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
                                           for r in curve]) + "\n")
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

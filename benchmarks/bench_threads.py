@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import machine  # noqa: E402
+from bench_sampling import machine, publish  # noqa: E402
 
 from asarm.eval.markdown import markdown_table  # noqa: E402
 from asarm.resources import available_cpus, load_average  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 # One decode workload, run in a child process with the setting's environment; prints its seconds as JSON.
 _WORKLOAD = """
@@ -147,10 +146,7 @@ def main(argv=None) -> None:
             f"{args.length} tokens (95% masked) decoded by sequential and the fused head sampler at each batch size, "
             f"each setting in a fresh process, median of {args.repeats}; the load: {args.load} processes each "
             f"keeping a CPU busy. Threads asarm's default took: {picked}.\n\n{markdown_table(rows)}\n")
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

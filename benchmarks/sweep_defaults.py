@@ -29,9 +29,8 @@ from asarm.model import ASARM, DEFAULT_MODEL, StoredDefaults, _local_model_dir
 from asarm.sampling import SAMPLERS, assd_decode, decode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sampling import machine  # noqa: E402
+from bench_sampling import machine, publish  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def done_when(model: ASARM, decodes) -> list[dict]:
@@ -93,10 +92,7 @@ def main(argv=None) -> None:
             f"{measurement.line()}{' (stored in the model directory)' if args.store else ''}.\n\n"
             f"{markdown_table(measurement.table)}\nIssue 25's check: the default `assd_decode` against "
             f"`assd-paper` on the same decodes.\n\n{markdown_table(check)}")
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":
