@@ -99,7 +99,6 @@ def test_fsdp_run_shards_evaluates_on_rank_0_and_exports(fsdp_run, tmp_path, mon
         assert torch.equal(a, b), name
 
 
-@pytest.mark.slow
 def test_fsdp_resume_matches_the_uninterrupted_run(fsdp_run, tmp_path, small_text, tokenizer_dir):  # noqa: F811
     """Stopped at step 2 and resumed with the command the run ends with: the same losses and final weights as the
     uninterrupted run, bit for bit (same processes, same gloo reduction order, every state restored)."""
