@@ -23,8 +23,7 @@ from .eval.commands import EVALUATIONS
 from .resources import hide_library_progress_bars, set_threads
 from .sampling.spec import DEFAULT_ENGINE, ENGINE_NAMES, SAMPLERS, SettingError, add_sampler_arguments, \
     apply_override, sampler_overrides
-from .templates import _BLANK_TAG, _blank_count, encode_template, parse_template, show_completion, \
-    show_prompt, token_blanks
+from .templates import blank_counts, encode_template, parse_template, show_completion, show_prompt, token_blanks
 
 __all__ = ["main", "sample", "sample_spec", "profile", "add_sample_parser", "encode_template"]
 
@@ -57,9 +56,9 @@ def sample(model: str, text: str, revision: str | None = None, masking_rate: flo
     ``sampler``: a registry name (``asarm.sampling.SAMPLERS``), or ``assd`` (two-call rounds with the drafts of
     ``drafter``); ``settings``: sampler settings (the fields of ``SamplerSpec``: ``k``, ``drafter``,
     ``temperature``, ``draft_length`` ...). ``trace``: write a picture of the decode (an HTML file);
-    ``show_rounds``: print every round (the samples do not change); ``threads``: torch's CPU threads (None: one per
-    available CPU). Returns one dict per completion (text, nfe, rounds, tokens_per_round, tokens_per_call) and
-    prints them.
+    ``show_rounds``: print every round (the samples do not change); ``threads``: torch's CPU threads (None: the
+    available CPUs no other task runs on, asarm.resources.default_threads). Returns one dict per completion
+    (text, nfe, rounds, tokens_per_round, tokens_per_call) and prints them.
     """
     spec = sample_spec(sampler, **settings)
     _check_sample_arguments(text, masking_rate, batch_size, trace)
@@ -128,9 +127,7 @@ def _check_sample_arguments(text: str, masking_rate: float | None, batch_size: i
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if not text.strip():
         raise ValueError("--text is empty; give a text with blanks (<mask>, <mask:N>) or with --masking-rate")
-    tags = _BLANK_TAG.findall(text)
-    for tag in tags:
-        _blank_count(tag)
+    tags = blank_counts(text)
     if masking_rate is not None:
         if tags:
             raise ValueError("give either blanks in the text or --masking-rate, not both")
@@ -176,23 +173,20 @@ def profile(model: str = "asarm-tiny", revision: str | None = None, device: str 
             batch_size: int = 1, k: int = 5, threads: int | None = None, out: str | None = None) -> dict:
     """Measure the call-cost model of assd-auto on WikiText-2 test chunks (95% masked) and print the profiled
     calls with the model's prediction beside each, and the predicted time of every schedule it can choose."""
-    import torch
-
-    from . import orders
-    from .eval.markdown import markdown_table
-    from .model import ASARM
-    from .eval.texts import packed_text
-    from .sampling.assd import auto_controller, profile_calls
-
     spec = sample_spec("auto", k=k)
     if batch_size < 1 or length < 2:
         raise ValueError(f"--batch-size must be >= 1 and --length >= 2, got {batch_size} and {length}")
+    import torch
+
+    from .eval.markdown import markdown_table
+    from .eval.sampler_defaults import benchmark_decodes
+    from .model import ASARM
+    from .sampling.assd import auto_controller, profile_calls
+
     set_threads(threads)
     asarm = ASARM.from_pretrained(model, revision=revision, device=device)
     spec = spec.resolve(asarm)
-    chunks = packed_text(asarm.tokenizer, length, None, batch_size)
-    visible = int(orders.num_prompt_for_rate(0.95, length))
-    sigma = orders.any_subset(visible, length, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
+    chunks, sigma, visible = benchmark_decodes(asarm.tokenizer, length, batch_size)
     n_prompt = torch.full((batch_size,), visible)
     cost = profile_calls(asarm, (chunks, sigma, n_prompt, None, None, None), spec)
     controller = auto_controller(asarm, spec, cost)

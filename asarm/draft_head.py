@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .inputs import read_json
+
 __all__ = ["DraftHead", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT", "outside_logit", "save_draft_head",
            "load_draft_head"]
 
@@ -131,7 +133,7 @@ def load_draft_head(directory: str | os.PathLike, vocab_size: int, d_model: int)
     directory = Path(directory)
     if not (directory / HEAD_CONFIG).is_file():
         return None
-    config = json.loads((directory / HEAD_CONFIG).read_text())
+    config = read_json(directory / HEAD_CONFIG)
     if (config["vocab_size"], config["d_model"]) != (vocab_size, d_model):
         raise ValueError(f"{directory / HEAD_CONFIG} is for a model of vocabulary {config['vocab_size']} and width "
                          f"{config['d_model']}, not {vocab_size} and {d_model}: retrain it with asarm train-draft-head")

@@ -20,9 +20,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from .tokenization import _SPIECE_UNDERLINE as WORD_START
+from .tokenization import WORD_START
 
-__all__ = ["Blank", "Template", "parse_template", "encode_template", "token_blanks", "show_prompt",
+__all__ = ["Blank", "Template", "blank_counts", "parse_template", "encode_template", "token_blanks", "show_prompt",
            "show_completion"]
 
 # Anything that looks like a blank tag (``<mask``, then ``:``, a space or ``>``) is parsed, so a
@@ -55,6 +55,12 @@ def _blank_count(tag: str) -> int:
     if match is None or int(match.group(1) or 1) < 1:
         raise ValueError(f"blank tag {tag!r} is not valid: write <mask> or <mask:N> with N >= 1 and no spaces")
     return int(match.group(1) or 1)
+
+
+def blank_counts(text: str) -> list[int]:
+    """The blank tokens of each tag in ``text``, in order, each tag checked (no tokenizer needed: the command line
+    checks a template with it before the model loads)."""
+    return [_blank_count(tag) for tag in _BLANK_TAG.findall(text)]
 
 
 def parse_template(tokenizer, text: str, mask_token_id: int) -> Template:

@@ -65,7 +65,7 @@ from typing import Callable, Iterable, Sequence
 from .offline import hub_offline
 
 __all__ = [
-    "XLNET_SPECIAL_TOKENS", "ESCAPE", "WHITESPACE_TOKENS", "TokenizerLoadError",
+    "XLNET_SPECIAL_TOKENS", "ESCAPE", "WHITESPACE_TOKENS", "WORD_START", "TokenizerLoadError",
     "load_xlnet_tokenizer", "tokenizer_from_sentencepiece",
     "encode_code", "decode_code", "escape_specials", "unescape_specials",
     "CodeTokenizer", "encode_text", "decode_text", "train_tokenizer",
@@ -80,7 +80,7 @@ WHITESPACE_TOKENS = {"\n": "<cls>", "\t": "<sep>", "  ": "<unk>"}
 _TOKEN_WHITESPACE = {v: k for k, v in WHITESPACE_TOKENS.items()}
 _WHITESPACE_IDS = {CLS_ID: "<cls>", SEP_ID: "<sep>", UNK_ID: "<unk>"}
 HUB_TOKENIZER = "xlnet/xlnet-base-cased"
-_SPIECE_UNDERLINE = "\u2581"
+WORD_START = "\u2581"  # SentencePiece's word-start mark ("▁")
 
 _names = sorted((t[1:-1] for t in XLNET_SPECIAL_TOKENS), key=len, reverse=True)
 _special_alt = "|".join(re.escape("<" + n + ">") for n in _names)
@@ -135,9 +135,9 @@ def tokenizer_from_sentencepiece(model_file: str | os.PathLike | bytes):
     backend.normalizer = normalizers.Sequence([normalizers.Replace("``", '"'), normalizers.Replace("''", '"'),
                                                normalizers.NFKD(), normalizers.StripAccents()])
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                     pre_tokenizers.Metaspace(replacement=_SPIECE_UNDERLINE,
+                                                     pre_tokenizers.Metaspace(replacement=WORD_START,
                                                                               prepend_scheme="always")])
-    backend.decoder = decoders.Metaspace(replacement=_SPIECE_UNDERLINE, prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement=WORD_START, prepend_scheme="always")
     backend.post_processor = processors.TemplateProcessing(
         single="$A:0 <sep>:0 <cls>:2", pair="$A:0 <sep>:0 $B:1 <sep>:1 <cls>:2",
         special_tokens=[("<sep>", SEP_ID), ("<cls>", CLS_ID)])
@@ -344,7 +344,7 @@ class CodeTokenizer:
 
     # characters written as ESCAPE{hex}: not a single piece, or the meta symbol itself
     def needs_escape(self, c: str) -> bool:
-        return c == _SPIECE_UNDERLINE or c not in self._single
+        return c == WORD_START or c not in self._single
 
     @property
     def vocab_size(self) -> int:
@@ -361,12 +361,12 @@ class CodeTokenizer:
         return ids
 
     def _encode_stretch(self, stretch: str, dummy: bool, out: list[int]) -> None:
-        s = stretch.replace(" ", _SPIECE_UNDERLINE)
+        s = stretch.replace(" ", WORD_START)
         if dummy:
-            s = _SPIECE_UNDERLINE + s
+            s = WORD_START + s
         start = 0
         for i in range(1, len(s) + 1):
-            if i == len(s) or s[i] == _SPIECE_UNDERLINE:
+            if i == len(s) or s[i] == WORD_START:
                 out.extend(self._tokenize_word(s[start:i]))
                 start = i
 
@@ -404,9 +404,9 @@ class CodeTokenizer:
         def flush():
             if stretch:
                 s = "".join(stretch)
-                if first and s.startswith(_SPIECE_UNDERLINE):
+                if first and s.startswith(WORD_START):
                     s = s[1:]
-                chunks.append(s.replace(_SPIECE_UNDERLINE, " "))
+                chunks.append(s.replace(WORD_START, " "))
                 stretch.clear()
 
         for i in ids:

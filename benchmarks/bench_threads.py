@@ -32,8 +32,7 @@ from asarm.resources import available_cpus, load_average  # noqa: E402
 # One decode workload, run in a child process with the setting's environment; prints its seconds as JSON.
 _WORKLOAD = """
 import json, sys, time, torch
-from asarm import orders
-from asarm.eval.texts import packed_text
+from asarm.eval.sampler_defaults import benchmark_decodes
 from asarm.model import ASARM
 from asarm.sampling import SAMPLERS, decode
 from asarm.resources import set_threads
@@ -42,9 +41,7 @@ set_threads(threads or None)  # 0: asarm's default
 if interop:
     torch.set_num_interop_threads(interop)
 model = ASARM.from_pretrained("asarm-tiny", device="cpu")
-chunks = packed_text(model.tokenizer, length, None, sequences)
-visible = int(orders.num_prompt_for_rate(0.95, length))
-sigma = orders.any_subset(visible, length, batch_size=sequences, generator=torch.Generator().manual_seed(0))
+chunks, sigma, visible = benchmark_decodes(model.tokenizer, length, sequences)
 names = ["sequential", "assd-fused-head" if model.draft_head is not None else "assd-fused"]
 decode(model, SAMPLERS[names[0]], chunks[:1], sigma[:1], visible, seed=torch.tensor([0]))  # warm-up
 started = time.perf_counter()

@@ -43,8 +43,9 @@ def add_model_source_arguments(parser) -> None:
 def add_threads_argument(parser) -> None:
     """``--threads`` (every command that computes)."""
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads for torch" + unset_means("one per CPU this process may use: its "
-                                                                   "affinity and cgroup quota"))
+                        help="CPU threads for torch" + unset_means("the CPUs this process may use (its affinity "
+                                                                   "and cgroup quota) that no other task runs on "
+                                                                   "when it starts, at least 1"))
 
 
 def positive_int(value: str) -> int:

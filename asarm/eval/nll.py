@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import orders
+from ..tokenization import WORD_START
 from .arguments import load_model
 from .commands import check_nll
 from .markdown import markdown_table
@@ -61,7 +62,6 @@ def unigram_log_probs(chunks: torch.Tensor, vocab_size: int, mask_token_id: int)
     return (counts / counts.sum()).log()
 
 
-_SPACE_PIECE = "\u2581"  # SentencePiece's word-boundary mark
 _EOS_TOKEN_ID = 2
 
 
@@ -80,14 +80,14 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
         elif i in special or piece is None:
             out.append(0)
         else:
-            out.append(len(piece.replace(_SPACE_PIECE, " ").encode("utf-8")))
+            out.append(len(piece.replace(WORD_START, " ").encode("utf-8")))
     return torch.tensor(out, dtype=torch.long)
 
 
 def token_word_starts(tokenizer) -> torch.Tensor:
     """``(V,)`` int64: 1 for the tokens that begin a word (a piece starting with ``▁``, and ``</s>``, the
     line end counted as a word as WikiText's word counts do), else 0."""
-    return torch.tensor([int(i == _EOS_TOKEN_ID or (piece is not None and piece.startswith(_SPACE_PIECE)))
+    return torch.tensor([int(i == _EOS_TOKEN_ID or (piece is not None and piece.startswith(WORD_START)))
                          for i, piece in enumerate(_pieces(tokenizer))], dtype=torch.long)
 
 

@@ -29,6 +29,7 @@ import torch
 from .. import orders
 from ..draft_head import HEAD_CONFIG
 from ..files import write_atomic
+from ..inputs import read_json
 from ..model import MODEL_DEFAULTS_FILE, SAMPLER_DEFAULTS, ASARM
 from ..sampling import SAMPLERS, SamplerSpec, decode
 from ..sampling.spec import OUTCOME_ORDERS, STORED_SETTINGS
@@ -204,7 +205,7 @@ def store(directory: str | Path, measurement: Measurement, by: str) -> list[Path
         if drafter not in measurement.defaults:
             continue
         file = directory / name
-        fields = json.loads(file.read_text()) if file.is_file() else {}
+        fields = read_json(file) if file.is_file() else {}
         fields[SAMPLER_DEFAULTS] = measurement.defaults[drafter] | {"measured": measured}
         write_atomic(file, json.dumps(fields, indent=2) + "\n")
         written.append(file)

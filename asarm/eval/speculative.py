@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from typing import Any, Sequence
 
 import torch
@@ -307,11 +306,9 @@ def run(args: argparse.Namespace) -> dict:
 
     # Warm-up: lazy initialisation, allocator and kernel caches are paid outside the timed regions.
     trial, items = jobs[0]
-    started = time.perf_counter()
-    for spec in specs:
-        decode(model, spec, chunks[items], sigmas[trial][items], visible, seed=row_seeds(args.seed, trial, items),
-               engine=args.engine)
-    warmup = time.perf_counter() - started
+    warmup, _ = timed(model.device, lambda: [decode(model, spec, chunks[items], sigmas[trial][items], visible,
+                                                    seed=row_seeds(args.seed, trial, items), engine=args.engine)
+                                             for spec in specs])
     print(f"estimated decoding time: about {warmup * len(jobs):.0f} s ({len(jobs)} batch(es) x the warm-up's "
           f"{warmup:.1f} s for all samplers)", flush=True)
 

@@ -245,8 +245,6 @@ class Trainer:
 
         self.cfg = cfg
         run = cfg.train
-        if run.grad_accum < 1:
-            raise ValueError("train.grad_accum must be >= 1")
         if cfg.log.wandb:
             _check_wandb_installed()
         # XLNet's segment parameters (r_s_bias, seg_embed) get no gradient, since asarm passes no token_type_ids:
