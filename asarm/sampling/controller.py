@@ -22,6 +22,8 @@ import torch
 
 __all__ = ["Plan", "ControlState", "FixedSchedule", "GoodputController", "steady_state", "expected_rates"]
 
+MAX_MARGIN = 0.25  # the most gain over sequential steps asked of drafting (a noisy profile must not stop it)
+
 
 @dataclass
 class Plan:
@@ -106,11 +108,17 @@ class GoodputController:
     all slots, itself its count plus ``prior_weight`` pseudo-drafts at ``prior``: a row starts from the prior
     and follows its own drafts. A row without any verdict yet drafts at least one, to get one; a row that
     chose no drafts for ``probe_every`` calls in a row tries width 1 once, so it notices when drafts start to
-    pass again, where such a call costs less than 1.25 sequential steps (a probe widens the whole call)."""
+    pass again, where such a call costs less than 1.25 sequential steps (a probe widens the whole call).
+
+    Drafting must beat sequential steps by more than the cost model's own error on this machine
+    (``margin``; default: the fit's largest relative error over the profiled calls, at most ``MAX_MARGIN``):
+    a gain smaller than the error of the prices it rests on is as likely a loss."""
 
     def __init__(self, cost, k_max: int, options: list[tuple[int, int]], accepted_first: bool, head: bool,
-                 prior: float, prior_weight: float = 4.0, probe_every: int = 16):
+                 prior: float, prior_weight: float = 4.0, probe_every: int = 16, margin: float | None = None):
         self.cost, self.k_max, self.accepted_first = cost, k_max, accepted_first
+        self.margin = min(getattr(cost, "relative_error", 0.0), MAX_MARGIN) if margin is None else float(margin)
+        self.sequential = options.index((0, 1)) if (0, 1) in options else None
         self.prior, self.prior_weight, self.probe_every = prior, prior_weight, probe_every
         self.widths = torch.tensor([w for w, _ in options])
         self.covers = torch.tensor([c for _, c in options])
@@ -143,7 +151,10 @@ class GoodputController:
         if seen != self._seen:
             rates = expected_rates(self.acceptance(state).cpu(), self.widths, self.covers, self.seconds_with,
                                    self.seconds_without, self.accepted_first)
-            self._seen, self._best = seen, int(rates.argmax())
+            best = int(rates.argmax())
+            if self.sequential is not None and rates[best] < (1 + self.margin) * rates[self.sequential]:
+                best = self.sequential  # the predicted gain is within the cost model's error
+            self._seen, self._best = seen, best
         b = len(state.pending)
         width, cover = self.widths[self._best].expand(b).clone(), self.covers[self._best].expand(b).clone()
         # a row with no verdict yet tries drafts once, so that a pessimistic prior cannot keep it from learning

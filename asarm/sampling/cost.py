@@ -46,9 +46,22 @@ class CallCost:
         return (self.host + self.per_query_row * query_rows + self.per_head_slot * head_slots
                 + self.per_content_row * content_rows)
 
+    @property
+    def relative_error(self) -> float:
+        """The largest relative error of the fit over the profiled kinds of call (their median times): how far
+        a predicted price may be off on this machine (0 without samples)."""
+        groups: dict[tuple, list[float]] = {}
+        for sample in self.samples:
+            key = (sample["query_rows"], sample["head_slots"], sample["content_rows"])
+            groups.setdefault(key, []).append(sample["seconds"])
+        errors = [abs(self(*key) - statistics.median(times)) / statistics.median(times)
+                  for key, times in groups.items() if statistics.median(times) > 0]
+        return max(errors, default=0.0)
+
     def summary(self) -> dict:
-        """The coefficients and the machine, without the samples (a decode's settings)."""
-        return {key: value for key, value in asdict(self).items() if key != "samples"}
+        """The coefficients, the fit's relative error and the machine, without the samples (a decode's settings)."""
+        return {key: value for key, value in asdict(self).items() if key != "samples"} | \
+            {"relative_error": round(self.relative_error, 4)}
 
     def table(self) -> list[dict]:
         """The profiled calls with the model's prediction beside each (``asarm profile``)."""

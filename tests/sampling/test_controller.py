@@ -1,5 +1,6 @@
 """The goodput controller of assd-auto and its call-cost model (exactness: tests/sampling/test_exactness.py)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -106,13 +107,44 @@ def test_the_batch_follows_its_rows_acceptance():
     assert bool((tokens[0, 1:] > tokens[1, 1:]).all()) and float(tokens[:, 0].max()) == 1.0
 
 
+def test_drafting_must_beat_sequential_steps_by_the_cost_models_error():
+    """A predicted gain smaller than the margin is taken as no gain (sequential steps); a larger one drafts. The
+    default margin is the fit's largest relative error over the profiled calls, capped."""
+    from asarm.sampling.controller import MAX_MARGIN
+
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1)
+    options = [(0, 1)] + [(w, c) for w in (1, 2, 3) for c in (1, 2, w + 1)]
+    state = ControlState(n_fixed=torch.tensor([3]), stop=torch.tensor([8]), pending=torch.tensor([1]),
+                         drafted_by_index=torch.tensor([[40, 30, 20]]), accepted_by_index=torch.tensor([[30, 20, 12]]),
+                         all_proposals=torch.zeros(1, 3, 5), sel=slice(None))
+    free = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3)
+    rates = expected_rates(free.acceptance(state), free.widths, free.covers, free.seconds_with,
+                           free.seconds_without, False)
+    gain = float(rates.max() / rates[0]) - 1
+    assert free.margin == 0 and gain > 0.05 and int(free.plan(state).width[0]) > 0
+
+    def width(margin):
+        controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3, margin=margin)
+        return int(controller.plan(state).width[0])
+
+    assert width(gain - 0.01) > 0 and width(gain + 0.01) == 0
+    # the default margin: a profile whose calls the fit misses by up to 40% (capped at MAX_MARGIN), exact ones 0
+    exact = [{"query_rows": q, "head_slots": 0, "content_rows": 0, "seconds": cost(q)} for q in (1, 4, 9)]
+    assert dataclasses.replace(cost, samples=exact).relative_error == pytest.approx(0.0, abs=1e-12)
+    off = exact + [{"query_rows": 6, "head_slots": 0, "content_rows": 0, "seconds": cost(6) / 1.4}]
+    assert dataclasses.replace(cost, samples=off).relative_error == pytest.approx(0.4)
+    noisy = GoodputController(dataclasses.replace(cost, samples=off), 3, options, False, False, 0.3)
+    assert noisy.margin == MAX_MARGIN
+
+
 def test_profile_command_prints_the_fit_and_writes_it(tiny_model_dir, tmp_path, capsys):
     from asarm.cli import main
 
     out = tmp_path / "cost.json"
     assert main(["profile", "--model", str(tiny_model_dir), "--k", "2", "--length", "16", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "predicted ms" in printed and "ms a call with drafts" in printed
+    assert "predicted ms" in printed and "ms a call with drafts" in printed and "largest relative error" in printed
     cost = CallCost.load(out)
     assert cost.matches("cpu", 1, 16) and len(cost.samples) >= 4 and cost.host >= 0
 
