@@ -491,7 +491,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
         draft_temperature_ratio: verified drafts (self drafts after the first, single-pass drafts) are
             drawn at ``temperature x draft_temperature_ratio``; exact at any value > 0. Default: the model's
             stored one (asarm.json, draft_head.json; asarm.sampling.spec), else
-            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.0, the paper's: the fewest NFE on the shipped asarm-tiny,
+            ``DEFAULT_DRAFT_TEMPERATURE_RATIO`` (1.0, the paper's: the fewest NFE on asarm-tiny,
             benchmarks/RESULTS.md), or with drafter ``"head"`` ``HEAD_DRAFT_TEMPERATURE_RATIO`` (1.0), since a
             distilled head already matches the target at T = 1. The n-gram drafter ignores it.
         draft_length: None (always ``k``), a confidence threshold in [0, 1]

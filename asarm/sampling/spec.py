@@ -34,8 +34,9 @@ DEFAULT_ENGINE = "cached"
 OUTCOME_ORDERS = ("earliest-rejection", "accepted-first")  # which outcomes a single-pass call covers first
 DEFAULT_OUTCOMES = 2  # outcomes a single-pass call covers by default (see assd_decode)
 HEAD_OUTCOMES = "all"  # the same with drafter "head": its drafts pass so often that every outcome is worth a block
-# verified drafts' temperature / the target's (see assd_decode): the paper's 1, which needed the fewest NFE on the
-# shipped asarm-tiny (benchmarks/sweep_defaults.py in RESULTS.md; 1.5, tuned on an older asarm-tiny, cost 6%)
+# verified drafts' temperature / the target's (see assd_decode): the paper's 1, which needed the fewest NFE on
+# asarm-tiny, the previous one (benchmarks/sweep_defaults.py in RESULTS.md; 1.5 cost 6%) and the current one
+# (measured when it was exported)
 DEFAULT_DRAFT_TEMPERATURE_RATIO = 1.0
 HEAD_DRAFT_TEMPERATURE_RATIO = 1.0  # the same with drafter "head": it is distilled to match the target at T = 1
 # Confidence threshold of the adaptive draft length (ConfidenceLength): a draft slot is verified only
