@@ -117,7 +117,7 @@ class GoodputController:
     def __init__(self, cost, k_max: int, options: list[tuple[int, int]], accepted_first: bool, head: bool,
                  prior: float, prior_weight: float = 4.0, probe_every: int = 16, margin: float | None = None):
         self.cost, self.k_max, self.accepted_first = cost, k_max, accepted_first
-        self.margin = min(getattr(cost, "relative_error", 0.0), MAX_MARGIN) if margin is None else float(margin)
+        self.margin = min(cost.relative_error, MAX_MARGIN) if margin is None else float(margin)
         self.sequential = options.index((0, 1)) if (0, 1) in options else None
         self.prior, self.prior_weight, self.probe_every = prior, prior_weight, probe_every
         self.widths = torch.tensor([w for w, _ in options])

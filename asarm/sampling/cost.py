@@ -25,6 +25,7 @@ from ..inputs import read_json
 __all__ = ["CallCost", "fit_call_cost", "profile_key", "cached_profile", "remember_profile", "timed"]
 
 _PROFILES: dict[tuple, "CallCost"] = {}
+CALL_COLUMNS = ("query_rows", "head_slots", "content_rows")  # what a call's price depends on, in __call__'s order
 
 
 @dataclass
@@ -50,12 +51,8 @@ class CallCost:
     def relative_error(self) -> float:
         """The largest relative error of the fit over the profiled kinds of call (their median times): how far
         a predicted price may be off on this machine (0 without samples)."""
-        groups: dict[tuple, list[float]] = {}
-        for sample in self.samples:
-            key = (sample["query_rows"], sample["head_slots"], sample["content_rows"])
-            groups.setdefault(key, []).append(sample["seconds"])
-        errors = [abs(self(*key) - statistics.median(times)) / statistics.median(times)
-                  for key, times in groups.items() if statistics.median(times) > 0]
+        errors = [abs(self(*key) - seconds) / seconds for key, seconds in _median_by_kind(self.samples).items()
+                  if seconds > 0]
         return max(errors, default=0.0)
 
     def summary(self) -> dict:
@@ -88,12 +85,8 @@ def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: tor
     """Least-squares fit of the linear model to the median time of each kind of call in ``samples`` (medians: a
     call slowed by another process does not move the fit); non-negative coefficients: a column that fits a
     negative slope is dropped and the fit repeated."""
-    columns = ["query_rows", "head_slots", "content_rows"]
-    groups: dict[tuple, list[float]] = {}
-    for sample in samples:
-        groups.setdefault(tuple(sample[c] for c in columns), []).append(sample["seconds"])
-    points = [dict(zip(columns, key), seconds=statistics.median(times)) for key, times in groups.items()]
-    kept = [c for c in columns if len({p[c] for p in points}) > 1]
+    points = [dict(zip(CALL_COLUMNS, key), seconds=seconds) for key, seconds in _median_by_kind(samples).items()]
+    kept = [c for c in CALL_COLUMNS if len({p[c] for p in points}) > 1]
     while True:
         design = torch.tensor([[1.0] + [float(p[c]) for c in kept] for p in points], dtype=torch.float64)
         seconds = torch.tensor([[p["seconds"]] for p in points], dtype=torch.float64)
@@ -107,6 +100,14 @@ def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: tor
                     per_head_slot=slopes.get("head_slots", 0.0), per_content_row=slopes.get("content_rows", 0.0),
                     batch_rows=batch_rows, length=length, device=str(device), threads=torch.get_num_threads(),
                     samples=samples, profile_seconds=round(profile_seconds, 4))
+
+
+def _median_by_kind(samples: list[dict]) -> dict[tuple, float]:
+    """The median seconds of each kind of profiled call, keyed by its ``CALL_COLUMNS`` values."""
+    groups: dict[tuple, list[float]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample[c] for c in CALL_COLUMNS), []).append(sample["seconds"])
+    return {key: statistics.median(times) for key, times in groups.items()}
 
 
 def profile_key(model, batch_rows: int, length: int, schedule: tuple) -> tuple:
