@@ -196,7 +196,8 @@ def profile(model: str = "asarm-tiny", revision: str | None = None, device: str 
                            "head slots": s["head_slots"], "content rows": s["content_rows"],
                            "measured ms": 1000 * s["seconds"], "predicted ms": 1000 * s["predicted"]}
                           for s in cost.table()]))
-    print(f"fit: {1000 * cost.host:.3f} ms a call + {1000 * cost.per_query_row:.4f} ms a query row + "
+    print(f"fit: {1000 * cost.host:.3f} ms a call (+ {1000 * cost.per_drafting_call:.3f} ms one with drafts) + "
+          f"{1000 * cost.per_query_row:.4f} ms a query row + "
           f"{1000 * cost.per_head_slot:.4f} ms a head slot + {1000 * cost.per_content_row:.4f} ms a content row; "
           f"largest relative error {cost.relative_error:.1%} (drafting must beat sequential steps by "
           f"{controller.margin:.1%})\n")

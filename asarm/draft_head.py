@@ -20,6 +20,13 @@ Optional truncated draft vocabulary (``draft_vocab``, token ids): the head propo
 Exactness never depends on the head: its drafts are proposals that depend only on committed tokens,
 earlier drafts and fresh uniforms, and the verify pass corrects them (asarm.sampling.assd).
 
+A cheaper variant, :class:`OnePassDraftHead` (``kind: one-pass``): every slot's logits come from one batched
+step over the outcome rows (``lm_head(h_i + MLP([h_i, offset_i]))``, one readout for all slots), and the chain
+is a low-rank correction from the previous token only: ``logits_i += (W A) g_i`` with ``g_i`` a small function
+of the slot and of the previous token's embedding, ``A (d, r)`` a low-rank map into the model's width and
+``W`` the LM head (so ``W A`` is a ``(V, r)`` matrix, formed once). A slot then costs a few small matmuls
+instead of a GRU step and a full readout (the semi-autoregressive drafter of DSpark, in this form).
+
 Trained by self-distillation (``asarm train-draft-head``, asarm.training.draft_head); saved beside the
 model as ``draft_head.safetensors`` + ``draft_head.json`` and loaded with it by ``ASARM.from_pretrained``.
 """
@@ -35,8 +42,8 @@ from torch import nn
 
 from .inputs import read_json
 
-__all__ = ["DraftHead", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT", "outside_logit", "save_draft_head",
-           "load_draft_head"]
+__all__ = ["DraftHead", "OnePassDraftHead", "HEAD_KINDS", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT",
+           "outside_logit", "save_draft_head", "load_draft_head"]
 
 HEAD_WEIGHTS = "draft_head.safetensors"
 HEAD_CONFIG = "draft_head.json"
@@ -73,8 +80,10 @@ class DraftHead(nn.Module):
             raise ValueError(f"draft_vocab must hold distinct token ids in [0, {self.vocab_size})")
         self.register_buffer("draft_vocab", vocab, persistent=True)
 
+    kind = "chain"
+
     def config(self) -> dict:
-        return {"d_model": self.d_model, "vocab_size": self.vocab_size, "hidden": self.hidden,
+        return {"kind": self.kind, "d_model": self.d_model, "vocab_size": self.vocab_size, "hidden": self.hidden,
                 "max_offset": self.max_offset, "draft_vocab_size": int(len(self.draft_vocab)) or None}
 
     def step(self, lm, states: torch.Tensor, prev_tokens: torch.Tensor, offsets: torch.Tensor,
@@ -117,6 +126,74 @@ class DraftHead(nn.Module):
         return torch.stack(out, dim=1) if keep_logits else None
 
 
+class OnePassDraftHead(nn.Module):
+    """See the module doc. ``hidden``: the width of both MLPs (default d_model); ``rank``: the correction's rank.
+    Both output layers start at zero: an untrained head drafts exactly like the model's draft rows."""
+
+    kind = "one-pass"
+
+    def __init__(self, d_model: int, vocab_size: int, hidden: int | None = None, max_offset: int = 8,
+                 rank: int = 32):
+        super().__init__()
+        if max_offset < 1 or rank < 1:
+            raise ValueError(f"max_offset and rank must be >= 1, got {max_offset} and {rank}")
+        self.d_model, self.vocab_size, self.max_offset, self.rank = int(d_model), int(vocab_size), int(max_offset), \
+            int(rank)
+        self.hidden = int(hidden or d_model)
+        self.offset_embedding = nn.Embedding(2 * self.max_offset + 1, self.d_model)
+        self.slot_norm = nn.LayerNorm(2 * self.d_model)
+        self.base = nn.Sequential(nn.Linear(2 * self.d_model, self.hidden), nn.GELU(),
+                                  nn.Linear(self.hidden, self.d_model))
+        self.from_slot = nn.Linear(2 * self.d_model, self.hidden)  # the correction's view of the slot (batched)
+        self.prev_norm = nn.LayerNorm(self.d_model)
+        self.from_prev = nn.Linear(self.d_model, self.hidden, bias=False)  # ... and of the previous token (per slot)
+        self.to_rank = nn.Linear(self.hidden, self.rank)
+        self.from_rank = nn.Linear(self.rank, self.d_model, bias=False)  # A: folded into the readout, W A
+        for layer in (self.base[-1], self.from_rank):
+            nn.init.zeros_(layer.weight)
+        nn.init.zeros_(self.base[-1].bias)
+        nn.init.normal_(self.offset_embedding.weight, std=0.02)
+        # the whole vocabulary (the interface of DraftHead, whose draft_vocab may truncate it)
+        self.register_buffer("draft_vocab", torch.empty(0, dtype=torch.long), persistent=False)
+        self._folded: tuple | None = None  # (key, W A) at inference: formed once per weights
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "d_model": self.d_model, "vocab_size": self.vocab_size, "hidden": self.hidden,
+                "max_offset": self.max_offset, "rank": self.rank}
+
+    def correction_readout(self, lm) -> torch.Tensor:
+        """``W A (V, r)``: the LM head's rows mapped to the correction's rank; kept while no weight changes (and
+        formed anew where gradients flow, in training)."""
+        weight, a = lm.readout()[0], self.from_rank.weight
+        if torch.is_grad_enabled():
+            return weight @ a
+        key = (weight.data_ptr(), weight._version, a.data_ptr(), a._version, weight.dtype, weight.device)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, weight @ a)
+        return self._folded[1]
+
+    def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, positions: torch.Tensor,
+                prev_position: torch.Tensor, pick, keep_logits: bool = True):
+        """As :meth:`DraftHead.forward`: slots in order, slot i corrected by the token ``pick`` chose for slot i-1."""
+        offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
+        clipped = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
+        slots = self.slot_norm(torch.cat([states, self.offset_embedding(clipped).to(states.dtype)], -1))
+        logits = lm.lm_head(states + self.base(slots))  # every slot in one readout
+        from_slot, folded = self.from_slot(slots), self.correction_readout(lm)
+        prev, out = first_prev, []
+        for i in range(states.shape[1]):
+            prev_embedding = self.prev_norm(lm.embed(prev).to(states.dtype))
+            hidden = nn.functional.gelu(from_slot[:, i] + self.from_prev(prev_embedding))
+            slot_logits = torch.addmm(logits[:, i], self.to_rank(hidden), folded.t())
+            if keep_logits:
+                out.append(slot_logits)
+            prev = pick(i, slot_logits)
+        return torch.stack(out, dim=1) if keep_logits else None
+
+
+HEAD_KINDS = {DraftHead.kind: DraftHead, OnePassDraftHead.kind: OnePassDraftHead}
+
+
 def save_draft_head(head: DraftHead, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
@@ -138,7 +215,15 @@ def load_draft_head(directory: str | os.PathLike, vocab_size: int, d_model: int)
         raise ValueError(f"{directory / HEAD_CONFIG} is for a model of vocabulary {config['vocab_size']} and width "
                          f"{config['d_model']}, not {vocab_size} and {d_model}: retrain it with asarm train-draft-head")
     state = load_file(str(directory / HEAD_WEIGHTS))
-    head = DraftHead(config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
-                     state["draft_vocab"])
+    kind = config.get("kind", DraftHead.kind)  # heads saved before there were kinds are chains
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"{directory / HEAD_CONFIG}: unknown draft head kind {kind!r} (known: "
+                         f"{', '.join(HEAD_KINDS)}): upgrade asarm or retrain the head")
+    if kind == DraftHead.kind:
+        head = DraftHead(config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
+                         state["draft_vocab"])
+    else:
+        head = OnePassDraftHead(config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
+                                config["rank"])
     head.load_state_dict(state)
     return head.eval()

@@ -77,15 +77,20 @@ def tv_threshold(probs: torch.Tensor, n: int, quantile: float = 0.999, trials: i
 
 
 
-def random_head(model: ASARM, seed: int = 0, std: float = 0.5, draft_vocab=None):
-    """A draft head with random weights everywhere (its output layer too, so its drafts differ from the
-    model's own draft rows), in the model's dtype."""
-    from asarm.draft_head import DraftHead
+def random_head(model: ASARM, seed: int = 0, std: float = 0.5, draft_vocab=None, kind: str = "chain"):
+    """A draft head (``kind``: chain or one-pass) with random weights everywhere (its output layers too, so its
+    drafts differ from the model's own draft rows), in the model's dtype."""
+    from asarm.draft_head import DraftHead, OnePassDraftHead
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = DraftHead(model.config.d_model, model.vocab_size, max_offset=3, draft_vocab=draft_vocab)
-        for param in head.mlp[-1].parameters():
+        if kind == "chain":
+            head = DraftHead(model.config.d_model, model.vocab_size, max_offset=3, draft_vocab=draft_vocab)
+            outputs = [head.mlp[-1]]
+        else:
+            head = OnePassDraftHead(model.config.d_model, model.vocab_size, max_offset=3, rank=4)
+            outputs = [head.base[-1], head.from_rank]
+        for param in (param for layer in outputs for param in layer.parameters()):
             torch.nn.init.normal_(param, std=std)
     return head.to(model.dtype)
 

@@ -112,6 +112,10 @@ TRAIN_SETTINGS = [
     (["draft_head.max_offset=0"], "draft_head.max_offset=0"),
     (["draft_head.vocab_size=1"], "draft_head.vocab_size"),
     (["draft_head.vocab_batches=0"], "draft_head.vocab_batches=0"),
+    (["draft_head.kind=tree"], "draft_head.kind='tree' must be one of chain, one-pass"),
+    (["draft_head.kind=one-pass", "draft_head.rank=0"], "draft_head.rank=0"),
+    (["draft_head.kind=one-pass", "draft_head.vocab_size=100"], "draft_head.vocab_size (a truncated draft vocabulary) "
+                                                                "is for chain heads, not one-pass"),
 ]
 
 ROPE_SETTINGS = [

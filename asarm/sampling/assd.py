@@ -309,8 +309,14 @@ class _Speculation:
         text ends)."""
         if self.schedule is not None:
             self.schedule.append({"rows": rows.tolist(), "query_rows": self.last_call["query_rows"],
-                                  "predicted_seconds": self.controller.cost(**self.last_call), "width": width,
+                                  "predicted_seconds": self.controller.price(self.last_call), "width": width,
                                   "outcomes": cover, "drafts": self.count[sel].tolist()})
+
+    def observe(self, seconds: float) -> None:
+        """The last call's measured seconds: recorded in assd-auto's schedule and given to its controller."""
+        if self.schedule is not None:
+            self.schedule[-1]["seconds"] = seconds
+            self.controller.observe(self.last_call, seconds)
 
     @staticmethod
     def _sequential_step(W: int, width: int) -> bool:
@@ -358,6 +364,7 @@ class _Speculation:
         if not bool(take.all()):
             self.count[sel] = 0
             if not take.any():
+                self.last_call["head_slots"] = 0  # the head did not run: the call's price (and profile) says so
                 return
             taken = take.nonzero().flatten()
             sel, j, count, uniforms, n = rows[taken], j[taken], count[taken], uniforms[taken], n[taken]
@@ -378,9 +385,9 @@ class _Speculation:
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
 
 
-PROFILE_CALLS = 4  # timed calls per profiled schedule (after one untimed call that fills the cache)
-PROFILE_BUDGET_SECONDS = 0.4  # the profile stops adding schedules past this (at least PROFILE_MIN_SCHEDULES)
-PROFILE_MIN_SCHEDULES = 5
+PROFILE_CALLS = 2  # timed calls per block of a profiled schedule (after one untimed call that fills the cache)
+PROFILE_BUDGET_SECONDS = 0.5  # the profile stops adding blocks past this (after at least PROFILE_MIN_BLOCKS)
+PROFILE_MIN_BLOCKS = 5
 PRIOR_ACCEPTANCE = {True: 0.7, False: 0.3}  # a row's acceptance before its own drafts: with the head, without
 
 
@@ -396,21 +403,29 @@ def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT
     """Time real single-pass calls of a few fixed schedules on the decode's own inputs (``(tokens, sigma,
     n_prompt, lengths, padding_mask, max_new_tokens)``) and fit the call cost model (asarm.sampling.cost).
     The calls are timed halfway through each text (its first half taken as the prompt, blanks filled with a
-    stand-in token): a query row's cost grows with the ranks it sees, so the middle prices the average call."""
+    stand-in token): a query row's cost grows with the ranks it sees, so the middle prices the average call.
+    After one untimed call of every schedule (the process's first calls of these shapes run cold), each
+    schedule is timed in two blocks of consecutive calls (warm, as in a decode), the second pass over the
+    schedules in reversed order, so that a slow spell of a shared machine does not price one kind of call
+    alone."""
     samples, began = [], time.perf_counter()
     full = DecodeBatch(model, *inputs)
     middle = full.n_prompt + (full.lengths - full.n_prompt) // 2
     stand_in = (model.mask_token_id + 1) % model.vocab_size
     inputs = (full.tokens.masked_fill(full.tokens == model.mask_token_id, stand_in), full.sigma, middle,
               *inputs[3:])
-    for done, (width, cover) in enumerate(_profiled_schedules(spec.k)):
-        if done >= PROFILE_MIN_SCHEDULES and time.perf_counter() - began > budget_seconds:
+    schedules = _profiled_schedules(spec.k)
+    blocks = [(schedule, 0) for schedule in schedules] + [(schedule, PROFILE_CALLS)
+                                                          for schedule in schedules + schedules[::-1]]
+    for done, ((width, cover), timed_calls) in enumerate(blocks):
+        if timed_calls and done >= len(schedules) + PROFILE_MIN_BLOCKS and time.perf_counter() - began > \
+                budget_seconds:
             break
         batch = DecodeBatch(model, *inputs)
         session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
-        run = _Speculation(model, batch, session, RowStreams(batch.tokens.shape[0], 0, None), spec, trace=False,
+        run = _Speculation(model, batch, session, RowStreams(batch.tokens.shape[0], done, None), spec, trace=False,
                            controller=FixedSchedule(width, cover))
-        for call in range(1 + PROFILE_CALLS):
+        for call in range(1 + timed_calls):
             rows = batch.active_rows()
             if not len(rows):
                 break
@@ -444,14 +459,16 @@ def _call_cost(model: ASARM, inputs: tuple, spec: SamplerSpec, engine) -> CallCo
 
 def auto_controller(model: ASARM, spec: SamplerSpec, cost: CallCost) -> GoodputController:
     """The goodput controller of ``assd-auto``: widths 0..k, covers 1, 2 and every outcome (or the spec's
-    ``outcomes``), priced by ``cost``."""
+    ``outcomes``), priced by ``cost``: corrected by measured call times where the profile was measured for the
+    process, as saved where ``spec.cost_profile`` names one (so that draws repeat)."""
     k, head = spec.k, spec.drafter.head_for(model) is not None
     options = [(0, 1)]
     for width in range(1, k + 1):
         covers = {1, 2, width + 1} if spec.outcomes is None else \
             {width + 1 if spec.outcomes == "all" else min(spec.outcomes, width + 1)}
         options += [(width, cover) for cover in sorted(covers)]
-    return GoodputController(cost, k, options, spec.outcome_order == "accepted-first", head, PRIOR_ACCEPTANCE[head])
+    return GoodputController(cost, k, options, spec.outcome_order == "accepted-first", head, PRIOR_ACCEPTANCE[head],
+                             learn_prices=spec.cost_profile is None)
 
 
 @torch.no_grad()
@@ -532,7 +549,9 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
             run.draft(rows[run.count[rows] == 0])
             verify_rows = run.commit_exact(rows)
         if len(verify_rows):
+            began = time.perf_counter()
             run.verify(verify_rows)
+            run.observe(time.perf_counter() - began)
         bar.advance()
     bar.close()
     return batch.output(sampler=spec.name, exact=spec.exact, drafted_by_index=run.drafted_by_index.cpu(),

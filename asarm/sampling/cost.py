@@ -1,5 +1,7 @@
-"""A cost model of one ASSD call, measured on the machine in use: ``seconds = host + per_query_row x query rows
-+ per_head_slot x head slots + per_content_row x new content rows``, at the batch size of the decode.
+"""A cost model of one ASSD call, measured on the machine in use: ``seconds = host + per_drafting_call x [the call
+verifies or prepares drafts] + per_query_row x query rows + per_head_slot x head slots + per_content_row x new
+content rows``, at the batch size of the decode. A sequential step (one query row, nothing else) skips the
+outcome machinery and its host work, so it gets its own fixed price (``host``) rather than a drafting call's.
 
 It is fitted (least squares) to calls timed in a short profile at the start of a decode
 (``asarm.sampling.assd.profile_calls``: a few real single-pass calls of each of a handful of schedules, on the
@@ -22,10 +24,12 @@ import torch
 from ..files import write_atomic
 from ..inputs import read_json
 
-__all__ = ["CallCost", "fit_call_cost", "profile_key", "cached_profile", "remember_profile", "timed"]
+__all__ = ["CallCost", "fit_call_cost", "is_drafting_call", "profile_key", "cached_profile", "remember_profile",
+           "timed"]
 
 _PROFILES: dict[tuple, "CallCost"] = {}
 CALL_COLUMNS = ("query_rows", "head_slots", "content_rows")  # what a call's price depends on, in __call__'s order
+SLOPES = ("drafting", *CALL_COLUMNS)  # the fitted terms beside ``host``
 
 
 @dataclass
@@ -42,9 +46,14 @@ class CallCost:
     threads: int
     samples: list[dict] = field(default_factory=list)  # the profiled calls: query_rows, head_slots, ..., seconds
     profile_seconds: float = 0.0
+    per_drafting_call: float = 0.0  # (last: profiles saved before it load as a model without the term)
+    # corrections of the prices of sequential steps and of calls with drafts that decodes have measured in this
+    # process (asarm.sampling.controller), kept with the profile for the next decode; not saved
+    corrections: list = field(default_factory=lambda: [1.0, 1.0], compare=False)
 
     def __call__(self, query_rows: int, head_slots: int = 0, content_rows: int = 0) -> float:
-        return (self.host + self.per_query_row * query_rows + self.per_head_slot * head_slots
+        return (self.host + self.per_drafting_call * is_drafting_call(query_rows, head_slots, content_rows)
+                + self.per_query_row * query_rows + self.per_head_slot * head_slots
                 + self.per_content_row * content_rows)
 
     @property
@@ -57,7 +66,7 @@ class CallCost:
 
     def summary(self) -> dict:
         """The coefficients, the fit's relative error and the machine, without the samples (a decode's settings)."""
-        return {key: value for key, value in asdict(self).items() if key != "samples"} | \
+        return {key: value for key, value in asdict(self).items() if key not in ("samples", "corrections")} | \
             {"relative_error": round(self.relative_error, 4)}
 
     def table(self) -> list[dict]:
@@ -70,7 +79,8 @@ class CallCost:
                 and self.batch_rows == batch_rows and self.length == length)
 
     def save(self, path: str | os.PathLike) -> None:
-        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+        saved = {key: value for key, value in asdict(self).items() if key != "corrections"}
+        write_atomic(path, json.dumps(saved, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CallCost":
@@ -83,23 +93,29 @@ class CallCost:
 def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: torch.device | str,
                   profile_seconds: float) -> CallCost:
     """Least-squares fit of the linear model to the median time of each kind of call in ``samples`` (medians: a
-    call slowed by another process does not move the fit); non-negative coefficients: a column that fits a
+    call slowed by another process does not move the fit); non-negative coefficients: a term that fits a
     negative slope is dropped and the fit repeated."""
-    points = [dict(zip(CALL_COLUMNS, key), seconds=seconds) for key, seconds in _median_by_kind(samples).items()]
-    kept = [c for c in CALL_COLUMNS if len({p[c] for p in points}) > 1]
+    points = [dict(zip(CALL_COLUMNS, key), drafting=is_drafting_call(*key), seconds=seconds)
+              for key, seconds in _median_by_kind(samples).items()]
+    kept = [term for term in SLOPES if len({p[term] for p in points}) > 1]
     while True:
-        design = torch.tensor([[1.0] + [float(p[c]) for c in kept] for p in points], dtype=torch.float64)
+        design = torch.tensor([[1.0] + [float(p[term]) for term in kept] for p in points], dtype=torch.float64)
         seconds = torch.tensor([[p["seconds"]] for p in points], dtype=torch.float64)
         coef = torch.linalg.lstsq(design, seconds).solution[:, 0].tolist()
-        negative = [c for c, value in zip(kept, coef[1:]) if value < 0]
+        negative = [term for term, value in zip(kept, coef[1:]) if value < 0]
         if not negative:
             break
         kept.remove(negative[0])
-    slopes = dict(zip(kept, coef[1:]))
-    return CallCost(host=max(coef[0], 0.0), per_query_row=slopes.get("query_rows", 0.0),
-                    per_head_slot=slopes.get("head_slots", 0.0), per_content_row=slopes.get("content_rows", 0.0),
+    slopes = dict.fromkeys(SLOPES, 0.0) | dict(zip(kept, coef[1:]))
+    return CallCost(host=max(coef[0], 0.0), per_query_row=slopes["query_rows"], per_head_slot=slopes["head_slots"],
+                    per_content_row=slopes["content_rows"], per_drafting_call=slopes["drafting"],
                     batch_rows=batch_rows, length=length, device=str(device), threads=torch.get_num_threads(),
                     samples=samples, profile_seconds=round(profile_seconds, 4))
+
+
+def is_drafting_call(query_rows: int, head_slots: int = 0, content_rows: int = 0) -> int:
+    """1 for a call that verifies or prepares drafts, 0 for a sequential step (one query row and nothing else)."""
+    return int(query_rows > 1 or head_slots > 0 or content_rows > 0)
 
 
 def _median_by_kind(samples: list[dict]) -> dict[tuple, float]:

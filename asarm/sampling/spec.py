@@ -165,8 +165,9 @@ class SamplerSpec:
     controller: str | None = None  # "auto": the goodput controller (assd-auto; asarm.sampling.controller)
     cost_profile: str | None = _setting(None, Option(
         "--cost-profile", "assd-auto: a call-cost profile (JSON, `asarm profile --out`) to use when it was measured "
-        "on this device and thread count, else measured again and written there (default%(default).0s: measured "
-        "once per process)", lambda spec, value: spec.controller == "auto", every_command=True))
+        "on this device and thread count, else measured again and written there; its prices then stay fixed, so "
+        "draws repeat (default%(default).0s: measured once per process and corrected by each decode's call times)",
+        lambda spec, value: spec.controller == "auto", every_command=True))
     r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
                                          _is_assd, given_default=True, kwargs={"type": float}))
     defaults_from: tuple = ()  # ((setting, file or LIBRARY), ...): the defaults resolve() filled in

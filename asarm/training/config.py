@@ -254,22 +254,34 @@ class RunSection:
         check_integer("train.keep_last", self.keep_last, 0)
 
 
+DRAFT_HEAD_KINDS = ("chain", "one-pass")  # asarm.draft_head.HEAD_KINDS (named here: this module imports no torch)
+
+
 @dataclass
 class DraftHeadSection:
     """``train: true`` trains a chained draft head (asarm.draft_head) for the frozen model ``model.init`` by
     self-distillation (asarm.training.draft_head) instead of training the model; ``asarm train-draft-head``
-    sets it. ``slots``: drafts unrolled per training row; ``hidden``: the head's MLP width (None: 2 d_model);
-    ``vocab_size``: a truncated draft vocabulary of the most frequent tokens in the first ``vocab_batches``
-    training batches (None: the whole vocabulary)."""
+    sets it. ``kind``: ``chain`` (a GRU step per slot) or ``one-pass`` (every slot in one step, a low-rank
+    correction from the previous token; ``rank``: its rank); ``slots``: drafts unrolled per training row;
+    ``hidden``: the head's MLP width (None: 2 d_model for a chain, d_model for one-pass); ``vocab_size``: a
+    truncated draft vocabulary of the most frequent tokens in the first ``vocab_batches`` training batches (None:
+    the whole vocabulary; chain heads only)."""
 
     train: bool = False
+    kind: str = "chain"
     slots: int = 4
     hidden: int | None = None
     max_offset: int = 8
+    rank: int = 32
     vocab_size: int | None = None
     vocab_batches: int = 200
 
     def __post_init__(self):
+        check_choice("draft_head.kind", self.kind, DRAFT_HEAD_KINDS)
+        if self.kind != "chain" and self.vocab_size is not None:
+            raise ValueError(f"draft_head.vocab_size (a truncated draft vocabulary) is for chain heads, not "
+                             f"{self.kind}: set draft_head.vocab_size=null")
+        check_integer("draft_head.rank", self.rank, 1)
         if self.slots < 1:
             raise ValueError(f"draft_head.slots must be >= 1, got {self.slots}")
         if self.vocab_size is not None and self.vocab_size < 2:

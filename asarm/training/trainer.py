@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .. import orders
-from ..draft_head import DraftHead
+from ..draft_head import DraftHead, OnePassDraftHead
 from ..files import write_atomic
 from ..model import ASARM
 from ..paths import DataFileNotFoundError, data_dir, data_file
@@ -378,7 +378,7 @@ class Trainer:
         model.trained_length = self.cfg.data.max_length  # saved with every checkpoint (asarm.json)
         return model.to(self.accelerator.device)
 
-    def _draft_head(self) -> DraftHead:
+    def _draft_head(self) -> DraftHead | OnePassDraftHead:
         """A new draft head attached to the frozen model (draft_head.train)."""
         hc = self.cfg.draft_head
         self.asarm.requires_grad_(False)
@@ -390,7 +390,10 @@ class Trainer:
             loader = StreamLoader(stream, batch_size=self.cfg.data.batch_size, generator=torch.Generator())
             batches = (tokens for _, tokens in zip(range(hc.vocab_batches), loader))
             vocab = frequent_tokens(batches, hc.vocab_size, self.asarm.vocab_size, self.asarm.mask_token_id)
-        head = DraftHead(self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset, vocab)
+        if hc.kind == OnePassDraftHead.kind:
+            head = OnePassDraftHead(self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset, hc.rank)
+        else:
+            head = DraftHead(self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset, vocab)
         self.asarm.attach_draft_head(head)
         return self.asarm.draft_head
 

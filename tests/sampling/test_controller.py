@@ -43,14 +43,16 @@ def test_expected_rates_closed_form():
 
 
 def test_cost_fit_recovers_a_linear_model_and_ignores_a_slow_call():
+    """Including the fixed price of a call with drafts beside a sequential step's (one query row, nothing else)."""
     truth = CallCost(host=0.004, per_query_row=0.0005, per_head_slot=0.001, per_content_row=0.0002, batch_rows=1,
-                     length=8, device="cpu", threads=1)
+                     length=8, device="cpu", threads=1, per_drafting_call=0.002)
     samples = [{"query_rows": q, "head_slots": h, "content_rows": c, "seconds": truth(q, h, c)}
                for q, h, c in [(1, 0, 0), (4, 1, 1), (7, 3, 3), (16, 3, 3), (16, 5, 2), (9, 2, 5)] for _ in range(3)]
     samples.append({"query_rows": 4, "head_slots": 1, "content_rows": 1, "seconds": 1.0})  # another process ran
     fitted = fit_call_cost(samples, 1, 8, "cpu", 0.1)
-    for name in ("host", "per_query_row", "per_head_slot", "per_content_row"):
+    for name in ("host", "per_query_row", "per_head_slot", "per_content_row", "per_drafting_call"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6, abs=1e-9)
+    assert fitted(1) == pytest.approx(0.0045) and fitted(2) == pytest.approx(0.0070)
 
 
 def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
@@ -68,15 +70,14 @@ def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
         CallCost.load(tmp_path / "bad.json")
 
 
-def test_auto_falls_back_to_sequential_where_drafts_do_not_pay(tmp_path):
-    """A query row that costs far more than a call: after the first call, whose rows try one draft each to get a
-    first verdict, every call is a sequential step (no drafts, no outcome rows: one query row, one token)."""
+def test_auto_is_sequential_decoding_where_drafts_cannot_pay(tmp_path):
+    """A query row that costs far more than a call: no schedule with drafts could beat sequential steps even with
+    every draft accepted, so no row ever drafts (no first drafts, no probes): one query row and one token a call."""
     model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch()
     path = _cost(tmp_path / "cost.json", tokens, host=0.001, per_query_row=1.0)
     out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=4, cost_profile=path, seed=0)
-    assert out.schedule[0]["drafts"] == [1, 1, 1, 1]
-    assert all(call["query_rows"] == 1 and set(call["drafts"]) == {0} for call in out.schedule[2:])
-    assert bool((out.nfe >= tokens.shape[1] - 2 - 1).all())  # at most one token gained by the first draft
+    assert all(call["query_rows"] == 1 and set(call["drafts"]) == {0} for call in out.schedule)
+    assert bool((out.nfe == tokens.shape[1] - 2).all())
 
 
 def test_auto_drafts_where_calls_are_fixed_cost(tmp_path):
@@ -94,7 +95,8 @@ def test_the_batch_follows_its_rows_acceptance():
     options = [(0, 1)] + [(w, c) for w in (1, 2, 3) for c in (1, 2, w + 1)]
     controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3)
 
-    def plan(accepted):
+    def plan(accepted):  # each state in a controller of its own (a controller keeps its choice between verdicts)
+        controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3)
         return controller.plan(ControlState(
             n_fixed=torch.tensor([3, 3]), stop=torch.tensor([8, 8]), pending=torch.tensor([1, 1]),
             drafted_by_index=torch.tensor([[40, 30, 20], [40, 30, 20]]), accepted_by_index=torch.tensor(accepted),
@@ -108,8 +110,9 @@ def test_the_batch_follows_its_rows_acceptance():
 
 
 def test_drafting_must_beat_sequential_steps_by_the_cost_models_error():
-    """A predicted gain smaller than the margin is taken as no gain (sequential steps); a larger one drafts. The
-    default margin is the fit's largest relative error over the profiled calls, capped."""
+    """A predicted gain smaller than the margin is taken as no gain (sequential steps); a larger one drafts (on
+    the rates themselves, without optimism: tests below). The default margin is the fit's largest relative
+    error over the profiled calls, capped."""
     from asarm.sampling.controller import MAX_MARGIN
 
     cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
@@ -118,14 +121,15 @@ def test_drafting_must_beat_sequential_steps_by_the_cost_models_error():
     state = ControlState(n_fixed=torch.tensor([3]), stop=torch.tensor([8]), pending=torch.tensor([1]),
                          drafted_by_index=torch.tensor([[40, 30, 20]]), accepted_by_index=torch.tensor([[30, 20, 12]]),
                          all_proposals=torch.zeros(1, 3, 5), sel=slice(None))
-    free = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3)
+    free = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3, optimism=0.0)
     rates = expected_rates(free.acceptance(state), free.widths, free.covers, free.seconds_with,
                            free.seconds_without, False)
     gain = float(rates.max() / rates[0]) - 1
     assert free.margin == 0 and gain > 0.05 and int(free.plan(state).width[0]) > 0
 
     def width(margin):
-        controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3, margin=margin)
+        controller = GoodputController(cost, 3, options, accepted_first=False, head=False, prior=0.3, margin=margin,
+                                       optimism=0.0)
         return int(controller.plan(state).width[0])
 
     assert width(gain - 0.01) > 0 and width(gain + 0.01) == 0
@@ -180,3 +184,178 @@ def test_output_and_trace_record_the_choices(tmp_path):
     for b, rounds in enumerate(out.trace.rows):
         assert [round_.drafted for round_ in rounds[1:]] == left[b][:len(rounds) - 1]
     assert any(len(set(call["drafts"])) > 1 for call in out.schedule)
+
+
+def _state(drafted, accepted, pending=1):
+    b = len(drafted)
+    return ControlState(n_fixed=torch.full((b,), 3), stop=torch.full((b,), 100), pending=torch.full((b,), pending),
+                        drafted_by_index=torch.tensor(drafted), accepted_by_index=torch.tensor(accepted),
+                        all_proposals=torch.zeros(b, 3, 5), sel=slice(None))
+
+
+OPTIONS = [(0, 1)] + [(w, c) for w in (1, 2, 3) for c in (1, 2, w + 1)]
+
+
+def test_a_few_early_rejections_do_not_stop_a_row_from_drafting():
+    """The same rate over few verdicts drafts (its standard error leaves room for a gain), over many it does not;
+    without optimism both are sequential."""
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1, per_drafting_call=0.6)
+    controller = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.05,
+                                   prior_weight=4.0)
+    few, many = _state([[4, 2, 1]], [[3, 1, 1]]), _state([[400, 200, 100]], [[300, 100, 100]])  # 5 in 7
+    assert int(controller.plan(few).width[0]) > 0
+    assert int(controller.plan(many).width[0]) == 0
+    cautious = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.05,
+                                 prior_weight=4.0, optimism=0.0)
+    assert int(cautious.plan(few).width[0]) == 0
+
+
+def test_idle_rows_probe_with_the_drafting_option_within_the_budget():
+    """A row on sequential steps drafts once every probe interval, with the option it would draft with, and the
+    interval keeps a probe's extra price within PROBE_BUDGET of the sequential steps between probes."""
+    from asarm.sampling.controller import PROBE_BUDGET
+
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1, per_drafting_call=0.6)
+    controller = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.1)
+    poor, rows = _state([[400, 200, 100]], [[40, 0, 0]], pending=0), torch.tensor([0])
+    widths = [int(controller.plan(poor, rows).width[0]) for _ in range(200)]
+    probes = [i for i, width in enumerate(widths) if width > 0]
+    every = probes[1] - probes[0]
+    assert len(probes) > 3 and all(b - a == every for a, b in zip(probes, probes[1:]))
+    probe = controller._drafting_best(controller._rates(controller.acceptance(poor)))
+    assert {widths[i] for i in probes} == {int(controller.widths[probe])}
+    extra = float(controller.seconds_with[probe] - controller.seconds_with[0])
+    assert extra / every <= PROBE_BUDGET * float(controller.seconds_with[0]) < extra / (every - 1)
+
+
+def test_the_profile_prices_a_call_by_the_head_slots_it_ran(monkeypatch):
+    """Covering only the all-accepted outcome, a call whose drafts were rejected runs no head chain (the next
+    call has nothing to verify): the profile records it with no head slots, so the fit does not charge it."""
+    from asarm.sampling import assd
+    from asarm.sampling.drafters import HeadDrafter
+
+    from helpers import random_head
+
+    monkeypatch.setattr(assd, "PROFILE_CALLS", 4)
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch(batch_size=1, seq_len=24)
+    spec = SAMPLERS["assd-auto"].replace(k=3, drafter=HeadDrafter(random_head(model, seed=1, std=1.0))).resolve(model)
+    cost = assd.profile_calls(model, (tokens, sigma, n_prompt, None, None, None), spec, budget_seconds=60.0)
+    calls = [s for s in cost.samples if (s["width"], s["cover"]) == (3, 1)]
+    assert len(calls) == 8  # two blocks of consecutive calls
+    pairs = [(call, after) for block in (calls[:4], calls[4:]) for call, after in zip(block, block[1:])]
+    for call, after in pairs:
+        assert call["head_slots"] == (3 if after["content_rows"] else 0)
+    assert {call["head_slots"] for call, _ in pairs} == {0, 3}  # both happened
+
+
+def test_no_row_drafts_where_drafts_could_not_pay_even_at_the_ceiling_rate():
+    """Calls whose price grows with their rows so fast that no option beats sequential steps at
+    CEILING_ACCEPTANCE per slot: a row without verdicts does not try a first draft, an idle row never probes."""
+    from asarm.sampling.controller import CEILING_ACCEPTANCE
+
+    cost = CallCost(host=1.0, per_query_row=0.35, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1)
+    controller = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.1)
+    ones = torch.ones(1, 3, dtype=torch.float64)
+    assert controller._gain(controller._rates(ones)) > 0.1  # with every draft accepted drafting would pay
+    assert controller._gain(controller._rates(ones * CEILING_ACCEPTANCE)) <= 0.1
+    fresh, rows = _state([[0, 0, 0]], [[0, 0, 0]], pending=0), torch.tensor([0])
+    assert not controller.drafting_can_pay
+    assert all(int(controller.plan(fresh, rows).width[0]) == 0 for _ in range(100))
+
+
+def test_the_choice_is_kept_between_verdicts_and_renewed_by_them():
+    """Young rates: a new choice at every new verdict; settled ones: every REPLAN_VERDICTS verdicts."""
+    from asarm.sampling.controller import REPLAN_VERDICTS, SETTLED_VERDICTS
+
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1)
+    controller = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.05)
+    choices = []
+    original = controller._choose
+    controller._choose = lambda state: choices.append(int(state.drafted_by_index.sum())) or original(state)
+    for drafted in [0, 0, 1, 2, 2] + list(range(SETTLED_VERDICTS, SETTLED_VERDICTS + 2 * REPLAN_VERDICTS + 1)):
+        controller.plan(_state([[drafted, 0, 0]], [[drafted // 2, 0, 0]]))
+    assert choices == [0, 1, 2, SETTLED_VERDICTS, SETTLED_VERDICTS + REPLAN_VERDICTS,
+                       SETTLED_VERDICTS + 2 * REPLAN_VERDICTS]
+
+
+def test_measured_call_times_correct_the_profiled_prices():
+    """A profile taken in a slow spell prices sequential steps at twice their cost: after a few measured steps
+    the controller prices them as measured, and drafting that looked worthwhile is no longer chosen."""
+    from asarm.sampling.controller import MIN_OBSERVED
+
+    cost = CallCost(host=2.0, per_query_row=0.0, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1, per_drafting_call=0.5)
+    controller = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.05,
+                                   optimism=0.0)
+    state = _state([[400, 300, 200]], [[300, 200, 100]])
+    assert int(controller.plan(state).width[0]) > 0
+    for _ in range(MIN_OBSERVED):
+        controller.observe({"query_rows": 1, "head_slots": 0, "content_rows": 0}, 1.0)
+    assert controller.scales == [0.5, 1.0] and controller.price({"query_rows": 1}) == pytest.approx(1.0)
+    assert int(controller.plan(state).width[0]) == 0
+    for _ in range(MIN_OBSERVED):  # calls with drafts measured as cheap as sequential steps: drafting pays again
+        controller.observe({"query_rows": 4, "head_slots": 0, "content_rows": 1}, 1.0)
+    assert int(controller.plan(state).width[0]) > 0
+
+
+def test_a_decode_with_a_measured_profile_records_its_call_times(monkeypatch, tmp_path):
+    """assd-auto: every call in its schedule carries its measured seconds, which its controller sees; it learns
+    prices from them where the profile was measured for the process, not where a saved one was given (the same
+    prices, the same draws)."""
+    from asarm.sampling import assd
+
+    controllers, seen = [], []
+    build = assd.auto_controller
+    monkeypatch.setattr(assd, "auto_controller", lambda *args: controllers.append(build(*args)) or controllers[-1])
+    observe = assd.GoodputController.observe
+    monkeypatch.setattr(assd.GoodputController, "observe",
+                        lambda self, call, seconds: seen.append(seconds) or observe(self, call, seconds))
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch(batch_size=2)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, seed=0)
+    assert all(call["seconds"] > 0 for call in out.schedule) and seen == [call["seconds"] for call in out.schedule]
+    assert controllers[-1].learn_prices
+    path = _cost(tmp_path / "cost.json", tokens, host=0.01)
+    saved = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, seed=0, cost_profile=path)
+    assert all(call["seconds"] > 0 for call in saved.schedule)
+    assert not controllers[-1].learn_prices and controllers[-1].scales == [1.0, 1.0]
+    assert "corrections" not in json.loads((tmp_path / "cost.json").read_text())
+
+
+def test_learned_corrections_carry_over_to_the_next_decode_of_the_process():
+    """The corrections live with the profile: a second controller on it starts from the first one's."""
+    from asarm.sampling.controller import MIN_OBSERVED
+
+    cost = CallCost(host=2.0, per_query_row=0.0, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1, per_drafting_call=0.5)
+    first = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3)
+    for _ in range(MIN_OBSERVED):
+        first.observe({"query_rows": 1}, 1.0)
+    second = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3)
+    assert second.scales == [0.5, 1.0] and float(second.seconds_with[0]) == pytest.approx(1.0)
+    fixed = GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, learn_prices=False)
+    fixed.observe({"query_rows": 1}, 1.0)
+    assert fixed.scales == [1.0, 1.0] and float(fixed.seconds_with[0]) == pytest.approx(2.0)
+
+
+def test_drafting_starts_above_the_margin_and_goes_on_while_it_gains():
+    """A gain between 0 and the margin: sequential steps do not start drafting, drafting does not stop; a loss
+    stops it (switching costs a call that only prepares drafts, so a choice near the line must not flap)."""
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1, per_drafting_call=0.2)
+
+    def controller():
+        return GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.2,
+                                 optimism=0.0, learn_prices=False)
+
+    near = _state([[400, 300, 200]], [[240, 180, 120]])  # 60% per slot
+    gain = controller()._gain(controller()._rates(controller().acceptance(near)))
+    assert 0 < gain < 0.2
+    assert int(controller().plan(near).width[0]) == 0
+    drafting = controller()
+    assert int(drafting.plan(_state([[392, 300, 200]], [[392, 300, 200]])).width[0]) > 0
+    assert int(drafting.plan(near).width[0]) > 0  # 8 new verdicts: a new choice, which keeps drafting
+    assert int(drafting.plan(_state([[408, 300, 200]], [[100, 0, 0]])).width[0]) == 0

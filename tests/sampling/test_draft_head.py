@@ -1,10 +1,13 @@
-"""The chained draft head: wiring into both ASSD schedules, chaining, truncated vocabulary, save/load."""
+"""The draft heads (chain and one-pass): wiring into both ASSD schedules, chaining, truncated vocabulary,
+save/load."""
+
+import json
 
 import pytest
 import torch
 
 from asarm import orders
-from asarm.draft_head import HEAD_CONFIG, DraftHead, outside_logit
+from asarm.draft_head import HEAD_CONFIG, HEAD_KINDS, DraftHead, OnePassDraftHead, outside_logit
 from asarm.model import ASARM
 from asarm.sampling import assd_decode
 from asarm.sampling.drafters import HeadDrafter, chain_drafts
@@ -25,12 +28,17 @@ def _batch(batch_size=6, seq_len=10, seed=0):
     return tokens, sigma, n_prompt
 
 
+def _new_head(model, kind):
+    return HEAD_KINDS[kind](model.config.d_model, model.vocab_size).to(model.dtype)
+
+
+@pytest.mark.parametrize("kind", list(HEAD_KINDS))
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("engine", ["cached", "full"])
-def test_untrained_head_drafts_exactly_like_the_model(model, fused, engine):
-    """A new head's output layer is zero: its drafts are the model's own draft rows, so the decode is the
+def test_untrained_head_drafts_exactly_like_the_model(model, fused, engine, kind):
+    """A new head's output layers are zero: its drafts are the model's own draft rows, so the decode is the
     self drafter's token for token (same uniforms), in both schedules."""
-    head = DraftHead(model.config.d_model, model.vocab_size).to(torch.float64)
+    head = _new_head(model, kind)
     tokens, sigma, n_prompt = _batch()
     kwargs = dict(k=3, fused=fused, seed=torch.arange(6), engine=engine, draft_temperature_ratio=1.5,
                   **({"outcomes": "all"} if fused else {}))  # (the head orders partial coverage otherwise)
@@ -52,7 +60,8 @@ def test_trained_looking_head_changes_the_drafts_but_not_the_committed_prefix_ru
             not torch.equal(out.tokens, own.tokens)
 
 
-def test_chained_drafts_depend_on_the_token_before_them(model):
+@pytest.mark.parametrize("kind", list(HEAD_KINDS))
+def test_chained_drafts_depend_on_the_token_before_them(model, kind):
     """Slot 0 follows the given token and slot 1 follows slot 0's draft: change the first and the
     proposals change; an untrained head's proposals do not depend on it."""
     states = torch.randn(2, 3, model.config.d_model, dtype=torch.float64)
@@ -62,11 +71,11 @@ def test_chained_drafts_depend_on_the_token_before_them(model):
     def run(head, prev):
         return chain_drafts(head, model, states, prev, positions, prev_position, uniforms, model.probabilities, 1.0)
 
-    trained = random_head(model, seed=3, std=1.0)
+    trained = random_head(model, seed=3, std=1.0, kind=kind)
     _, probs_a = run(trained, torch.tensor([7, 7]))
     _, probs_b = run(trained, torch.tensor([8, 8]))
     assert not torch.allclose(probs_a[:, 0], probs_b[:, 0])
-    fresh = DraftHead(model.config.d_model, model.vocab_size).to(torch.float64)
+    fresh = _new_head(model, kind)
     _, fresh_a = run(fresh, torch.tensor([7, 7]))
     _, fresh_b = run(fresh, torch.tensor([8, 8]))
     assert torch.allclose(fresh_a, fresh_b)
@@ -97,14 +106,16 @@ def test_truncated_draft_vocabulary_proposes_only_its_tokens(model):
         DraftHead(model.config.d_model, model.vocab_size, draft_vocab=[3, model.vocab_size])
 
 
-def test_head_is_saved_beside_the_model_and_loaded_with_it(tmp_path):
+@pytest.mark.parametrize("kind", list(HEAD_KINDS))
+def test_head_is_saved_beside_the_model_and_loaded_with_it(tmp_path, kind):
     model = tiny_model(seed=0)
-    head = random_head(model, seed=5, draft_vocab=[1, 2, 7])
+    head = random_head(model, seed=5, draft_vocab=[1, 2, 7]) if kind == "chain" else random_head(model, 5, kind=kind)
     model.attach_draft_head(head)
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / HEAD_CONFIG).is_file() and (tmp_path / "m" / "draft_head.safetensors").is_file()
     loaded = ASARM.from_pretrained(tmp_path / "m", device="cpu")
-    assert loaded.draft_head is not None and not loaded.draft_head.training
+    assert type(loaded.draft_head) is type(head) and not loaded.draft_head.training
+    assert loaded.draft_head.config() == head.config()
     for (name, a), (_, b) in zip(head.state_dict().items(), loaded.draft_head.state_dict().items()):
         assert torch.equal(a, b), name
     tokens, sigma, n_prompt = _batch()
@@ -120,6 +131,51 @@ def test_head_is_saved_beside_the_model_and_loaded_with_it(tmp_path):
         ASARM.from_pretrained(tmp_path / "plain", device="cpu")
     with pytest.raises(ValueError, match="the draft head is for vocabulary"):
         tiny_model(seed=0, vocab_size=12).attach_draft_head(head)
+
+
+def test_head_kind_is_read_from_its_config(tmp_path):
+    """A head saved before there were kinds (no "kind" in its config) loads as a chain; an unknown kind is refused
+    in one line; the training config offers exactly the kinds there are."""
+    from asarm.training.config import DRAFT_HEAD_KINDS
+
+    assert DRAFT_HEAD_KINDS == tuple(HEAD_KINDS)
+    model = tiny_model(seed=0)
+    model.attach_draft_head(random_head(model, seed=6))
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / HEAD_CONFIG
+    config = json.loads(path.read_text())
+    assert config.pop("kind") == "chain"
+    path.write_text(json.dumps(config))
+    assert type(ASARM.from_pretrained(tmp_path / "m", device="cpu").draft_head) is DraftHead
+    path.write_text(json.dumps({**config, "kind": "tree"}))
+    with pytest.raises(ValueError, match="unknown draft head kind 'tree'.*upgrade asarm or retrain the head"):
+        ASARM.from_pretrained(tmp_path / "m", device="cpu")
+
+
+def test_one_pass_head_folds_its_correction_into_the_readout_once(model):
+    """Inference keeps W A (the LM head times the low-rank map) until a weight changes; with gradients on it is
+    formed anew, so training sees the graph; both give the same logits."""
+    head, lm = random_head(model, seed=7, kind="one-pass"), model.backbone
+    states = torch.randn(3, 4, model.config.d_model, dtype=torch.float64)
+    positions, prev_position = torch.tensor([[2, 3, 5, 6]] * 3), torch.tensor([1, 1, 1])
+
+    def logits():
+        return head(lm, states, torch.tensor([7, 8, 9]), positions, prev_position, lambda i, x: x.argmax(-1))
+
+    with torch.no_grad():
+        first = logits()
+        folded = head.correction_readout(lm)
+        assert head.correction_readout(lm) is folded  # kept
+        again = logits()
+    assert torch.equal(first, again)
+    with torch.enable_grad():
+        graded = logits()
+        assert graded.requires_grad and torch.allclose(graded, first)
+    with torch.no_grad():
+        head.from_rank.weight.mul_(2.0)  # a changed weight refolds
+        assert not torch.equal(head.correction_readout(lm), folded)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        OnePassDraftHead(model.config.d_model, model.vocab_size, rank=0)
 
 
 def test_head_defaults_target_temperature_and_every_outcome(model):

@@ -134,7 +134,8 @@ def trained_head(setup):
     return head.eval()
 
 
-HEAD_SAMPLERS = {  # (head, kwargs, target temperature); head: "random", "random-truncated" or "trained"
+# (head, kwargs, target temperature); head: "random", "random-truncated", "random-one-pass", "trained"
+HEAD_SAMPLERS = {
     "assd-head-k3": ("random", {"k": 3}, 1.0),
     "assd-fused-head-k3": ("random", {"k": 3, "fused": True, "outcomes": "all"}, 1.0),
     "assd-fused-head-k2-outcomes1-truncated": ("random-truncated", {"k": 2, "fused": True, "outcomes": 1}, 1.0),
@@ -145,18 +146,22 @@ HEAD_SAMPLERS = {  # (head, kwargs, target temperature); head: "random", "random
     "assd-fused-trained-head-k3": ("trained", {"k": 3, "fused": True}, 1.0),
     "assd-fused-head-k3-outcomes2-earliest-rejection": ("random", {"k": 3, "fused": True, "outcomes": 2,
                                                                    "outcome_order": "earliest-rejection"}, 1.0),
+    "assd-one-pass-head-k3": ("random-one-pass", {"k": 3}, 1.0),
+    "assd-fused-one-pass-head-k3": ("random-one-pass", {"k": 3, "fused": True, "outcomes": "all"}, 1.0),
+    "assd-fused-one-pass-head-k2-T0.7-target": ("random-one-pass", {"k": 2, "fused": True, "temperature": 0.7}, 0.7),
 }
 
 
 @pytest.mark.parametrize("engine", ["full", "cached"])
 @pytest.mark.parametrize("name", list(HEAD_SAMPLERS))
 def test_draft_head_samplers_match_exact_joint(setup, trained_head, name, engine):
-    """The chained draft head (random weights, a truncated vocabulary, and a distilled one) keeps both
-    schedules exact."""
+    """The draft heads (chained: random weights, a truncated vocabulary, a distilled one; one-pass: random
+    weights) keep both schedules exact."""
     model, tokens, sigma, n_prompt, joints = setup
     which, kwargs, target_temperature = HEAD_SAMPLERS[name]
     head = {"random": lambda: random_head(model, seed=1, std=1.0),
             "random-truncated": lambda: random_head(model, seed=2, std=1.0, draft_vocab=[1, 3, 7, 8]),
+            "random-one-pass": lambda: random_head(model, seed=4, std=1.0, kind="one-pass"),
             "trained": lambda: trained_head}[which]()
     out = assd_decode(model, tokens, sigma, n_prompt, drafter=HeadDrafter(head), seed=12345, engine=engine, **kwargs)
     assert out.exact

@@ -1,4 +1,4 @@
-"""`asarm train-draft-head`: self-distillation of a chained draft head through the trainer."""
+"""`asarm train-draft-head`: self-distillation of a draft head (chain or one-pass) through the trainer."""
 
 from __future__ import annotations
 
@@ -48,6 +48,22 @@ def test_train_draft_head_command_trains_only_the_head_and_ships_it(tmp_path, ti
     for name, weight in original.backbone.state_dict().items():  # the model itself is frozen
         assert torch.equal(weight, trained.backbone.state_dict()[name]), name
     assert trained.draft_head.mlp[-1].weight.abs().sum() > 0  # the head's output layer left its zero start
+
+
+def test_a_one_pass_head_trains_and_ships_with_its_kind(tmp_path, tiny_model_dir, small_text):
+    """draft_head.kind=one-pass trains an OnePassDraftHead (its output layers leave their zero start) and the
+    checkpoint loads it back as one."""
+    from asarm.draft_head import OnePassDraftHead
+
+    run_dir = tmp_path / "run"
+    overrides = head_overrides(run_dir, tiny_model_dir, small_text, **{"draft_head.kind": "one-pass",
+                                                                       "draft_head.rank": 4})
+    assert main(["train-draft-head", "--config", str(REPO / "configs" / "tiny_draft_head_onepass.yaml"),
+                 *overrides]) == 0
+    assert all(r["cross_entropy"] > 0 for r in records(run_dir, "train"))
+    head = ASARM.from_pretrained(run_dir / "checkpoints" / "step_4" / "model", device="cpu").draft_head
+    assert isinstance(head, OnePassDraftHead) and head.rank == 4
+    assert head.base[-1].weight.abs().sum() > 0 and head.from_rank.weight.abs().sum() > 0
 
 
 def test_draft_head_training_resumes_exactly(tmp_path, tiny_model_dir, small_text):
