@@ -79,10 +79,12 @@ CONTENDERS = {
     "assd-fused-head-k3-adaptive": ("assd-fused-head-adaptive", 3, {}),
     # goodput-aware single-pass ASSD: drafts per call (0..k) and outcomes chosen from the cost model
     "assd-auto": ("assd-auto", 5, {}),
+    "assd-auto-learn": ("assd-auto", 5, {"learn_prices": True}),  # prices corrected by the decode's own calls
 }
-# the default contenders: sequential, assd-auto and the fixed settings that won somewhere in earlier runs
+# the default contenders: sequential, assd-auto (with and without learned prices) and the fixed settings that won
+# somewhere in earlier runs
 GRID_SAMPLERS = ("sequential", "assd-fused-k1", "assd-fused-head-k2", "assd-fused-head-k3", "assd-fused-head-k5",
-                 "assd-fused-head-k2-outcomes1", "assd-fused-head-k3-outcomes2", "assd-auto")
+                 "assd-fused-head-k2-outcomes1", "assd-fused-head-k3-outcomes2", "assd-auto", "assd-auto-learn")
 BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused-k1", "assd-fused-k2", "assd-fused-k5")
 
 

@@ -62,7 +62,7 @@ SAMPLE_CALLS = [
     {"--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused", "--outcomes": "1",
      "--outcome-order": "accepted-first", "--no-progress": None},
     {"--text": "The cat <mask:3> on the mat.", "--sampler": "auto", "--cost-profile": "PROFILE", "--no-progress": None,
-     "--debug": None},
+     "--debug": None, "--learn-prices": None},
 ]
 
 
@@ -114,7 +114,8 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     assert (fused.name, fused.outcomes, fused.outcome_order, fused.k) == ("assd-fused", 1, "accepted-first", 5)
     assert (fused_kw["engine"], fused_kw["trace"], fused_kw["seed"].tolist()) == ("cached", False, [mix_seed(0, 0)])
     # the test model has no draft head: assd-auto drafts with the model's own draft rows
-    assert (auto.name, auto.drafter_name, auto.cost_profile) == ("assd-auto", "self", str(tmp_path / "cost.json"))
+    assert (auto.name, auto.drafter_name, auto.cost_profile, auto.learn_prices) == (
+        "assd-auto", "self", str(tmp_path / "cost.json"), True)
     assert (tmp_path / "cost.json").stat().st_size > 0  # the profile measured for the decode was saved there
 
 

@@ -459,8 +459,7 @@ def _call_cost(model: ASARM, inputs: tuple, spec: SamplerSpec, engine) -> CallCo
 
 def auto_controller(model: ASARM, spec: SamplerSpec, cost: CallCost) -> GoodputController:
     """The goodput controller of ``assd-auto``: widths 0..k, covers 1, 2 and every outcome (or the spec's
-    ``outcomes``), priced by ``cost``: corrected by measured call times where the profile was measured for the
-    process, as saved where ``spec.cost_profile`` names one (so that draws repeat)."""
+    ``outcomes``), priced by ``cost``, and with ``spec.learn_prices`` by the decodes' measured call times."""
     k, head = spec.k, spec.drafter.head_for(model) is not None
     options = [(0, 1)]
     for width in range(1, k + 1):
@@ -468,7 +467,7 @@ def auto_controller(model: ASARM, spec: SamplerSpec, cost: CallCost) -> GoodputC
             {width + 1 if spec.outcomes == "all" else min(spec.outcomes, width + 1)}
         options += [(width, cover) for cover in sorted(covers)]
     return GoodputController(cost, k, options, spec.outcome_order == "accepted-first", head, PRIOR_ACCEPTANCE[head],
-                             learn_prices=spec.cost_profile is None)
+                             learn_prices=spec.learn_prices)
 
 
 @torch.no_grad()

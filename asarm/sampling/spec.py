@@ -165,9 +165,14 @@ class SamplerSpec:
     controller: str | None = None  # "auto": the goodput controller (assd-auto; asarm.sampling.controller)
     cost_profile: str | None = _setting(None, Option(
         "--cost-profile", "assd-auto: a call-cost profile (JSON, `asarm profile --out`) to use when it was measured "
-        "on this device and thread count, else measured again and written there; its prices then stay fixed, so "
-        "draws repeat (default%(default).0s: measured once per process and corrected by each decode's call times)",
+        "on this device and thread count, else measured again and written there (default%(default).0s: measured "
+        "once per process)",
         lambda spec, value: spec.controller == "auto", every_command=True))
+    learn_prices: bool = _setting(False, Option(
+        "--learn-prices", "assd-auto: correct the cost profile's prices by each decode's measured call times "
+        "(steadier on a shared machine; a row's draws then depend on timing too, so a seed no longer repeats them)",
+        lambda spec, value: spec.controller == "auto", every_command=True,
+        kwargs={"action": "store_true", "default": None}))
     r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
                                          _is_assd, given_default=True, kwargs={"type": float}))
     defaults_from: tuple = ()  # ((setting, file or LIBRARY), ...): the defaults resolve() filled in
@@ -295,7 +300,7 @@ class SamplerSpec:
                 "outcomes": self.outcomes if self.fused else None, "outcome_order": self.outcome_order,
                 "draft_length": None if rule is None else getattr(rule, "name", repr(rule)),
                 "defaults_from": dict(self.defaults_from),
-                "controller": self.controller}
+                "controller": self.controller} | ({"learn_prices": self.learn_prices} if self.controller else {})
 
 
 def _drafter_defaults(drafter, model) -> tuple[str, dict]:

@@ -302,10 +302,9 @@ def test_measured_call_times_correct_the_profiled_prices():
     assert int(controller.plan(state).width[0]) > 0
 
 
-def test_a_decode_with_a_measured_profile_records_its_call_times(monkeypatch, tmp_path):
+def test_a_decode_records_its_call_times_and_learns_prices_only_when_asked(monkeypatch, tmp_path):
     """assd-auto: every call in its schedule carries its measured seconds, which its controller sees; it learns
-    prices from them where the profile was measured for the process, not where a saved one was given (the same
-    prices, the same draws)."""
+    prices from them with learn_prices, and otherwise keeps the profile's (the same prices, the same draws)."""
     from asarm.sampling import assd
 
     controllers, seen = [], []
@@ -315,13 +314,17 @@ def test_a_decode_with_a_measured_profile_records_its_call_times(monkeypatch, tm
     monkeypatch.setattr(assd.GoodputController, "observe",
                         lambda self, call, seconds: seen.append(seconds) or observe(self, call, seconds))
     model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch(batch_size=2)
-    out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, seed=0)
-    assert all(call["seconds"] > 0 for call in out.schedule) and seen == [call["seconds"] for call in out.schedule]
-    assert controllers[-1].learn_prices
     path = _cost(tmp_path / "cost.json", tokens, host=0.01)
-    saved = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, seed=0, cost_profile=path)
-    assert all(call["seconds"] > 0 for call in saved.schedule)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, seed=0, cost_profile=path,
+                      learn_prices=True)
+    assert all(call["seconds"] > 0 for call in out.schedule) and seen == [call["seconds"] for call in out.schedule]
+    assert controllers[-1].learn_prices and out.settings["learn_prices"]
+    assert controllers[-1].scales != [1.0, 1.0]  # a call takes far less than the 10 ms the profile says
+    fixed = [assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=3, seed=0, cost_profile=path)
+             for _ in range(2)]
+    assert all(call["seconds"] > 0 for call in fixed[0].schedule)
     assert not controllers[-1].learn_prices and controllers[-1].scales == [1.0, 1.0]
+    assert torch.equal(fixed[0].tokens, fixed[1].tokens)  # the same prices: the same draws
     assert "corrections" not in json.loads((tmp_path / "cost.json").read_text())
 
 
