@@ -43,7 +43,7 @@ from torch import nn
 from .inputs import read_json
 
 __all__ = ["DraftHead", "OnePassDraftHead", "HEAD_KINDS", "HEAD_WEIGHTS", "HEAD_CONFIG", "OUTSIDE_LOGIT",
-           "outside_logit", "save_draft_head", "load_draft_head"]
+           "outside_logit", "make_draft_head", "save_draft_head", "load_draft_head"]
 
 HEAD_WEIGHTS = "draft_head.safetensors"
 HEAD_CONFIG = "draft_head.json"
@@ -194,6 +194,15 @@ class OnePassDraftHead(nn.Module):
 HEAD_KINDS = {DraftHead.kind: DraftHead, OnePassDraftHead.kind: OnePassDraftHead}
 
 
+def make_draft_head(kind: str, d_model: int, vocab_size: int, hidden: int | None, max_offset: int, *,
+                    rank: int | None = None, draft_vocab=None) -> DraftHead | OnePassDraftHead:
+    """A new draft head of ``kind`` (a key of ``HEAD_KINDS``): a chain takes the optional truncated
+    ``draft_vocab``, a one-pass head its correction's ``rank``."""
+    if kind == OnePassDraftHead.kind:
+        return OnePassDraftHead(d_model, vocab_size, hidden, max_offset, rank)
+    return DraftHead(d_model, vocab_size, hidden, max_offset, draft_vocab)
+
+
 def save_draft_head(head: DraftHead, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
@@ -219,11 +228,7 @@ def load_draft_head(directory: str | os.PathLike, vocab_size: int, d_model: int)
     if kind not in HEAD_KINDS:
         raise ValueError(f"{directory / HEAD_CONFIG}: unknown draft head kind {kind!r} (known: "
                          f"{', '.join(HEAD_KINDS)}): upgrade asarm or retrain the head")
-    if kind == DraftHead.kind:
-        head = DraftHead(config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
-                         state["draft_vocab"])
-    else:
-        head = OnePassDraftHead(config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
-                                config["rank"])
+    head = make_draft_head(kind, config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
+                           rank=config.get("rank"), draft_vocab=state.get("draft_vocab"))
     head.load_state_dict(state)
     return head.eval()

@@ -66,8 +66,10 @@ class CallCost:
 
     def summary(self) -> dict:
         """The coefficients, the fit's relative error and the machine, without the samples (a decode's settings)."""
-        return {key: value for key, value in asdict(self).items() if key not in ("samples", "corrections")} | \
-            {"relative_error": round(self.relative_error, 4)}
+        return self._fields_but("samples", "corrections") | {"relative_error": round(self.relative_error, 4)}
+
+    def _fields_but(self, *left_out: str) -> dict:
+        return {key: value for key, value in asdict(self).items() if key not in left_out}
 
     def table(self) -> list[dict]:
         """The profiled calls with the model's prediction beside each (``asarm profile``)."""
@@ -79,8 +81,7 @@ class CallCost:
                 and self.batch_rows == batch_rows and self.length == length)
 
     def save(self, path: str | os.PathLike) -> None:
-        saved = {key: value for key, value in asdict(self).items() if key != "corrections"}
-        write_atomic(path, json.dumps(saved, indent=2) + "\n")
+        write_atomic(path, json.dumps(self._fields_but("corrections"), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CallCost":

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .. import orders
-from ..draft_head import DraftHead, OnePassDraftHead
+from ..draft_head import DraftHead, OnePassDraftHead, make_draft_head
 from ..files import write_atomic
 from ..model import ASARM
 from ..paths import DataFileNotFoundError, data_dir, data_file
@@ -390,10 +390,8 @@ class Trainer:
             loader = StreamLoader(stream, batch_size=self.cfg.data.batch_size, generator=torch.Generator())
             batches = (tokens for _, tokens in zip(range(hc.vocab_batches), loader))
             vocab = frequent_tokens(batches, hc.vocab_size, self.asarm.vocab_size, self.asarm.mask_token_id)
-        if hc.kind == OnePassDraftHead.kind:
-            head = OnePassDraftHead(self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset, hc.rank)
-        else:
-            head = DraftHead(self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset, vocab)
+        head = make_draft_head(hc.kind, self.asarm.config.d_model, self.asarm.vocab_size, hc.hidden, hc.max_offset,
+                               rank=hc.rank, draft_vocab=vocab)
         self.asarm.attach_draft_head(head)
         return self.asarm.draft_head
 
