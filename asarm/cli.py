@@ -190,7 +190,8 @@ def profile(model: str = "asarm-tiny", revision: str | None = None, device: str 
     n_prompt = torch.full((batch_size,), visible)
     cost = profile_calls(asarm, (chunks, sigma, n_prompt, None, None, None), spec)
     controller = auto_controller(asarm, spec, cost)
-    print(f"call-cost profile of {model} ({spec.drafter.name} drafts) on {cost.device}, {cost.threads} threads, "
+    head = f", the head in {spec.proposal_dtype}" if spec.proposal_dtype else ""
+    print(f"call-cost profile of {model} ({spec.drafter.name} drafts{head}) on {cost.device}, {cost.threads} threads, "
           f"batch {batch_size}, length {length}: {1000 * cost.profile_seconds:.0f} ms\n")
     print(markdown_table([{"schedule (drafts, outcomes)": f"{s['width']}, {s['cover']}", "query rows": s["query_rows"],
                            "head slots": s["head_slots"], "content rows": s["content_rows"],

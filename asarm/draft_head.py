@@ -19,6 +19,10 @@ Optional truncated draft vocabulary (``draft_vocab``, token ids): the head propo
 
 Exactness never depends on the head: its drafts are proposals that depend only on committed tokens,
 earlier drafts and fresh uniforms, and the verify pass corrects them (asarm.sampling.assd).
+At inference a head may run in a dtype of its own, its LM-head readout included (:meth:`in_dtype`, a copy kept
+while its weights are unchanged; the samplers' ``proposal_dtype``, asarm.sampling.drafters.proposal_dtype):
+its proposals are exact at any precision, and at batch 1 on a CPU a slot costs about what reading its
+weights costs.
 
 A cheaper variant, :class:`OnePassDraftHead` (``kind: one-pass``): every slot's logits come from one batched
 step over the outcome rows (``lm_head(h_i + MLP([h_i, offset_i]))``, one readout for all slots), and the chain
@@ -56,7 +60,54 @@ def outside_logit(dtype: torch.dtype) -> float:
     return max(OUTSIDE_LOGIT, torch.finfo(dtype).min / 2)
 
 
-class DraftHead(nn.Module):
+def _derived(module: nn.Module, slot: str, sources: tuple, make, *settings):
+    """``make()``, kept on ``module`` while no tensor of ``sources`` changes (nor ``settings``); formed anew on
+    every call where gradients flow (training)."""
+    if torch.is_grad_enabled():
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources) + settings
+    kept = module.__dict__.get(slot)
+    if kept is None or kept[0] != key:
+        kept = (key, make())
+        module.__dict__[slot] = kept
+    return kept[1]
+
+
+class _HeadPrecision(nn.Module):
+    """What both kinds of head share: at inference they may run in a dtype of their own, the LM head's readout
+    included (their proposals are exact at any precision; asarm.sampling.drafters.proposal_dtype says why)."""
+
+    draft_vocab: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.offset_embedding.weight.dtype
+
+    def in_dtype(self, dtype: torch.dtype | None) -> "_HeadPrecision":
+        """This head with its weights in ``dtype``: itself when they already are (or ``dtype`` is None), else a
+        copy, kept while none of its weights changes."""
+        if dtype is None or dtype == self.dtype:
+            return self
+
+        def make():
+            copy = head_from_state(self.config(), self.state_dict())
+            return copy.to(device=self.offset_embedding.weight.device, dtype=dtype).eval()
+        return _derived(self, "_in_dtype", tuple(self.parameters()), make, dtype)
+
+    def readout(self, lm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head's ``(weight, bias)`` for the head's proposals, in the head's dtype: the rows of the truncated
+        draft vocabulary when it has one (kept while the LM head is unchanged)."""
+        weight, bias = lm.readout()
+        if not len(self.draft_vocab) and weight.dtype == self.dtype:
+            return weight, bias
+
+        def make():
+            rows = (weight[self.draft_vocab], bias[self.draft_vocab]) if len(self.draft_vocab) else (weight, bias)
+            return tuple(tensor.to(self.dtype) for tensor in rows)
+        return _derived(self, "_readout", (weight, bias, self.draft_vocab), make, self.dtype)
+
+
+class DraftHead(_HeadPrecision):
     """See the module doc. ``d_model``: the backbone's width; ``hidden``: the MLP width (default 2 d_model)."""
 
     def __init__(self, d_model: int, vocab_size: int, hidden: int | None = None, max_offset: int = 8,
@@ -95,19 +146,12 @@ class DraftHead(nn.Module):
         inputs = lm.embed(prev_tokens).to(states.dtype) + self.offset_embedding(clipped)
         memory = self.gru(self.input_norm(inputs), memory)
         adjusted = states + self.mlp(torch.cat([states, memory], dim=-1))
+        logits = nn.functional.linear(adjusted, *(self.readout(lm) if readout is None else readout))
         if not len(self.draft_vocab):
-            return lm.lm_head(adjusted), memory
-        weight, bias = self.readout(lm) if readout is None else readout
-        logits = adjusted.new_full((*adjusted.shape[:-1], self.vocab_size), outside_logit(adjusted.dtype))
-        logits[..., self.draft_vocab] = adjusted @ weight.t() + bias
-        return logits, memory
-
-    def readout(self, lm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The LM head's rows of the truncated draft vocabulary ``(weight, bias)``; None without one."""
-        if not len(self.draft_vocab):
-            return None
-        weight, bias = lm.readout()
-        return weight[self.draft_vocab], bias[self.draft_vocab]
+            return logits, memory
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), outside_logit(logits.dtype))
+        full[..., self.draft_vocab] = logits
+        return full, memory
 
     def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, positions: torch.Tensor,
                 prev_position: torch.Tensor, pick, keep_logits: bool = True):
@@ -116,7 +160,7 @@ class DraftHead(nn.Module):
         tokens (b,)`` draws (or chooses) each slot's token. Returns the logits ``(b, K, V)`` (None without
         ``keep_logits``: a sampler has what it needs from ``pick``, and stacking them costs a copy per call)."""
         offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
-        readout = self.readout(lm)  # gathered once, not per slot
+        readout = self.readout(lm)  # formed once, not per slot
         prev, memory, out = first_prev, None, []
         for i in range(states.shape[1]):
             logits, memory = self.step(lm, states[:, i], prev, offsets[:, i], memory, readout)
@@ -126,7 +170,7 @@ class DraftHead(nn.Module):
         return torch.stack(out, dim=1) if keep_logits else None
 
 
-class OnePassDraftHead(nn.Module):
+class OnePassDraftHead(_HeadPrecision):
     """See the module doc. ``hidden``: the width of both MLPs (default d_model); ``rank``: the correction's rank.
     Both output layers start at zero: an untrained head drafts exactly like the model's draft rows."""
 
@@ -155,22 +199,16 @@ class OnePassDraftHead(nn.Module):
         nn.init.normal_(self.offset_embedding.weight, std=0.02)
         # the whole vocabulary (the interface of DraftHead, whose draft_vocab may truncate it)
         self.register_buffer("draft_vocab", torch.empty(0, dtype=torch.long), persistent=False)
-        self._folded: tuple | None = None  # (key, W A) at inference: formed once per weights
 
     def config(self) -> dict:
         return {"kind": self.kind, "d_model": self.d_model, "vocab_size": self.vocab_size, "hidden": self.hidden,
                 "max_offset": self.max_offset, "rank": self.rank}
 
     def correction_readout(self, lm) -> torch.Tensor:
-        """``W A (V, r)``: the LM head's rows mapped to the correction's rank; kept while no weight changes (and
-        formed anew where gradients flow, in training)."""
+        """``W A (V, r)``: the LM head's rows mapped to the correction's rank, in the head's dtype; kept while no
+        weight changes (and formed anew where gradients flow, in training)."""
         weight, a = lm.readout()[0], self.from_rank.weight
-        if torch.is_grad_enabled():
-            return weight @ a
-        key = (weight.data_ptr(), weight._version, a.data_ptr(), a._version, weight.dtype, weight.device)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, weight @ a)
-        return self._folded[1]
+        return _derived(self, "_folded", (weight, a), lambda: (weight @ a.to(weight.dtype)).to(a.dtype))
 
     def forward(self, lm, states: torch.Tensor, first_prev: torch.Tensor, positions: torch.Tensor,
                 prev_position: torch.Tensor, pick, keep_logits: bool = True):
@@ -178,7 +216,7 @@ class OnePassDraftHead(nn.Module):
         offsets = positions - torch.cat([prev_position[:, None], positions[:, :-1]], 1)
         clipped = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
         slots = self.slot_norm(torch.cat([states, self.offset_embedding(clipped).to(states.dtype)], -1))
-        logits = lm.lm_head(states + self.base(slots))  # every slot in one readout
+        logits = nn.functional.linear(states + self.base(slots), *self.readout(lm))  # every slot in one readout
         from_slot, folded = self.from_slot(slots), self.correction_readout(lm)
         prev, out = first_prev, []
         for i in range(states.shape[1]):
@@ -203,6 +241,15 @@ def make_draft_head(kind: str, d_model: int, vocab_size: int, hidden: int | None
     return DraftHead(d_model, vocab_size, hidden, max_offset, draft_vocab)
 
 
+def head_from_state(config: dict, state: dict) -> DraftHead | OnePassDraftHead:
+    """The head of ``config`` (a head's ``config()``, draft_head.json) with the weights ``state``."""
+    kind = config.get("kind", DraftHead.kind)  # heads saved before there were kinds are chains
+    head = make_draft_head(kind, config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
+                           rank=config.get("rank"), draft_vocab=state.get("draft_vocab"))
+    head.load_state_dict(state)
+    return head
+
+
 def save_draft_head(head: DraftHead, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
@@ -223,12 +270,8 @@ def load_draft_head(directory: str | os.PathLike, vocab_size: int, d_model: int)
     if (config["vocab_size"], config["d_model"]) != (vocab_size, d_model):
         raise ValueError(f"{directory / HEAD_CONFIG} is for a model of vocabulary {config['vocab_size']} and width "
                          f"{config['d_model']}, not {vocab_size} and {d_model}: retrain it with asarm train-draft-head")
-    state = load_file(str(directory / HEAD_WEIGHTS))
-    kind = config.get("kind", DraftHead.kind)  # heads saved before there were kinds are chains
+    kind = config.get("kind", DraftHead.kind)
     if kind not in HEAD_KINDS:
         raise ValueError(f"{directory / HEAD_CONFIG}: unknown draft head kind {kind!r} (known: "
                          f"{', '.join(HEAD_KINDS)}): upgrade asarm or retrain the head")
-    head = make_draft_head(kind, config["d_model"], config["vocab_size"], config["hidden"], config["max_offset"],
-                           rank=config.get("rank"), draft_vocab=state.get("draft_vocab"))
-    head.load_state_dict(state)
-    return head.eval()
+    return head_from_state(config, load_file(str(directory / HEAD_WEIGHTS))).eval()

@@ -9,7 +9,9 @@ the same orders and per-row seeds, on the cached engine. Samplers: sequential; t
 ``draft_temperature_ratio``); the adaptive draft length on each schedule.
 
 Reported per (model, L, batch): tokens per model call (generated / NFE), accepted drafts per round (the
-mean accepted length), acceptance by draft index, tokens/s and the ratio to cached sequential decoding.
+mean accepted length), acceptance by draft index, tokens/s and the ratio to cached sequential decoding, and the
+milliseconds of a model call (for assd-auto also the cost model's prediction). The draft head runs in the
+device's default dtype (asarm.sampling.drafters.proposal_dtype), and in float32 beside it (``-float32``).
 Timing alternates the samplers chunk by chunk (rotating their order), after one untimed warm-up each;
 each chunk's time is the fastest of ``--repeats``, and tok/s = tokens / the sum of those times, so
 slow spells of a noisy machine hit every sampler alike. Batch 1 decodes the chunks one at a time; batch
@@ -80,11 +82,15 @@ CONTENDERS = {
     # goodput-aware single-pass ASSD: drafts per call (0..k) and outcomes chosen from the cost model
     "assd-auto": ("assd-auto", 5, {}),
     "assd-auto-learn": ("assd-auto", 5, {"learn_prices": True}),  # prices corrected by the decode's own calls
+    # the draft head in float32 (the model's dtype), against the device's default (float16 on an AVX2 CPU)
+    "assd-fused-head-k3-float32": ("assd-fused-head", 3, {"proposal_dtype": "float32"}),
+    "assd-auto-float32": ("assd-auto", 5, {"proposal_dtype": "float32"}),
 }
-# the default contenders: sequential, assd-auto (with and without learned prices) and the fixed settings that won
-# somewhere in earlier runs
+# the default contenders: sequential, assd-auto, the fixed settings that won somewhere in earlier runs, and the
+# draft head in float32 beside its default dtype
 GRID_SAMPLERS = ("sequential", "assd-fused-k1", "assd-fused-head-k2", "assd-fused-head-k3", "assd-fused-head-k5",
-                 "assd-fused-head-k2-outcomes1", "assd-fused-head-k3-outcomes2", "assd-auto", "assd-auto-learn")
+                 "assd-fused-head-k2-outcomes1", "assd-fused-head-k3-outcomes2", "assd-auto",
+                 "assd-fused-head-k3-float32", "assd-auto-float32")
 BASE_SAMPLERS = ("sequential", "assd-self", "assd-bonus", "assd-fused-k1", "assd-fused-k2", "assd-fused-k5")
 
 
@@ -144,10 +150,12 @@ def bench_config(model, label, seq_len, batch_size, specs, args) -> list[dict]:
             row["accepted/round"] = sum(int(o.accepted.sum()) for o in outs) / rounds
             row["acceptance by index"] = " ".join(f"{a / d:.2f}" if d else "-"
                                                   for a, d in zip(accepted.tolist(), drafted.tolist()))
+        # model calls of a batch: single-pass calls hold every active row, so the row with the most calls has been
+        # in all of them (assd-auto's schedule lists them)
+        calls = sum(len(o.schedule) if o.schedule is not None else int(o.nfe.max()) for o in outs)
+        row["ms/call measured"] = 1000 * sum(fastest[name, g] for g in range(len(groups))) / calls
         if outs[0].schedule is not None:  # assd-auto: the cost model's time per call against the measured one
-            calls = sum(len(o.schedule) for o in outs)
             row["ms/call predicted"] = 1000 * sum(c["predicted_seconds"] for o in outs for c in o.schedule) / calls
-            row["ms/call measured"] = 1000 * sum(fastest[name, g] for g in range(len(groups))) / calls
             row["drafts/call"] = sum(sum(c["drafts"]) / len(c["drafts"]) for o in outs for c in o.schedule) / calls
         rows.append(row)
         print(f"{label} L={seq_len} B={batch_size} {name}: {row['tokens/call']:.3f} tokens/call, "

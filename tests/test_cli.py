@@ -4,6 +4,8 @@ from asarm import orders
 from asarm.cli import encode_template, main
 from asarm.seeds import mix_seed
 
+from helpers import random_head
+
 
 def test_encode_template(xlnet_tokenizer):
     ids = encode_template(xlnet_tokenizer, "Hello <mask:3> world <mask>", 6)
@@ -63,6 +65,8 @@ SAMPLE_CALLS = [
      "--outcome-order": "accepted-first", "--no-progress": None},
     {"--text": "The cat <mask:3> on the mat.", "--sampler": "auto", "--cost-profile": "PROFILE", "--no-progress": None,
      "--debug": None, "--learn-prices": None},
+    {"--model": "HEAD_MODEL", "--text": "The cat <mask:3> on the mat.", "--sampler": "assd-fused-head",
+     "--proposal-dtype": "bfloat16", "--no-progress": None},
 ]
 
 
@@ -81,9 +85,12 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     loads, decodes, threads_set = [], [], []
     real_load, real_decode = ASARM.from_pretrained, asarm.sampling.decode
 
+    with_head = real_load(tiny_model_dir, device="cpu")
+    with_head.attach_draft_head(random_head(with_head, seed=0)).save_pretrained(tmp_path / "with_head")
+
     def load(name, revision=None, device=None):
         loads.append((name, revision, device))
-        return real_load(tiny_model_dir, device=device)
+        return real_load(tmp_path / "with_head" if name == "head/model" else tiny_model_dir, device=device)
 
     def decode(model, spec, tokens, sigma, n_prompt, **kw):
         decodes.append((spec, tokens, sigma, n_prompt, kw))
@@ -95,12 +102,13 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     trace = tmp_path / "trace.html"
     for call in SAMPLE_CALLS:
         argv = [part for flag, value in call.items() for part in ([flag] if value is None else [flag, value])]
-        argv = [{"MODEL": "some/model", "TRACE": str(trace), "PROFILE": str(tmp_path / "cost.json")}.get(part, part)
-                for part in argv]
+        argv = [{"MODEL": "some/model", "TRACE": str(trace), "PROFILE": str(tmp_path / "cost.json"),
+                 "HEAD_MODEL": "head/model"}.get(part, part) for part in argv]
         assert main(["sample", *argv]) == 0, capsys.readouterr().err
-    assert loads == [("some/model", "nlp", "cpu"), ("asarm-tiny", None, None), ("asarm-tiny", None, None)]
-    assert threads_set == [1, None, None]  # --threads (--debug only changes how an error is shown)
-    (spec, tokens, sigma, n_prompt, kw), (fused, *_, fused_kw), (auto, *_) = decodes
+    assert loads == [("some/model", "nlp", "cpu"), ("asarm-tiny", None, None), ("asarm-tiny", None, None),
+                     ("head/model", None, None)]
+    assert threads_set == [1, None, None, None]  # --threads (--debug only changes how an error is shown)
+    (spec, tokens, sigma, n_prompt, kw), (fused, *_, fused_kw), (auto, *_), (head, *_) = decodes
     assert (spec.name, spec.drafter_name, spec.k, spec.temperature, spec.temperature_mode, spec.bonus) == (
         "assd-ngram-bonus-adaptive", "ngram", 3, 0.7, "no_temp_oracle", True)
     assert (spec.draft_length.threshold, spec.draft_temperature_ratio, spec.r_atol) == (0.2, 1.25, 0.1)
@@ -117,6 +125,7 @@ def test_every_sample_option_reaches_the_decode(tiny_model_dir, tmp_path, monkey
     assert (auto.name, auto.drafter_name, auto.cost_profile, auto.learn_prices) == (
         "assd-auto", "self", str(tmp_path / "cost.json"), True)
     assert (tmp_path / "cost.json").stat().st_size > 0  # the profile measured for the decode was saved there
+    assert (head.name, head.proposal_dtype) == ("assd-fused-head", "bfloat16")
 
 
 def test_sample_refuses_a_setting_its_sampler_ignores(capsys):
@@ -124,6 +133,8 @@ def test_sample_refuses_a_setting_its_sampler_ignores(capsys):
     for argv, message in [(["--sampler", "sequential", "--k", "3"], "--k 3 does not apply to --sampler sequential"),
                           (["--sampler", "assd-fused", "--bonus"], "--bonus does not apply to --sampler assd-fused"),
                           (["--outcomes", "2"], "--outcomes 2 does not apply to --sampler assd"),
+                          (["--sampler", "assd-fused", "--proposal-dtype", "float16"],
+                           "--proposal-dtype float16 does not apply to --sampler assd-fused"),
                           (["--adaptive-threshold", "2"], "--adaptive-threshold is not valid: the adaptive-length "
                                                           "threshold must lie in [0, 1], got 2.0")]:
         assert main(["sample", "--model", "/never/loaded", "--text", "a <mask> b", *argv]) == 2

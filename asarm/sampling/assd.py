@@ -125,6 +125,7 @@ class _Speculation:
         self.first_exact = self.drafter.first_draft_exact and not self.fused  # fused rounds never call the drafter
         # single-pass rounds with a head drafter: outcome drafts are chained by the model's draft head
         self.head = self.drafter.head_for(model) if self.fused else None
+        self.proposal_dtype = getattr(torch, spec.proposal_dtype) if spec.proposal_dtype else None  # the head's
         self.accepted_first = spec.outcome_order == "accepted-first"
         if self.first_exact:
             self.draft_temps[0] = self.oracle_temp
@@ -155,7 +156,8 @@ class _Speculation:
             session=self.session, rows=rows, tokens=batch.tokens[sel], sigma=batch.sigma[sel], n_fixed=n,
             query_ranks=ranks, query_positions=positions_of_ranks(batch.positions[sel], ranks), uniforms=uniforms,
             to_probs=self.probs, draft_temperatures=self.draft_temps[:len(idx)],
-            mask_token_id=self.model.mask_token_id, vocab_size=self.model.vocab_size, model=self.model))
+            mask_token_id=self.model.mask_token_id, vocab_size=self.model.vocab_size, model=self.model,
+            proposal_dtype=self.proposal_dtype))
         add_rows(batch.model_free_draft_calls, sel, batch.nfe[sel] == calls_before)
         add_rows(self.draft_calls, sel, torch.ones_like(count))
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
@@ -381,7 +383,7 @@ class _Speculation:
             ranks = (n[:, None] + idx).masked_fill(idx >= count[:, None], -1)
             positions = positions_of_ranks(self.batch.positions[sel], ranks)
             drafts, q = chain_drafts(self.head, self.model, block, prev_token, positions[:, 1:], positions[:, 0],
-                                     uniforms, self.probs, self.proposal_temp)
+                                     uniforms, self.probs, self.proposal_temp, self.proposal_dtype)
         self._set_pending(sel, drafts, q, self._length(q, drafts, count))
 
 
@@ -433,21 +435,23 @@ def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT
             if call:
                 samples.append(dict(run.last_call, width=width, cover=cover, seconds=seconds))
     B, L = inputs[0].shape
-    return fit_call_cost(samples, B, L, model.device, time.perf_counter() - began)
+    cost = fit_call_cost(samples, B, L, model.device, time.perf_counter() - began)
+    cost.proposal_dtype = spec.proposal_dtype
+    return cost
 
 
 def _call_cost(model: ASARM, inputs: tuple, spec: SamplerSpec, engine) -> CallCost:
     """The cost model for this decode: the process's profile of the same setting, else the saved one of
     ``spec.cost_profile`` if it was measured here, else a new profile (saved there when a path is given)."""
     B, L = inputs[0].shape
-    key = profile_key(model, B, L, (spec.drafter.name, spec.k, spec.outcome_order, str(engine)))
+    key = profile_key(model, B, L, (spec.drafter.name, spec.k, spec.outcome_order, str(engine), spec.proposal_dtype))
     cost = cached_profile(key)
     if cost is None and spec.cost_profile is not None and Path(spec.cost_profile).is_file():
         cost = CallCost.load(spec.cost_profile)
-        if not cost.matches(model.device, B, L):
+        if not cost.matches(model.device, B, L, spec.proposal_dtype):
             print(f"assd-auto: the cost profile {spec.cost_profile} was measured for {cost.device}, "
-                  f"{cost.threads} threads, batch {cost.batch_rows}, length {cost.length}: measuring again",
-                  file=sys.stderr)
+                  f"{cost.threads} threads, batch {cost.batch_rows}, length {cost.length}, draft head in "
+                  f"{cost.proposal_dtype}: measuring again", file=sys.stderr)
             cost = None
     if cost is None:
         cost = profile_calls(model, inputs, spec, engine)

@@ -6,9 +6,9 @@ outcome machinery and its host work, so it gets its own fixed price (``host``) r
 It is fitted (least squares) to calls timed in a short profile at the start of a decode
 (``asarm.sampling.assd.profile_calls``: a few real single-pass calls of each of a handful of schedules, on the
 decode's own inputs, a few hundred milliseconds), and kept for the process: a later decode with the same
-model, device, dtype, threads, batch size and length reuses it. ``save``/``load`` keep it beside a run or a
-model; a saved profile whose device or threads differ from the current ones is not used (it is measured
-again). On CUDA the timings synchronise the device.
+model, device, dtype, threads, batch size, length and draft-head dtype reuses it. ``save``/``load`` keep it
+beside a run or a model; a saved profile whose device, threads or draft-head dtype differ from the current ones
+is not used (it is measured again). On CUDA the timings synchronise the device.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class CallCost:
     samples: list[dict] = field(default_factory=list)  # the profiled calls: query_rows, head_slots, ..., seconds
     profile_seconds: float = 0.0
     per_drafting_call: float = 0.0  # (last: profiles saved before it load as a model without the term)
+    proposal_dtype: str | None = None  # the draft head's dtype in the profiled calls (None: no head, or unknown)
     # corrections of the prices of sequential steps and of calls with drafts that decodes have measured in this
     # process (asarm.sampling.controller), kept with the profile for the next decode; not saved
     corrections: list = field(default_factory=lambda: [1.0, 1.0], compare=False)
@@ -76,9 +77,10 @@ class CallCost:
         return [dict(sample, predicted=self(sample["query_rows"], sample["head_slots"], sample["content_rows"]))
                 for sample in self.samples]
 
-    def matches(self, device: torch.device | str, batch_rows: int, length: int) -> bool:
+    def matches(self, device: torch.device | str, batch_rows: int, length: int,
+                proposal_dtype: str | None = None) -> bool:
         return (self.device == str(device) and self.threads == torch.get_num_threads()
-                and self.batch_rows == batch_rows and self.length == length)
+                and self.batch_rows == batch_rows and self.length == length and self.proposal_dtype == proposal_dtype)
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(path, json.dumps(self._fields_but("corrections"), indent=2) + "\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .draft_length import make_draft_length
-from .drafters import DRAFTERS, MissingDraftHeadError, make_drafter
+from .drafters import DRAFTERS, PROPOSAL_DTYPES, MissingDraftHeadError, make_drafter, proposal_dtype
 
 __all__ = ["SamplerSpec", "SAMPLERS", "available_samplers", "parse_samplers", "parse_choices", "parse_outcomes",
            "count_or_all", "SettingError", "add_sampler_arguments", "sampler_overrides", "apply_override",
@@ -173,6 +173,11 @@ class SamplerSpec:
         "(steadier on a shared machine; a row's draws then depend on timing too, so a seed no longer repeats them)",
         lambda spec, value: spec.controller == "auto", every_command=True,
         kwargs={"action": "store_true", "default": None}))
+    proposal_dtype: str | None = _setting(None, Option(
+        "--proposal-dtype", "draft head: the dtype of its readout, which its proposals come from (exact at any; "
+        "default%(default).0s: bfloat16 for a float32 model on a CPU with native bfloat16, else the model's)",
+        lambda spec, value: spec.algorithm == "assd" and spec.drafter_name in ("head", "auto"), every_command=True,
+        kwargs={"choices": PROPOSAL_DTYPES}))
     r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
                                          _is_assd, given_default=True, kwargs={"type": float}))
     defaults_from: tuple = ()  # ((setting, file or LIBRARY), ...): the defaults resolve() filled in
@@ -281,13 +286,28 @@ class SamplerSpec:
             raise SettingError("draft_temperature_ratio", f"must be a finite number > 0, got {ratio!r}")
         if model is not None:
             drafter.head_for(model)  # MissingDraftHeadError now, not mid-decode
+        dtype = self._proposal_dtype(drafter, model)
         try:
             rule = make_draft_length(default("draft_length", DEFAULT_ADAPTIVE_THRESHOLD)
                                      if self.draft_length == ADAPTIVE else self.draft_length)
         except ValueError as err:
             raise SettingError("draft_length", f"is not valid: {err}") from None
         return replace(self, drafter=drafter, outcomes=outcomes, outcome_order=order, draft_temperature_ratio=ratio,
-                       bonus=self.bonus or self.fused, draft_length=rule, defaults_from=tuple(filled.items()))
+                       bonus=self.bonus or self.fused, draft_length=rule, proposal_dtype=dtype,
+                       defaults_from=tuple(filled.items()))
+
+    def _proposal_dtype(self, drafter, model) -> str | None:
+        """The draft head's readout dtype: the one set, else (with ``model``) the device's default; None without a
+        draft head. Set for drafts that no head makes, it is an error (it would be ignored)."""
+        dtype = self.proposal_dtype
+        if dtype is not None and dtype not in PROPOSAL_DTYPES:
+            raise SettingError("proposal_dtype", f"must be one of {', '.join(PROPOSAL_DTYPES)}, got {dtype!r}")
+        if drafter.name != "head":
+            if dtype is not None and (model is not None or self.drafter_name != "auto"):
+                raise SettingError("proposal_dtype", f"applies to draft-head drafts only, and {self.name} drafts with "
+                                                     f"the model's own draft rows here: leave it out")
+            return dtype
+        return dtype if dtype is not None or model is None else proposal_dtype(model)
 
     def settings(self) -> dict:
         """The settings as plain values (a decode's ``DecodeOutput.settings``, results files)."""
@@ -299,7 +319,7 @@ class SamplerSpec:
                 "draft_temperature_ratio": self.draft_temperature_ratio, "fused": self.fused,
                 "outcomes": self.outcomes if self.fused else None, "outcome_order": self.outcome_order,
                 "draft_length": None if rule is None else getattr(rule, "name", repr(rule)),
-                "defaults_from": dict(self.defaults_from),
+                "proposal_dtype": self.proposal_dtype, "defaults_from": dict(self.defaults_from),
                 "controller": self.controller} | ({"learn_prices": self.learn_prices} if self.controller else {})
 
 

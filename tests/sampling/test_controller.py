@@ -62,6 +62,11 @@ def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
     loaded = CallCost.load(tmp_path / "cost.json")
     assert loaded == cost and loaded.matches("cpu", 2, 8)
     assert not loaded.matches("cpu", 3, 8) and not loaded.matches("cuda:0", 2, 8)
+    assert not loaded.matches("cpu", 2, 8, "float16")  # measured without a draft head, or with one in another dtype
+    in_half = dataclasses.replace(cost, proposal_dtype="float16")
+    in_half.save(tmp_path / "half.json")
+    assert CallCost.load(tmp_path / "half.json").matches("cpu", 2, 8, "float16")
+    assert not CallCost.load(tmp_path / "half.json").matches("cpu", 2, 8, "float32")
     data = json.loads((tmp_path / "cost.json").read_text())
     (tmp_path / "other.json").write_text(json.dumps(data | {"threads": torch.get_num_threads() + 1}))
     assert not CallCost.load(tmp_path / "other.json").matches("cpu", 2, 8)

@@ -239,3 +239,51 @@ def test_covered_outcomes_most_likely_first(model, drafter, order, outcomes):
             assert (len(after.drafts) > 0) == covered
             checked += 1
     assert checked > 20
+
+
+@pytest.mark.parametrize("kind", list(HEAD_KINDS))
+def test_head_in_another_dtype_is_a_kept_copy_of_its_weights(kind):
+    model = tiny_model(seed=0, init_std=0.5)  # float32
+    head = random_head(model, seed=3, kind=kind).eval()
+    assert head.in_dtype(None) is head and head.in_dtype(torch.float32) is head
+    with torch.no_grad():
+        half = head.in_dtype(torch.float16)
+        assert half is not head and half.dtype == torch.float16 and head.in_dtype(torch.float16) is half  # kept
+        for (name, mine), (_, theirs) in zip(head.state_dict().items(), half.state_dict().items()):
+            assert torch.equal(mine.to(theirs.dtype), theirs), name
+        weight, bias = half.readout(model.backbone)
+        assert weight.dtype == bias.dtype == torch.float16 and half.readout(model.backbone)[0] is weight
+        head.offset_embedding.weight.add_(1.0)  # a weight changes: the copy is formed again
+        assert not torch.equal(head.in_dtype(torch.float16).offset_embedding.weight, half.offset_embedding.weight)
+    assert head.in_dtype(torch.float16) is not head.in_dtype(torch.float16)  # where gradients flow: never kept
+
+
+@pytest.mark.parametrize("kind", list(HEAD_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_proposals_are_close_to_the_heads_own(kind, dtype):
+    """The same chain in a half-precision copy: proposals a small total variation away (the drafts follow the
+    chosen tokens), each draft drawn from its own proposal."""
+    model = tiny_model(seed=0, init_std=0.5)
+    head = random_head(model, seed=5, kind=kind).eval()
+    gen = torch.Generator().manual_seed(0)
+    states, uniforms = torch.randn(4, 3, model.config.d_model, generator=gen), torch.rand(4, 3, generator=gen,
+                                                                                           dtype=torch.float64)
+    args = (states, torch.tensor([7, 8, 9, 7]), torch.tensor([[2, 3, 4]] * 4), torch.tensor([1] * 4), uniforms,
+            model.probabilities, 1.0)
+    own_drafts, own = chain_drafts(head, model, *args)
+    drafts, probs = chain_drafts(head, model, *args, dtype=dtype)
+    assert probs.dtype == torch.float64 and torch.allclose(probs.sum(-1), torch.ones(4, 3, dtype=torch.float64))
+    assert (probs.gather(2, drafts[..., None]) > 0).all()
+    same = (drafts == own_drafts).cumprod(1).bool()  # slots whose chain so far followed the same tokens
+    tv = 0.5 * (probs - own).abs().sum(-1)
+    assert same[:, 0].all() and tv[same].max() < (0.02 if dtype == torch.bfloat16 else 0.005)
+
+
+def test_default_proposal_dtype_follows_the_device(monkeypatch):
+    from asarm.sampling.drafters import proposal_dtype
+
+    model = tiny_model(seed=0, init_std=0.5)
+    for capability, expected in (("AVX512", "float16"), ("AVX2", "float16"), ("DEFAULT", "float32")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert proposal_dtype(model) == expected
+    assert proposal_dtype(tiny_model(seed=0, init_std=0.5, dtype=torch.float64)) == "float64"  # not a float32 model

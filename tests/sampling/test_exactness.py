@@ -18,7 +18,7 @@ from asarm.draft_head import DraftHead
 from asarm.sampling import LossySamplingWarning, assd_decode, sequential_decode
 from asarm.sampling.controller import Plan
 from asarm.sampling.cost import CallCost
-from asarm.sampling.drafters import HeadDrafter
+from asarm.sampling.drafters import HeadDrafter, proposal_dtype
 from asarm.sampling.spec import SAMPLERS as REGISTRY
 from asarm.training.draft_head import distillation_loss, draft_points
 
@@ -149,6 +149,14 @@ HEAD_SAMPLERS = {
     "assd-one-pass-head-k3": ("random-one-pass", {"k": 3}, 1.0),
     "assd-fused-one-pass-head-k3": ("random-one-pass", {"k": 3, "fused": True, "outcomes": "all"}, 1.0),
     "assd-fused-one-pass-head-k2-T0.7-target": ("random-one-pass", {"k": 2, "fused": True, "temperature": 0.7}, 0.7),
+    # the head in half precision (its proposals only; the target stays the model's)
+    "assd-head-k3-float16": ("random", {"k": 3, "proposal_dtype": "float16"}, 1.0),
+    "assd-fused-head-k3-float16": ("random", {"k": 3, "fused": True, "outcomes": "all", "proposal_dtype": "float16"},
+                                   1.0),
+    "assd-fused-head-k2-bfloat16-truncated": ("random-truncated", {"k": 2, "fused": True, "outcomes": 1,
+                                                                   "proposal_dtype": "bfloat16"}, 1.0),
+    "assd-fused-one-pass-head-k3-float16": ("random-one-pass", {"k": 3, "fused": True, "proposal_dtype": "float16"},
+                                            1.0),
 }
 
 
@@ -244,10 +252,15 @@ def auto_cost(setup, tmp_path_factory):
     """A call-cost profile for the suite's batch (fixed coefficients, so the schedules are reproducible): a
     call's fixed cost is large next to a query row, so a row's best width follows its own acceptance."""
     model, tokens = setup[0], setup[1]
-    path = tmp_path_factory.mktemp("cost") / "cost.json"
-    CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.05, per_content_row=0.0, batch_rows=tokens.shape[0],
-             length=tokens.shape[1], device=str(model.device), threads=torch.get_num_threads()).save(path)
-    return str(path)
+    folder = tmp_path_factory.mktemp("cost")
+
+    def profile(proposal_dtype: str | None) -> str:  # (a profile is for the draft head's dtype it was measured in)
+        path = folder / f"cost-{proposal_dtype}.json"
+        CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.05, per_content_row=0.0, batch_rows=tokens.shape[0],
+                 length=tokens.shape[1], device=str(model.device), threads=torch.get_num_threads(),
+                 proposal_dtype=proposal_dtype).save(path)
+        return str(path)
+    return profile
 
 
 AUTO_CASES = {  # k_max, head ("random" or None), target temperature, other settings
@@ -255,6 +268,7 @@ AUTO_CASES = {  # k_max, head ("random" or None), target temperature, other sett
     "assd-auto-k3": (3, None, 1.0, {}),
     "assd-auto-k5-T0.7": (5, None, 0.7, {"temperature": 0.7}),
     "assd-auto-head-k3": (3, "random", 1.0, {}),
+    "assd-auto-head-k3-float16": (3, "random", 1.0, {"proposal_dtype": "float16"}),
 }
 
 
@@ -265,9 +279,11 @@ def test_auto_matches_exact_joint(setup, auto_cost, name, engine):
     joint exact; in the same batch rows choose differently."""
     model, tokens, sigma, n_prompt, joints = setup
     k, head, target_temperature, settings = AUTO_CASES[name]
+    dtype = None
     if head is not None:
         settings = dict(settings, drafter=HeadDrafter(random_head(model, seed=1, std=1.0)))
-    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=k, cost_profile=auto_cost,
+        dtype = settings.get("proposal_dtype") or proposal_dtype(model)  # (the device's default, unless set)
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=k, cost_profile=auto_cost(dtype),
                       seed=12345, engine=engine, **settings)
     assert out.exact and out.sampler == "assd-auto"
     assert any(len(set(call["drafts"])) > 1 for call in out.schedule)  # a mixed batch
@@ -305,7 +321,7 @@ def test_negative_control_draft_reading_controller_is_rejected(setup, auto_cost,
         cheat.drafts = self.drafts
 
     monkeypatch.setattr(assd._Speculation, "_set_pending", stash)
-    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=5, cost_profile=auto_cost,
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=5, cost_profile=auto_cost(None),
                       seed=12345, engine="cached")
     assert _orders_rejected(out.tokens, joints[1.0]) >= 1
 
@@ -323,6 +339,6 @@ def test_value_blind_truncation_stays_exact(setup, auto_cost, monkeypatch):
 
     model, tokens, sigma, n_prompt, joints = setup
     monkeypatch.setattr(assd, "auto_controller", lambda *args: CommittedOnlyController())
-    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=3, cost_profile=auto_cost,
+    out = assd_decode(model, tokens, sigma, n_prompt, spec=REGISTRY["assd-auto"], k=3, cost_profile=auto_cost(None),
                       seed=12345, engine="cached")
     _check(out.tokens, joints[1.0])

@@ -71,15 +71,33 @@ def test_resolve_fills_the_drafter_defaults_once():
     ({"draft_temperature_ratio": 0.0}, "draft_temperature_ratio must be a finite number > 0"),
     ({"fused": True, "outcomes": 0}, "outcomes must be 'all' or an integer >= 1"),
     ({"draft_length": 2.0}, "draft_length is not valid: the adaptive-length threshold must lie in"),
+    ({"drafter": "head", "proposal_dtype": "int8"}, "proposal_dtype must be one of float32, bfloat16"),
+    ({"proposal_dtype": "float16"}, "proposal_dtype applies to draft-head drafts only"),
 ])
 def test_bad_settings_name_the_setting(settings, message):
     with pytest.raises(SettingError, match=message) as caught:
         SamplerSpec(**settings).resolve()
-    assert caught.value.setting == next(iter(settings.keys() - {"fused"}))
+    assert caught.value.setting == next(iter(settings.keys() - {"fused", "drafter"}))
     flags = {"temperature_mode": "--temperature-mode", "r_atol": "--r-atol", "draft_length": "--adaptive-threshold",
-             "draft_temperature_ratio": "--draft-temperature-ratio"}
+             "draft_temperature_ratio": "--draft-temperature-ratio", "proposal_dtype": "--proposal-dtype"}
     flag = flags.get(caught.value.setting, f"--{caught.value.setting}")
     assert str(caught.value.for_command_line()).startswith(f"{flag} ")
+
+
+def test_the_draft_heads_dtype_is_resolved_for_the_model_and_recorded(model, monkeypatch):
+    """Unset, the head runs in the device's default dtype (asarm.sampling.drafters.proposal_dtype); set, in the one
+    given; a decode's settings say which. A model without a head has nothing to set it for."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert SAMPLERS["assd-auto"].resolve(model).proposal_dtype == "float16"
+    assert SAMPLERS["assd-head"].resolve(model).proposal_dtype == "float16"
+    assert SAMPLERS["assd-fused"].resolve(model).proposal_dtype is None  # the model's own drafts: no head
+    explicit = SAMPLERS["assd-fused-head"].replace(proposal_dtype="bfloat16").resolve(model)
+    assert explicit.proposal_dtype == "bfloat16" and explicit.resolve(model) == explicit
+    tokens, sigma, n_prompt = _batch()
+    out = decode(model, explicit, tokens, sigma, n_prompt, seed=0)
+    assert out.settings["proposal_dtype"] == "bfloat16"
+    with pytest.raises(SettingError, match="proposal_dtype applies to draft-head drafts only, and assd-auto"):
+        SAMPLERS["assd-auto"].replace(proposal_dtype="float32").resolve(tiny_model(seed=0))
 
 
 def test_unknown_setting_is_refused():
