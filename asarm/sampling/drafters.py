@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["DraftRequest", "Drafter", "SelfDrafter", "HeadDrafter", "NGramDrafter", "chain_drafts", "DRAFTERS",
            "register_drafter", "make_drafter", "MissingDraftHeadError", "PROPOSAL_DTYPES", "proposal_dtype"]
 
-# The dtypes a draft head's readout may run in (``proposal_dtype``): its proposals are exact at any precision.
+# The dtypes a draft head may run in, its readout included (``proposal_dtype``): its proposals are exact at any.
 PROPOSAL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -81,7 +81,7 @@ class DraftRequest:
     mask_token_id: int
     vocab_size: int
     model: object = None  # the ASARM (HeadDrafter reads its draft head)
-    proposal_dtype: object = None  # the dtype of the draft head's readout (None: its LM head's; see proposal_dtype)
+    proposal_dtype: object = None  # the draft head's dtype, its readout included (None: its own; see proposal_dtype)
 
 
 class MissingDraftHeadError(ValueError):
@@ -177,8 +177,8 @@ def chain_drafts(head, model, states, prev_token, positions, prev_position, unif
                  dtype=None):
     """Drafts from a draft head for query rows ``states (b, K, d)`` at ``positions (b, K)`` (consecutive
     ranks), the first following the known ``prev_token (b,)`` at ``prev_position (b,)``; slot i drawn from
-    ``to_probs(logits_i, temperature)`` with ``uniforms[:, i]``; ``dtype``: the head's readout's (a torch dtype;
-    None: the LM head's). Returns ``(drafts (b, K), probs (b, K, V))``."""
+    ``to_probs(logits_i, temperature)`` with ``uniforms[:, i]``; ``dtype``: the torch dtype the head runs in, its
+    readout included (None: its own). Returns ``(drafts (b, K), probs (b, K, V))``."""
     import torch
 
     from .random import sample_categorical

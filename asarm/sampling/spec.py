@@ -174,8 +174,9 @@ class SamplerSpec:
         lambda spec, value: spec.controller == "auto", every_command=True,
         kwargs={"action": "store_true", "default": None}))
     proposal_dtype: str | None = _setting(None, Option(
-        "--proposal-dtype", "draft head: the dtype of its readout, which its proposals come from (exact at any; "
-        "default%(default).0s: bfloat16 for a float32 model on a CPU with native bfloat16, else the model's)",
+        "--proposal-dtype", "draft head: the dtype it runs in, its LM-head readout included (its proposals are exact "
+        "at any; default%(default).0s: float16 for a float32 model on an x86 CPU with AVX2 or AVX-512, else the "
+        "model's)",
         lambda spec, value: spec.algorithm == "assd" and spec.drafter_name in ("head", "auto"), every_command=True,
         kwargs={"choices": PROPOSAL_DTYPES}))
     r_atol: float = _setting(0.0, Option("--r-atol", "LOSSY: slack added to the ASSD acceptance ratio (0 = exact)",
@@ -297,7 +298,7 @@ class SamplerSpec:
                        defaults_from=tuple(filled.items()))
 
     def _proposal_dtype(self, drafter, model) -> str | None:
-        """The draft head's readout dtype: the one set, else (with ``model``) the device's default; None without a
+        """The draft head's dtype: the one set, else (with ``model``) the device's default; None without a
         draft head. Set for drafts that no head makes, it is an error (it would be ignored)."""
         dtype = self.proposal_dtype
         if dtype is not None and dtype not in PROPOSAL_DTYPES:
