@@ -170,7 +170,8 @@ def _run_sample(args: argparse.Namespace) -> list[dict]:
 
 
 def profile(model: str = "asarm-tiny", revision: str | None = None, device: str | None = None, length: int = 128,
-            batch_size: int = 1, k: int = 5, threads: int | None = None, out: str | None = None) -> dict:
+            batch_size: int = 1, k: int = 5, threads: int | None = None, out: str | None = None,
+            max_new_tokens: int | None = None) -> dict:
     """Measure the call-cost model of assd-auto on WikiText-2 test chunks (95% masked) and print the profiled
     calls with the model's prediction beside each, and the predicted time of every schedule it can choose."""
     spec = sample_spec("auto", k=k)
@@ -188,11 +189,12 @@ def profile(model: str = "asarm-tiny", revision: str | None = None, device: str 
     spec = spec.resolve(asarm)
     chunks, sigma, visible = benchmark_decodes(asarm.tokenizer, length, batch_size)
     n_prompt = torch.full((batch_size,), visible)
-    cost = profile_calls(asarm, (chunks, sigma, n_prompt, None, None, None), spec)
+    cost = profile_calls(asarm, (chunks, sigma, n_prompt, None, None, max_new_tokens), spec)
     controller = auto_controller(asarm, spec, cost)
     head = f", the head in {spec.proposal_dtype}" if spec.proposal_dtype else ""
     print(f"call-cost profile of {model} ({spec.drafter.name} drafts{head}) on {cost.device}, {cost.threads} threads, "
-          f"batch {batch_size}, length {length}: {1000 * cost.profile_seconds:.0f} ms\n")
+          f"batch {batch_size}, length {length}{'' if max_new_tokens is None else f', {max_new_tokens} new tokens'}: "
+          f"{1000 * cost.profile_seconds:.0f} ms\n")
     print(markdown_table([{"schedule (drafts, outcomes)": f"{s['width']}, {s['cover']}", "query rows": s["query_rows"],
                            "head slots": s["head_slots"], "content rows": s["content_rows"],
                            "measured ms": 1000 * s["seconds"], "predicted ms": 1000 * s["predicted"]}
@@ -219,10 +221,13 @@ def _add_profile_parser(subparsers) -> None:
     p.add_argument("--length", type=positive_int, default=128, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows decoded together (default: %(default)s)")
     p.add_argument("--k", type=positive_int, default=5, help="the most drafts a call verifies (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="price decodes that stop after this many new tokens a row (max_new_tokens of "
+                        "asarm.sampling.decode; default: decodes to the end of the text)")
     add_threads_argument(p)
     p.add_argument("--out", default=None, help="write the profile here (JSON), for --cost-profile")
     p.set_defaults(func=lambda a: profile(a.model, a.revision, a.device, a.length, a.batch_size, a.k, a.threads,
-                                          a.out))
+                                          a.out, a.max_new_tokens))
 
 
 def _add_train_parser(subparsers) -> None:

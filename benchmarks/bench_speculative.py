@@ -122,8 +122,9 @@ def bench_config(model, label, seq_len, batch_size, specs, args) -> list[dict]:
     max_new = args.base_tokens if label == "base" else (args.batch_tokens if batch_size > 1 and seq_len > 128 else None)
     names = [name for name in specs if label != "base" or name in BASE_SAMPLERS]
     groups = [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
-    for name in names:  # warm-up
-        timed_decode(model, specs[name], chunks, sigma, visible, slice(0, batch_size), 4)
+    for name in names:  # warm-up (assd-auto: a whole decode, whose profile the timed decodes then reuse)
+        warm_tokens = max_new if specs[name].controller == "auto" else 4
+        timed_decode(model, specs[name], chunks, sigma, visible, slice(0, batch_size), warm_tokens)
     fastest = {(name, g): float("inf") for name in names for g in range(len(groups))}
     outputs = {}
     for repeat in range(args.repeats):

@@ -251,6 +251,8 @@ class _Speculation:
     def verify(self, rows: torch.Tensor) -> None:
         """One model call: verify rows, bonus row and outcome rows; commit; set the next pending drafts."""
         batch, k, sel = self.batch, self.k, self._sel(rows)
+        if self.fused and not getattr(self.controller, "drafting_can_pay", True) and not self.count[sel].any():
+            return self._step_without_drafts(rows, sel, batch.n_fixed[sel].clone())  # no plan to make
         n, K, stop = batch.n_fixed[sel].clone(), self.count[sel].clone(), batch.stop[sel]
         plan, K = self._plan(rows, sel, K) if self.fused else (None, K)
         W = int(K.max())
@@ -404,19 +406,25 @@ def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT
                   budget_seconds: float = PROFILE_BUDGET_SECONDS) -> CallCost:
     """Time real single-pass calls of a few fixed schedules on the decode's own inputs (``(tokens, sigma,
     n_prompt, lengths, padding_mask, max_new_tokens)``) and fit the call cost model (asarm.sampling.cost).
-    The calls are timed halfway through each text (its first half taken as the prompt, blanks filled with a
-    stand-in token): a query row's cost grows with the ranks it sees, so the middle prices the average call.
-    After one untimed call of every schedule (the process's first calls of these shapes run cold), each
+    The calls are timed halfway through the span each row decodes (up to ``max_new_tokens``; what precedes it
+    taken as the prompt, blanks filled with a stand-in token) and may run on to the end of the text: a query
+    row's cost grows with the ranks it sees, so the middle prices the average call.
+    Every block starts from the same prompt, on one engine session. After one untimed call of every schedule
+    (the process's first calls of these shapes run cold), each
     schedule is timed in two blocks of consecutive calls (warm, as in a decode), the second pass over the
     schedules in reversed order, so that a slow spell of a shared machine does not price one kind of call
     alone."""
     samples, began = [], time.perf_counter()
-    full = DecodeBatch(model, *inputs)
-    middle = full.n_prompt + (full.lengths - full.n_prompt) // 2
+    full, max_new_tokens = DecodeBatch(model, *inputs), inputs[5]
+    middle = full.n_prompt + (full.stop - full.n_prompt) // 2
     stand_in = (model.mask_token_id + 1) % model.vocab_size
     inputs = (full.tokens.masked_fill(full.tokens == model.mask_token_id, stand_in), full.sigma, middle,
-              *inputs[3:])
+              *inputs[3:5], None)
     schedules = _profiled_schedules(spec.k)
+    # one session for every block: a block starts from the prompt again, and the session finds its states above
+    # the prompt stale (their tokens differ) and recomputes them, so the prompt, as costly as tens of calls at
+    # a large batch, is encoded once
+    session = make_engine(engine, model).start(inputs[0], inputs[1], middle)
     blocks = [(schedule, 0) for schedule in schedules] + [(schedule, PROFILE_CALLS)
                                                           for schedule in schedules + schedules[::-1]]
     for done, ((width, cover), timed_calls) in enumerate(blocks):
@@ -424,34 +432,34 @@ def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT
                 budget_seconds:
             break
         batch = DecodeBatch(model, *inputs)
-        session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
-        run = _Speculation(model, batch, session, RowStreams(batch.tokens.shape[0], done, None), spec, trace=False,
-                           controller=FixedSchedule(width, cover))
+        run = _Speculation(model, batch, session, RowStreams(batch.tokens.shape[0], done, None), spec,
+                           trace=False, controller=FixedSchedule(width, cover))
         for call in range(1 + timed_calls):
             rows = batch.active_rows()
             if not len(rows):
                 break
             seconds, _ = timed(model.device, lambda: run.verify(rows))
             if call:
-                samples.append(dict(run.last_call, width=width, cover=cover, seconds=seconds))
+                samples.append(dict(run.last_call, width=width, cover=cover, block=done, seconds=seconds))
     B, L = inputs[0].shape
     cost = fit_call_cost(samples, B, L, model.device, time.perf_counter() - began)
-    cost.proposal_dtype = spec.proposal_dtype
+    cost.proposal_dtype, cost.max_new_tokens = spec.proposal_dtype, max_new_tokens
     return cost
 
 
 def _call_cost(model: ASARM, inputs: tuple, spec: SamplerSpec, engine) -> CallCost:
     """The cost model for this decode: the process's profile of the same setting, else the saved one of
     ``spec.cost_profile`` if it was measured here, else a new profile (saved there when a path is given)."""
-    B, L = inputs[0].shape
-    key = profile_key(model, B, L, (spec.drafter.name, spec.k, spec.outcome_order, str(engine), spec.proposal_dtype))
+    (B, L), max_new_tokens = inputs[0].shape, inputs[5]
+    key = profile_key(model, B, L, (spec.drafter.name, spec.k, spec.outcome_order, str(engine), spec.proposal_dtype,
+                                    max_new_tokens))
     cost = cached_profile(key)
     if cost is None and spec.cost_profile is not None and Path(spec.cost_profile).is_file():
         cost = CallCost.load(spec.cost_profile)
-        if not cost.matches(model.device, B, L, spec.proposal_dtype):
+        if not cost.matches(model.device, B, L, spec.proposal_dtype, max_new_tokens):
             print(f"assd-auto: the cost profile {spec.cost_profile} was measured for {cost.device}, "
-                  f"{cost.threads} threads, batch {cost.batch_rows}, length {cost.length}, draft head in "
-                  f"{cost.proposal_dtype}: measuring again", file=sys.stderr)
+                  f"{cost.threads} threads, batch {cost.batch_rows}, length {cost.length}, max_new_tokens "
+                  f"{cost.max_new_tokens}, draft head in {cost.proposal_dtype}: measuring again", file=sys.stderr)
             cost = None
     if cost is None:
         cost = profile_calls(model, inputs, spec, engine)
@@ -538,8 +546,7 @@ def assd_decode(model: ASARM, tokens, sigma, n_prompt, lengths=None, *, spec: Sa
                       LossySamplingWarning, stacklevel=2)
     inputs = (tokens, sigma, n_prompt, lengths, padding_mask, max_new_tokens)
     batch = DecodeBatch(model, *inputs)
-    # profiled on the whole texts: a short max_new_tokens (a warm-up) must not leave a profile of few calls
-    cost = _call_cost(model, (batch.tokens, *inputs[1:5], None), spec, engine) if spec.controller == "auto" else None
+    cost = _call_cost(model, (batch.tokens, *inputs[1:]), spec, engine) if spec.controller == "auto" else None
     streams = RowStreams(batch.tokens.shape[0], seed, generator)
     session = make_engine(engine, model).start(batch.tokens, batch.sigma, batch.n_prompt)
     run = _Speculation(model, batch, session, streams, spec, trace,

@@ -1,6 +1,8 @@
 """Schedules of single-pass ASSD calls: before each call a controller (``plan(state, rows) -> Plan``; ``rows``:
 the batch rows of the call) chooses, per row, how many pending drafts to verify, how many drafts the next call
-gets (the width of the outcome blocks; 0 is a sequential step) and how many outcomes it covers.
+gets (the width of the outcome blocks; 0 is a sequential step) and how many outcomes it covers. A controller
+whose ``drafting_can_pay`` is False (where it has that attribute) is not asked: a call whose rows have no
+pending drafts is then a sequential step.
 
 Exactness condition (as for draft-length rules, asarm.sampling.draft_length): a plan may depend on the
 committed tokens, earlier verdicts (acceptance counts), the pending drafts' proposal distributions and the
@@ -68,6 +70,7 @@ class FixedSchedule:
 
     def __init__(self, width: int, cover: int):
         self.width, self.cover = int(width), int(cover)
+        self.drafting_can_pay = self.width > 0  # width 0: every call a sequential step
 
     def plan(self, state: ControlState, rows: torch.Tensor | None = None) -> Plan:
         full = torch.full_like(state.pending, self.width)

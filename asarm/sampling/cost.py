@@ -6,9 +6,9 @@ outcome machinery and its host work, so it gets its own fixed price (``host``) r
 It is fitted (least squares) to calls timed in a short profile at the start of a decode
 (``asarm.sampling.assd.profile_calls``: a few real single-pass calls of each of a handful of schedules, on the
 decode's own inputs, a few hundred milliseconds), and kept for the process: a later decode with the same
-model, device, dtype, threads, batch size, length and draft-head dtype reuses it. ``save``/``load`` keep it
-beside a run or a model; a saved profile whose device, threads or draft-head dtype differ from the current ones
-is not used (it is measured again). On CUDA the timings synchronise the device.
+model, device, dtype, threads, batch size, length, max_new_tokens and draft-head dtype reuses it.
+``save``/``load`` keep it beside a run or a model; a saved profile taken for another of those is not used (it
+is measured again). On CUDA the timings synchronise the device.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class CallCost:
     profile_seconds: float = 0.0
     per_drafting_call: float = 0.0  # (last: profiles saved before it load as a model without the term)
     proposal_dtype: str | None = None  # the draft head's dtype in the profiled calls (None: no head, or unknown)
+    max_new_tokens: int | None = None  # the decodes it prices stop after this many tokens (None: at the text's end)
     # corrections of the prices of sequential steps and of calls with drafts that decodes have measured in this
     # process (asarm.sampling.controller), kept with the profile for the next decode; not saved
     corrections: list = field(default_factory=lambda: [1.0, 1.0], compare=False)
@@ -59,10 +60,11 @@ class CallCost:
 
     @property
     def relative_error(self) -> float:
-        """The largest relative error of the fit over the profiled kinds of call (their median times): how far
-        a predicted price may be off on this machine (0 without samples)."""
-        errors = [abs(self(*key) - seconds) / seconds for key, seconds in _median_by_kind(self.samples).items()
-                  if seconds > 0]
+        """The largest relative error of the fit over the profiled blocks of calls (their median times; the
+        kinds of call where samples name no block): how far a predicted price may be off on this machine, the
+        fit's misses and the machine's noise from block to block together (0 without samples)."""
+        errors = [abs(self(*key[:len(CALL_COLUMNS)]) - seconds) / seconds
+                  for key, seconds in _median_by_kind(self.samples, ("block",)).items() if seconds > 0]
         return max(errors, default=0.0)
 
     def summary(self) -> dict:
@@ -77,10 +79,11 @@ class CallCost:
         return [dict(sample, predicted=self(sample["query_rows"], sample["head_slots"], sample["content_rows"]))
                 for sample in self.samples]
 
-    def matches(self, device: torch.device | str, batch_rows: int, length: int,
-                proposal_dtype: str | None = None) -> bool:
+    def matches(self, device: torch.device | str, batch_rows: int, length: int, proposal_dtype: str | None = None,
+                max_new_tokens: int | None = None) -> bool:
         return (self.device == str(device) and self.threads == torch.get_num_threads()
-                and self.batch_rows == batch_rows and self.length == length and self.proposal_dtype == proposal_dtype)
+                and self.batch_rows == batch_rows and self.length == length and self.proposal_dtype == proposal_dtype
+                and self.max_new_tokens == max_new_tokens)
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(path, json.dumps(self._fields_but("corrections"), indent=2) + "\n")
@@ -121,11 +124,13 @@ def is_drafting_call(query_rows: int, head_slots: int = 0, content_rows: int = 0
     return int(query_rows > 1 or head_slots > 0 or content_rows > 0)
 
 
-def _median_by_kind(samples: list[dict]) -> dict[tuple, float]:
-    """The median seconds of each kind of profiled call, keyed by its ``CALL_COLUMNS`` values."""
+def _median_by_kind(samples: list[dict], also: tuple[str, ...] = ()) -> dict[tuple, float]:
+    """The median seconds of each kind of profiled call, keyed by its ``CALL_COLUMNS`` values (and those of
+    the columns ``also``, where samples have them)."""
     groups: dict[tuple, list[float]] = {}
     for sample in samples:
-        groups.setdefault(tuple(sample[c] for c in CALL_COLUMNS), []).append(sample["seconds"])
+        key = tuple(sample[c] for c in CALL_COLUMNS) + tuple(sample.get(c) for c in also)
+        groups.setdefault(key, []).append(sample["seconds"])
     return {key: statistics.median(times) for key, times in groups.items()}
 
 

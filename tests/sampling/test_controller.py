@@ -67,6 +67,11 @@ def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
     in_half.save(tmp_path / "half.json")
     assert CallCost.load(tmp_path / "half.json").matches("cpu", 2, 8, "float16")
     assert not CallCost.load(tmp_path / "half.json").matches("cpu", 2, 8, "float32")
+    assert not loaded.matches("cpu", 2, 8, max_new_tokens=4)  # priced whole texts, not 4 new tokens
+    short = dataclasses.replace(cost, max_new_tokens=4)
+    short.save(tmp_path / "short.json")
+    assert CallCost.load(tmp_path / "short.json").matches("cpu", 2, 8, max_new_tokens=4)
+    assert not CallCost.load(tmp_path / "short.json").matches("cpu", 2, 8)
     data = json.loads((tmp_path / "cost.json").read_text())
     (tmp_path / "other.json").write_text(json.dumps(data | {"threads": torch.get_num_threads() + 1}))
     assert not CallCost.load(tmp_path / "other.json").matches("cpu", 2, 8)
@@ -75,11 +80,13 @@ def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
         CallCost.load(tmp_path / "bad.json")
 
 
-def test_auto_is_sequential_decoding_where_drafts_cannot_pay(tmp_path):
+def test_auto_is_sequential_decoding_where_drafts_cannot_pay(tmp_path, monkeypatch):
     """A query row that costs far more than a call: no schedule with drafts could beat sequential steps even with
-    every draft accepted, so no row ever drafts (no first drafts, no probes): one query row and one token a call."""
+    every draft accepted, so no row ever drafts (no first drafts, no probes): one query row and one token a call,
+    and the controller is not even asked for a plan (a sequential step's cost)."""
     model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch()
     path = _cost(tmp_path / "cost.json", tokens, host=0.001, per_query_row=1.0)
+    monkeypatch.setattr(GoodputController, "plan", lambda *args: pytest.fail("asked for a plan"))
     out = assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=4, cost_profile=path, seed=0)
     assert all(call["query_rows"] == 1 and set(call["drafts"]) == {0} for call in out.schedule)
     assert bool((out.nfe == tokens.shape[1] - 2).all())
@@ -147,6 +154,61 @@ def test_drafting_must_beat_sequential_steps_by_the_cost_models_error():
     assert noisy.margin == MAX_MARGIN
 
 
+def test_relative_error_counts_the_noise_between_blocks():
+    """Two blocks of one kind of call 20% apart: their median sits on the fit, but a price may be off by the
+    spread of the blocks (10% of the mean), which the margin must cover; without block labels only misfit counts."""
+    cost = CallCost(host=0.01, per_query_row=0.001, per_head_slot=0.0, per_content_row=0.0, batch_rows=1, length=8,
+                    device="cpu", threads=1)
+    samples = [{"query_rows": q, "head_slots": 0, "content_rows": 0, "block": block, "seconds": cost(q) * factor}
+               for q in (1, 4) for block, factor in ((0, 0.9), (1, 1.1))]
+    assert dataclasses.replace(cost, samples=samples).relative_error == pytest.approx(0.1 / 0.9)
+    unlabelled = [{key: value for key, value in sample.items() if key != "block"} for sample in samples]
+    assert dataclasses.replace(cost, samples=unlabelled).relative_error == pytest.approx(0.0, abs=1e-12)
+
+
+def test_profile_encodes_the_prompt_once_halfway_through_the_decoded_span(monkeypatch):
+    """Every block of the profile runs on one engine session (the prompt is encoded once, not once a block), and
+    its prompt ends halfway through the span the decode will fill (max_new_tokens), not halfway through the text."""
+    from asarm.sampling import assd
+
+    sessions = []
+    make_engine = assd.make_engine
+
+    class Recording:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def start(self, tokens, sigma, n_prompt):
+            sessions.append((n_prompt.clone(), self.engine.start(tokens, sigma, n_prompt)))
+            return sessions[-1][1]
+
+    monkeypatch.setattr(assd, "make_engine", lambda engine, model: Recording(make_engine(engine, model)))
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch(batch_size=2, seq_len=24)
+    spec = SAMPLERS["assd-auto"].replace(k=2).resolve(model)
+    cost = assd.profile_calls(model, (tokens, sigma, n_prompt, None, None, 8), spec, budget_seconds=60.0)
+    assert len(sessions) == 1 and cost.max_new_tokens == 8
+    prompt, session = sessions[0]
+    assert prompt.tolist() == [2 + 8 // 2] * 2
+    assert len({sample["block"] for sample in cost.samples}) == 2 * len(assd._profiled_schedules(2))
+    # the prompt once (6 ranks a row), then only what the calls commit and draft: far less than once a block
+    assert session.stats["content_rows"] < 2 * int(prompt.sum()) + 4 * len(cost.samples)
+
+
+def test_a_decode_of_another_max_new_tokens_is_profiled_again(tmp_path, monkeypatch):
+    from asarm.sampling import assd, cost
+
+    monkeypatch.setattr(cost, "_PROFILES", {})  # the process's profiles so far (keyed by a model's id)
+    profiled = []
+    profile_calls = assd.profile_calls
+    monkeypatch.setattr(assd, "profile_calls", lambda *args, **kw: profiled.append(args[1][5]) or
+                        profile_calls(*args, **kw))
+    model, (tokens, sigma, n_prompt) = tiny_model(seed=0), _batch(batch_size=1, seq_len=16)
+    for max_new_tokens in (4, 4, None, 4):
+        assd_decode(model, tokens, sigma, n_prompt, spec=SAMPLERS["assd-auto"], k=2, seed=0,
+                    max_new_tokens=max_new_tokens)
+    assert profiled == [4, None]
+
+
 def test_profile_command_prints_the_fit_and_writes_it(tiny_model_dir, tmp_path, capsys):
     from asarm.cli import main
 
@@ -156,6 +218,9 @@ def test_profile_command_prints_the_fit_and_writes_it(tiny_model_dir, tmp_path, 
     assert "predicted ms" in printed and "ms a call with drafts" in printed and "largest relative error" in printed
     cost = CallCost.load(out)
     assert cost.matches("cpu", 1, 16) and len(cost.samples) >= 4 and cost.host >= 0
+    assert main(["profile", "--model", str(tiny_model_dir), "--k", "2", "--length", "16", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    assert "4 new tokens" in capsys.readouterr().out and CallCost.load(out).matches("cpu", 1, 16, max_new_tokens=4)
 
 
 def test_sequential_steps_take_the_short_path_with_the_same_tokens(tmp_path, monkeypatch):
