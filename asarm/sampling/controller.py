@@ -151,6 +151,8 @@ class GoodputController:
                           torch.tensor([cost(int(1 + w), int(s), 0) for w, s in zip(self.widths, slots)],
                                        dtype=torch.float64))
         self.idle = torch.zeros(0, dtype=torch.long)  # per batch row: calls in a row without drafts (probing)
+        self._idle_rows = False  # whether any row of ``idle`` counts calls
+        self._plans = {}  # (rows, option, device) -> the plan giving every row that option
         self._seen, self._best, self._probe = None, None, None  # the last plan's inputs and choices
         self.probe_every = probe_every
         self._observed = {0: [], 1: []}  # measured over predicted seconds of recent calls: sequential, drafting
@@ -252,6 +254,9 @@ class GoodputController:
         if self._seen is None or self._seen[0] != rows_key or not 0 <= verdicts - self._seen[1] < \
                 (1 if verdicts < SETTLED_VERDICTS else REPLAN_VERDICTS):
             self._seen, (self._best, self._probe) = (rows_key, verdicts), self._choose(state)
+        device = state.pending.device
+        if self._best != self.sequential and not self._idle_rows:
+            return self._uniform_plan(len(state.pending), device)  # every row drafts: nothing to probe
         choice = torch.full((len(state.pending),), self._best)
         if self.drafting_can_pay:
             # a row with no verdict yet drafts once, so that a pessimistic prior cannot keep it from learning
@@ -259,8 +264,16 @@ class GoodputController:
             choice = choice.masked_fill(fresh, self._probe)
             if rows is not None:  # rows that have not drafted for probe_every calls draft once
                 choice = self._probe_idle(rows.cpu(), choice)
-        device = state.pending.device
         return Plan(None, self.widths[choice].to(device), self.covers[choice].to(device))
+
+    def _uniform_plan(self, rows: int, device: torch.device) -> Plan:
+        """The plan that gives every row of the call the chosen option, kept: at batch 1 a call costs a few
+        milliseconds, and building a plan tensor by tensor a few percent of that."""
+        key = (rows, self._best, device)
+        if key not in self._plans:
+            self._plans[key] = Plan(None, torch.full((rows,), int(self.widths[self._best]), device=device),
+                                    torch.full((rows,), int(self.covers[self._best]), device=device))
+        return self._plans[key]
 
     def _probe_idle(self, rows: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """``choice`` with the probe option for rows that chose sequential steps for ``probe_every`` calls (by
@@ -272,6 +285,7 @@ class GoodputController:
         idle = torch.where(choice == self.sequential, self.idle[rows] + 1, 0)
         probe = idle >= every
         self.idle[rows] = idle.masked_fill(probe, 0)
+        self._idle_rows = bool(self.idle.any())
         return choice.masked_fill(probe, self._probe)
 
 

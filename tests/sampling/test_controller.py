@@ -336,6 +336,29 @@ def test_no_row_drafts_where_drafts_could_not_pay_even_at_the_ceiling_rate():
     assert all(int(controller.plan(fresh, rows).width[0]) == 0 for _ in range(100))
 
 
+def test_a_call_in_which_every_row_drafts_restarts_their_idle_count():
+    """Rows that drafted (the batch chose drafts) count their calls without drafts from zero again: their next
+    probe comes a whole interval later; every row of such a call gets the batch's option."""
+    cost = CallCost(host=1.0, per_query_row=0.08, per_head_slot=0.0, per_content_row=0.0, batch_rows=2, length=8,
+                    device="cpu", threads=1, per_drafting_call=0.6)
+
+    def controller():
+        return GoodputController(cost, 3, OPTIONS, accepted_first=False, head=False, prior=0.3, margin=0.1)
+
+    poor = _state([[400, 200, 100]] * 2, [[40, 0, 0]] * 2, pending=0)
+    good = _state([[500, 300, 200]] * 2, [[490, 295, 196]] * 2)
+    rows = torch.tensor([0, 1])
+    alone = controller()
+    every = 1 + next(i for i in range(500) if int(alone.plan(poor, rows).width.max()) > 0)
+    assert every > 2
+    control = controller()
+    assert all(int(control.plan(poor, rows).width.max()) == 0 for _ in range(every - 2))
+    drafting = control.plan(good, rows)
+    assert drafting.width.tolist() == [int(control.widths[control._best])] * 2 and control._best != 0
+    widths = [int(control.plan(poor, rows).width.max()) for _ in range(every)]
+    assert widths == [0] * (every - 1) + [widths[-1]] and widths[-1] > 0
+
+
 def test_the_choice_is_kept_between_verdicts_and_renewed_by_them():
     """Young rates: a new choice at every new verdict; settled ones: every REPLAN_VERDICTS verdicts."""
     from asarm.sampling.controller import REPLAN_VERDICTS, SETTLED_VERDICTS
