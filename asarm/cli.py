@@ -199,11 +199,12 @@ def profile(model: str = "asarm-tiny", revision: str | None = None, device: str 
                            "head slots": s["head_slots"], "content rows": s["content_rows"],
                            "measured ms": 1000 * s["seconds"], "predicted ms": 1000 * s["predicted"]}
                           for s in cost.table()]))
+    misses = ", ".join(f"{drafts}: {1000 * miss:+.3f} ms" for drafts, miss in cost.residuals.items())
     print(f"fit: {1000 * cost.host:.3f} ms a call (+ {1000 * cost.per_drafting_call:.3f} ms one with drafts) + "
           f"{1000 * cost.per_query_row:.4f} ms a query row + "
-          f"{1000 * cost.per_head_slot:.4f} ms a head slot + {1000 * cost.per_content_row:.4f} ms a content row; "
-          f"largest relative error {cost.relative_error:.1%} (drafting must beat sequential steps by "
-          f"{controller.margin:.1%})\n")
+          f"{1000 * cost.per_head_slot:.4f} ms a head slot + {1000 * cost.per_content_row:.4f} ms a content row"
+          f"{f', plus its measured miss by drafts verified ({misses})' if misses else ''}; largest relative error "
+          f"{cost.relative_error:.1%} (drafting must beat sequential steps by {controller.margin:.1%})\n")
     print(markdown_table([{"drafts": int(w), "outcomes": int(c), "ms a call with drafts": 1000 * float(t_with),
                            "ms a call without": 1000 * float(t_without)}
                           for w, c, t_with, t_without in zip(controller.widths, controller.covers,

@@ -397,9 +397,10 @@ PRIOR_ACCEPTANCE = {True: 0.7, False: 0.3}  # a row's acceptance before its own 
 
 def _profiled_schedules(k: int) -> list[tuple[int, int]]:
     """(width, cover) of the profile: from a sequential step to the widest call, so the fit spans the query
-    rows that the controller can choose."""
+    rows that the controller can choose, then every other width's widest call (each width gets its measured
+    residual, asarm.sampling.cost; a tight budget drops those first)."""
     return list(dict.fromkeys([(0, 1), (1, 2), (min(2, k), min(3, k + 1)), (k, 1), (k, k + 1), (min(3, k), 2),
-                               (min(3, k), min(4, k + 1))]))
+                               *((width, width + 1) for width in range(3, k))]))
 
 
 def profile_calls(model: ASARM, inputs: tuple, spec: SamplerSpec, engine=DEFAULT_ENGINE,

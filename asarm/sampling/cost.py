@@ -2,6 +2,10 @@
 verifies or prepares drafts] + per_query_row x query rows + per_head_slot x head slots + per_content_row x new
 content rows``, at the batch size of the decode. A sequential step (one query row, nothing else) skips the
 outcome machinery and its host work, so it gets its own fixed price (``host``) rather than a drafting call's.
+A call that verifies c drafts also gets the fit's miss on the profiled call that verified c drafts
+(``residuals``): a CPU's matrix products are not linear in their rows (on a 2-core VM the LM-head readout over
+3 verify rows cost more than over 4), so a linear fit alone priced a width-2 call about 10% below a width-3 one
+that cost the same, and ``assd-auto`` chose the narrower, worse width.
 
 It is fitted (least squares) to calls timed in a short profile at the start of a decode
 (``asarm.sampling.assd.profile_calls``: a few real single-pass calls of each of a handful of schedules, on the
@@ -52,8 +56,18 @@ class CallCost:
     # corrections of the prices of sequential steps and of calls with drafts that decodes have measured in this
     # process (asarm.sampling.controller), kept with the profile for the next decode; not saved
     corrections: list = field(default_factory=lambda: [1.0, 1.0], compare=False)
+    # drafts verified -> the measured minus the linear price of the profiled call that verified that many
+    # (the one that prepared the most drafts); {} in profiles saved before it
+    residuals: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.residuals = {int(drafts): float(seconds) for drafts, seconds in self.residuals.items()}  # JSON keys
 
     def __call__(self, query_rows: int, head_slots: int = 0, content_rows: int = 0) -> float:
+        return self.linear(query_rows, head_slots, content_rows) + self.residuals.get(content_rows, 0.0)
+
+    def linear(self, query_rows: int, head_slots: int = 0, content_rows: int = 0) -> float:
+        """The fitted linear price alone (without ``residuals``)."""
         return (self.host + self.per_drafting_call * is_drafting_call(query_rows, head_slots, content_rows)
                 + self.per_query_row * query_rows + self.per_head_slot * head_slots
                 + self.per_content_row * content_rows)
@@ -100,7 +114,9 @@ def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: tor
                   profile_seconds: float) -> CallCost:
     """Least-squares fit of the linear model to the median time of each kind of call in ``samples`` (medians: a
     call slowed by another process does not move the fit); non-negative coefficients: a term that fits a
-    negative slope is dropped and the fit repeated."""
+    negative slope is dropped and the fit repeated. Then the residuals (see the module docstring): per number of
+    drafts verified, the median time of the kind that verified that many with the most head slots and query
+    rows (the widest schedule's steady calls, the shape the controller prices) minus its linear price."""
     points = [dict(zip(CALL_COLUMNS, key), drafting=is_drafting_call(*key), seconds=seconds)
               for key, seconds in _median_by_kind(samples).items()]
     kept = [term for term in SLOPES if len({p[term] for p in points}) > 1]
@@ -113,10 +129,17 @@ def fit_call_cost(samples: list[dict], batch_rows: int, length: int, device: tor
             break
         kept.remove(negative[0])
     slopes = dict.fromkeys(SLOPES, 0.0) | dict(zip(kept, coef[1:]))
-    return CallCost(host=max(coef[0], 0.0), per_query_row=slopes["query_rows"], per_head_slot=slopes["head_slots"],
+    cost = CallCost(host=max(coef[0], 0.0), per_query_row=slopes["query_rows"], per_head_slot=slopes["head_slots"],
                     per_content_row=slopes["content_rows"], per_drafting_call=slopes["drafting"],
                     batch_rows=batch_rows, length=length, device=str(device), threads=torch.get_num_threads(),
                     samples=samples, profile_seconds=round(profile_seconds, 4))
+    widest = {}  # drafts verified -> the point of the widest call that verified that many
+    for p in sorted(points, key=lambda p: (p["head_slots"], p["query_rows"])):
+        if p["content_rows"]:
+            widest[p["content_rows"]] = p
+    cost.residuals = {drafts: p["seconds"] - cost.linear(*(p[c] for c in CALL_COLUMNS))
+                      for drafts, p in sorted(widest.items())}
+    return cost
 
 
 def is_drafting_call(query_rows: int, head_slots: int = 0, content_rows: int = 0) -> int:

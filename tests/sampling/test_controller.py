@@ -55,6 +55,38 @@ def test_cost_fit_recovers_a_linear_model_and_ignores_a_slow_call():
     assert fitted(1) == pytest.approx(0.0045) and fitted(2) == pytest.approx(0.0070)
 
 
+def test_a_width_the_linear_fit_misses_is_priced_as_measured_and_chosen_by_it(tmp_path):
+    """Calls verifying 2 drafts cost as much as calls verifying 3 (a matrix product's cliff in its rows): the
+    fit's residual per drafts verified prices them as measured, in every shape that verifies 2 (a cover of 1
+    too), after a save and load as well; the linear fit alone priced width 2 below width 3, and the controller
+    then took width 2 where width 3 commits more tokens for the same time."""
+    linear = CallCost(host=0.004, per_query_row=0.0001, per_head_slot=0.0004, per_content_row=0.0001, batch_rows=1,
+                      length=8, device="cpu", threads=1, per_drafting_call=0.002)
+
+    def truth(q, h, c):
+        return linear(q, h, c) + (0.0008 if c == 2 else 0.0)
+
+    kinds = [(1, 0, 0), (4, 1, 1), (9, 2, 2), (16, 3, 3), (25, 4, 4), (6, 5, 0)]
+    samples = [{"query_rows": q, "head_slots": h, "content_rows": c, "seconds": truth(q, h, c)} for q, h, c in kinds]
+    fitted = fit_call_cost(samples, 1, 8, "cpu", 0.1)
+    for kind in kinds:
+        assert fitted(*kind) == pytest.approx(truth(*kind), rel=1e-9)
+    assert sorted(fitted.residuals) == [1, 2, 3, 4] and fitted(5, 2, 2) - fitted.linear(5, 2, 2) == \
+        pytest.approx(fitted.residuals[2])
+    fitted.save(tmp_path / "cost.json")
+    assert CallCost.load(tmp_path / "cost.json")(9, 2, 2) == pytest.approx(truth(9, 2, 2))
+
+    options = [(0, 1), (2, 3), (3, 4)]
+    state = ControlState(n_fixed=torch.tensor([3]), stop=torch.tensor([60]), pending=torch.tensor([0]),
+                         drafted_by_index=torch.tensor([[40, 40, 40]]), accepted_by_index=torch.tensor([[26, 26, 26]]),
+                         all_proposals=torch.zeros(1, 3, 5), sel=slice(None))
+
+    def width(cost):
+        return int(GoodputController(cost, 3, options, True, True, prior=0.65, margin=0.0).plan(state).width[0])
+
+    assert width(fitted) == 3 and width(dataclasses.replace(fitted, residuals={})) == 2
+
+
 def test_cost_profile_is_reused_only_where_it_was_measured(tmp_path):
     cost = CallCost(host=0.01, per_query_row=0.001, per_head_slot=0.0, per_content_row=0.0, batch_rows=2, length=8,
                     device="cpu", threads=torch.get_num_threads())
